@@ -1,0 +1,30 @@
+"""Session-scoped fixtures shared by all tests: Hub-layout tiny model directories and Robo2VLM-format parquet."""
+import pytest
+
+from vlm_sft import testing
+from vlm_sft.data import processor as processor_lib
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Tiny random Qwen2.5-VL as the Hub ships it: Qwen's 152k tokenizer, tied embeddings, bf16 shards."""
+    return testing.make_tiny_model_dir(tmp_path_factory.mktemp("tiny_qwen2_5_vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_untied(tmp_path_factory):
+    """Like tiny_model_dir but with a separate lm_head.weight (as larger Qwen2.5-VL models ship)."""
+    return testing.make_tiny_model_dir(tmp_path_factory.mktemp("tiny_qwen2_5_vl_untied"), tie_word_embeddings=False,
+                                       seed=1)
+
+
+@pytest.fixture(scope="session")
+def robo2vlm_dir(tmp_path_factory):
+    """Robo2VLM-1-shaped folder: 2 train files (64 rows), 1 test file (16 rows), PNG and JPEG images mixed."""
+    return testing.make_robo2vlm_dir(tmp_path_factory.mktemp("robo2vlm"), image_format="mixed")
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_model_dir):
+    """load_processor(tiny_model_dir) with the Hub's default pixel budget. Shared: do not mutate it."""
+    return processor_lib.load_processor(tiny_model_dir)

@@ -1,0 +1,1 @@
+"""vlm-sft: functional supervised fine-tuning of vision-language models."""

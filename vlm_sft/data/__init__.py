@@ -1,0 +1,1 @@
+"""Data: Robo2VLM rows -> encoded examples -> host-precomputed batches."""

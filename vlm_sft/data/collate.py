@@ -1,0 +1,101 @@
+"""Encoded examples -> one batch of tensors the step consumes, with all data-dependent indexing precomputed.
+
+A batch is a flat dict of tensors (a pytree). Sequences are right-padded, so a causal mask alone is exact for
+every real token (pads only follow real tokens), and the model never builds a padding mask. Label positions are
+gathered here, so the lm_head and the loss run only where a label exists (the 152k vocabulary makes full logits the
+largest tensor of the step).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from vlm_sft.data.vision import (VisionSpec, mrope_position_ids, segment_ids, vision_rotary_ids,
+                                 window_partition)
+
+Batch = dict[str, torch.Tensor]
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def collate(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel_values: Sequence[torch.Tensor],
+            grids: Sequence[torch.Tensor], spec: VisionSpec, *, pad_multiple: int = 8) -> Batch:
+    """Build a batch from (input_ids, labels) pairs and the images each sequence holds.
+
+    `pixel_values[i]` / `grids[i]` are the patches and [n, 3] grids of sequence i's images (possibly none).
+    Keys:
+      input_ids, attention_mask [B, L]; position_ids [3, B, L] (mrope);
+      label_index [N] (flat B*L position whose hidden state predicts the label), label_ids [N], label_row [N];
+      pixel_values [P, D]; image_grid_thw [n, 3]; image_index [P/m^2] (flat positions of <|image_pad|>);
+      vision_rotary_ids [P, 2]; window_index, window_reverse [P/m^2]; full_segments, window_segments [P]
+      (segment id per patch, in window order, for block-diagonal attention).
+    """
+    batch_size = len(sequences)
+    length = round_up(max(len(ids) for ids, _ in sequences), pad_multiple)
+    input_ids = torch.full((batch_size, length), spec.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(batch_size, length, dtype=torch.long)
+    position_ids = torch.zeros(3, batch_size, length, dtype=torch.long)
+    label_index, label_ids, label_row = [], [], []
+    for b, ((ids, labels), grid) in enumerate(zip(sequences, grids)):
+        n = len(ids)
+        input_ids[b, :n] = ids
+        attention_mask[b, :n] = 1
+        position_ids[:, b, :n] = mrope_position_ids(ids, grid, spec)
+        pos = torch.nonzero(labels[1:] != -100).flatten() + 1  # a label at position 0 has no predictor
+        label_index.append(b * length + pos - 1)
+        label_ids.append(labels[pos])
+        label_row.append(torch.full_like(pos, b))
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "label_index": torch.cat(label_index),
+        "label_ids": torch.cat(label_ids),
+        "label_row": torch.cat(label_row),
+    }
+    grids = [g for g in grids if len(g)]
+    if grids:
+        grid = torch.cat(grids).long()
+        window_index, window_lengths = window_partition(grid, spec)
+        frame_lengths = (grid[:, 1] * grid[:, 2]).repeat_interleave(grid[:, 0]).tolist()
+        batch.update({
+            "pixel_values": torch.cat([p for p in pixel_values if len(p)]).float(),
+            "image_grid_thw": grid,
+            "image_index": torch.nonzero(input_ids.flatten() == spec.image_token_id).flatten(),
+            "vision_rotary_ids": vision_rotary_ids(grid, spec),
+            "window_index": window_index,
+            "window_reverse": torch.argsort(window_index),
+            "full_segments": segment_ids(frame_lengths),
+            "window_segments": segment_ids(window_lengths),
+        })
+        if len(batch["image_index"]) != len(window_index):
+            raise ValueError(f"{len(batch['image_index'])} <|image_pad|> tokens for {len(window_index)} image "
+                             "features: the image processor and the tokenizer disagree")
+    return batch
+
+
+def collate_encoded(examples: Sequence, spec: VisionSpec, *, pad_multiple: int = 8) -> Batch:
+    """Collate `Encoded` examples (data/encode.py) for training: the target labels of each example."""
+    return collate([(e.input_ids, e.labels) for e in examples], [e.pixel_values for e in examples],
+                   [e.image_grid_thw for e in examples], spec, pad_multiple=pad_multiple)
+
+
+def collate_choices(examples: Sequence, spec: VisionSpec, *, pad_multiple: int = 8) -> tuple[Batch, list[int]]:
+    """One sequence per (example, choice): prompt + that choice's target, labelled on the target.
+
+    Returns the batch and the number of choices of each example (rows are example-major), for choice scoring.
+    """
+    sequences, pixels, grids, counts = [], [], [], []
+    for e in examples:
+        prompt = e.input_ids[:e.prompt_length]
+        for target in e.choice_targets:
+            ids = torch.cat([prompt, target])
+            labels = torch.cat([torch.full_like(prompt, -100), target])
+            sequences.append((ids, labels))
+            pixels.append(e.pixel_values)
+            grids.append(e.image_grid_thw)
+        counts.append(len(e.choice_targets))
+    return collate(sequences, pixels, grids, spec, pad_multiple=pad_multiple), counts

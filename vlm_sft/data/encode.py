@@ -1,0 +1,178 @@
+"""One Robo2VLM example -> token ids, answer-only labels and image patches, in RLinf's prompt format.
+
+Prompt (rlinf_facts.md): the chat template's default system turn, then a user turn holding the image(s) first and
+the text "{question}\nChoices:\nA. ...\nB. ...\n"; the target is the assistant's "B. Yes". Labels cover exactly
+the target and its closing <|im_end|> (RLinf also trains on a stray trailing "<|im_start|>assistant\n": we don't).
+The real Hub chat template has no {% generation %} markers, so the label boundary is the length of the prompt
+rendered with add_generation_prompt=True, checked to be a prefix of the rendered full conversation.
+"""
+import dataclasses
+import numbers
+
+import torch
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN = "<|image_pad|>"
+TURN_END = "<|im_end|>"
+PLAIN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+TRUNCATIONS = ("text", "error")
+
+
+class PromptTooLong(ValueError):
+    """A prompt (image tokens included) longer than data.max_prompt_length that cannot or may not be cut."""
+
+
+@dataclasses.dataclass
+class Encoded:
+    input_ids: torch.Tensor  # [L] long: prompt (ending "<|im_start|>assistant\n") + target + <|im_end|>
+    labels: torch.Tensor  # [L] long: -100 on the prompt, the token ids on target + <|im_end|>
+    pixel_values: torch.Tensor  # [P, C*T*p*p] float32 patches of all images of the row
+    image_grid_thw: torch.Tensor  # [n_images, 3] long
+    prompt_length: int  # number of prompt tokens = index of the first target token
+    answer_index: int
+    choice_targets: list[torch.Tensor]  # per choice: ids of f"{letter}. {choice}" + <|im_end|> (for scoring)
+    target_text: str  # e.g. "B. Yes"
+    source: str  # example.source, for error messages downstream
+
+
+def user_text(question: str, choices: list[str]) -> str:
+    """RLinf's user text: the question, then one lettered line per choice."""
+    return f"{question}\nChoices:\n" + "".join(f"{chr(65 + i)}. {c}\n" for i, c in enumerate(choices))
+
+
+def choice_text(choices: list[str], index: int) -> str:
+    """RLinf's assistant target for choice `index`, e.g. "B. Yes"."""
+    return f"{chr(65 + index)}. {choices[index]}"
+
+
+def _check_example(example) -> None:
+    source = getattr(example, "source", "?")
+    choices = example.choices
+    if not isinstance(choices, (list, tuple)) or not 1 <= len(choices) <= 26 or not all(
+            isinstance(c, str) for c in choices):
+        raise ValueError(f"{source}: choices must be a list of 1 to 26 strings, got {choices!r}")
+    if not isinstance(example.answer_index, numbers.Integral) or not 0 <= example.answer_index < len(choices):
+        raise ValueError(f"{source}: answer_index {example.answer_index!r} out of range for {len(choices)} choices")
+    if not isinstance(example.question, str):
+        raise ValueError(f"{source}: question must be a string, got {type(example.question).__name__}")
+    if not example.images:
+        raise ValueError(f"{source}: no images (a Robo2VLM row has at least one)")
+
+
+class Encoder:
+    """Callable example -> Encoded. Picklable (DataLoader workers); keeps no state between calls."""
+
+    def __init__(self, processor, *, max_prompt_length: int, truncation: str = "text",
+                 apply_chat_template: bool = True):
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"data.truncation={truncation!r}: expected one of {TRUNCATIONS}")
+        if max_prompt_length <= 0:
+            raise ValueError(f"data.max_prompt_length={max_prompt_length}: must be positive")
+        if apply_chat_template and not getattr(processor, "chat_template", None):
+            raise ValueError("data.apply_chat_template=True but the processor has no chat template")
+        self.processor = processor
+        self.max_prompt_length = max_prompt_length
+        self.truncation = truncation
+        self.apply_chat_template = apply_chat_template
+        tokenizer = processor.tokenizer
+        self._image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        # The chat template closes the assistant turn with <|im_end|>; plain prompts end with the tokenizer's eos.
+        self._end_id = tokenizer.convert_tokens_to_ids(TURN_END) if apply_chat_template else tokenizer.eos_token_id
+        if self._end_id is None or self._end_id == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {TURN_END if apply_chat_template else 'eos'} token")
+        self._merge_length = processor.image_processor.merge_size ** 2
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _render_prompt(self, question: str, choices: list[str], n_images: int) -> str:
+        """The prompt as text, one <|image_pad|> per image (the processor's convention before expansion)."""
+        if not self.apply_chat_template:
+            return PLAIN_IMAGE * n_images + user_text(question, choices)
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": user_text(question, choices)}]
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+
+    def _check_prefix(self, question: str, choices: list[str], n_images: int, target: str, source: str) -> None:
+        """The generation prompt + target + <|im_end|> must be exactly how the template renders the conversation."""
+        prompt = self._render_prompt(question, choices, n_images)
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": user_text(question, choices)}]
+        full = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}, {"role": "assistant", "content": target}], tokenize=False)
+        if not full.startswith(prompt + target + TURN_END):
+            raise ValueError(f"{source}: the chat template does not render the assistant turn as generation prompt "
+                             f"+ answer + {TURN_END}; cannot place answer-only labels")
+
+    def _prompt_ids(self, question: str, choices: list[str], n_pads: list[int], source: str) -> list[int]:
+        """Prompt token ids with each image's <|image_pad|> repeated grid t*h*w / merge**2 times."""
+        prompt = self._render_prompt(question, choices, len(n_pads))
+        ids = self._tokens(prompt)
+        pad_positions = [i for i, t in enumerate(ids) if t == self._image_pad_id]
+        if len(pad_positions) != len(n_pads):
+            raise ValueError(f"{source}: prompt holds {len(pad_positions)} {IMAGE_TOKEN} tokens for {len(n_pads)} "
+                             f"images (does the question contain {IMAGE_TOKEN}?)")
+        expanded = []
+        start = 0
+        for position, n in zip(pad_positions, n_pads):
+            expanded += ids[start:position] + [self._image_pad_id] * n
+            start = position + 1
+        return expanded + ids[start:]
+
+    def _too_long(self, source: str, length: int, n_image_tokens: int, why: str) -> PromptTooLong:
+        return PromptTooLong(
+            f"{source}: prompt is {length} tokens ({n_image_tokens} image tokens), over max_prompt_length "
+            f"{self.max_prompt_length}; {why}")
+
+    def _fit(self, example, n_pads: list[int]) -> tuple[list[int], str]:
+        """The prompt ids and the (possibly cut) question, cutting question tokens from the end until it fits."""
+        question, choices, source = example.question, list(example.choices), example.source
+        ids = self._prompt_ids(question, choices, n_pads, source)
+        if len(ids) <= self.max_prompt_length:
+            return ids, question
+        if self.truncation == "error":
+            raise self._too_long(source, len(ids), sum(n_pads), "data.truncation='error'")
+        question_ids = self._tokens(question)
+        keep = len(question_ids) - (len(ids) - self.max_prompt_length)
+        while keep > 0:
+            cut = self.processor.tokenizer.decode(question_ids[:keep]).rstrip("\ufffd")  # no half characters
+            cut_ids = self._prompt_ids(cut, choices, n_pads, source)
+            if len(cut_ids) <= self.max_prompt_length:
+                return cut_ids, cut
+            keep -= len(cut_ids) - self.max_prompt_length
+        empty_ids = self._prompt_ids("", choices, n_pads, source)
+        if len(empty_ids) <= self.max_prompt_length:
+            return empty_ids, ""
+        raise self._too_long(source, len(ids), sum(n_pads),
+                             f"even without the question it is {len(empty_ids)} tokens (images and choices); "
+                             "raise data.max_prompt_length or lower data.max_pixels")
+
+    def __call__(self, example) -> Encoded:
+        _check_example(example)
+        choices = list(example.choices)
+        vision = self.processor.image_processor(images=list(example.images), return_tensors="pt")
+        image_grid_thw = torch.as_tensor(vision["image_grid_thw"], dtype=torch.long)
+        pixel_values = torch.as_tensor(vision["pixel_values"], dtype=torch.float32)
+        n_pads = [int(t * h * w) // self._merge_length for t, h, w in image_grid_thw.tolist()]
+
+        prompt_ids, question = self._fit(example, n_pads)
+        answer_index = int(example.answer_index)
+        target = choice_text(choices, answer_index)
+        if self.apply_chat_template:
+            self._check_prefix(question, choices, len(n_pads), target, example.source)
+        choice_targets = [
+            torch.tensor(self._tokens(choice_text(choices, i)) + [self._end_id], dtype=torch.long)
+            for i in range(len(choices))
+        ]
+        target_ids = choice_targets[answer_index]
+        prompt = torch.tensor(prompt_ids, dtype=torch.long)
+        return Encoded(
+            input_ids=torch.cat([prompt, target_ids]),
+            labels=torch.cat([torch.full_like(prompt, IGNORE_INDEX), target_ids]),
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            prompt_length=len(prompt_ids),
+            answer_index=answer_index,
+            choice_targets=choice_targets,
+            target_text=target,
+            source=example.source,
+        )

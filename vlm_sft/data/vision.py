@@ -1,0 +1,111 @@
+"""Host-side precompute of everything data-dependent in a Qwen2.5-VL forward.
+
+The stock forward derives mrope position ids, vision attention segments, the window permutation and the vision
+rotary ids from `image_grid_thw` with `.tolist()`, `repeat_interleave` and Python loops: graph breaks and host syncs
+inside the step. All of it depends only on token ids and image grids, so it is computed here, per example, in the
+data pipeline (DataLoader workers), and the compiled step sees plain index tensors of static meaning.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionSpec:
+    """The handful of config numbers the precompute needs (picklable; no model object in workers)."""
+
+    image_token_id: int
+    spatial_merge_size: int
+    patch_size: int
+    window_size: int
+    pad_token_id: int
+
+    @classmethod
+    def from_config(cls, config: Any, pad_token_id: int) -> "VisionSpec":
+        vc = config.vision_config
+        return cls(
+            image_token_id=int(config.image_token_id),
+            spatial_merge_size=int(vc.spatial_merge_size),
+            patch_size=int(vc.patch_size),
+            window_size=int(vc.window_size),
+            pad_token_id=int(pad_token_id),
+        )
+
+
+def mrope_position_ids(input_ids: torch.Tensor, grids: torch.Tensor, spec: VisionSpec) -> torch.Tensor:
+    """[3, L] (temporal, height, width) rope positions for one sequence, as Qwen2.5-VL's get_rope_index.
+
+    Text tokens advance all three axes together; an image block gets its (t, h, w) grid offset by the position where
+    it starts, and the text after it resumes at start + max(h, w) (merged grid units).
+    """
+    ids = input_ids.tolist()
+    m = spec.spatial_merge_size
+    out = torch.empty(3, len(ids), dtype=torch.long)
+    cur, i, image = 0, 0, 0
+    while i < len(ids):
+        if ids[i] != spec.image_token_id:
+            out[:, i] = cur
+            cur += 1
+            i += 1
+            continue
+        if image >= len(grids):
+            raise ValueError(f"more <|image_pad|> blocks in the sequence than images ({len(grids)})")
+        t, h, w = (int(v) for v in grids[image])
+        gh, gw = h // m, w // m
+        n = t * gh * gw
+        if ids[i:i + n] != [spec.image_token_id] * n:
+            raise ValueError(f"image {image}: expected {n} <|image_pad|> tokens for grid {(t, h, w)}")
+        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+        out[:, i:i + n] = torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + cur
+        cur += max(gh, gw)
+        i += n
+        image += 1
+    if image != len(grids):
+        raise ValueError(f"{len(grids)} images but {image} <|image_pad|> blocks in the sequence")
+    return out
+
+
+def vision_rotary_ids(grids: torch.Tensor, spec: VisionSpec) -> torch.Tensor:
+    """[P, 2] (row, col) patch coordinates in the processor's patch order (merge-block major)."""
+    m = spec.spatial_merge_size
+    parts = []
+    for t, h, w in grids.tolist():
+        hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        shape = (h // m, m, w // m, m)
+        hh = hh.reshape(shape).transpose(1, 2).flatten()
+        ww = ww.reshape(shape).transpose(1, 2).flatten()
+        parts.append(torch.stack([hh, ww], dim=-1).repeat(t, 1))
+    return torch.cat(parts)
+
+
+def window_partition(grids: torch.Tensor, spec: VisionSpec) -> tuple[torch.Tensor, list[int]]:
+    """Window permutation of merged patches and the window lengths (in patches), as the vision tower's windowing.
+
+    Returns (window_index [P / merge^2] long, window_lengths list of patch counts in permuted order).
+    """
+    m = spec.spatial_merge_size
+    unit = m * m
+    win = spec.window_size // m // spec.patch_size
+    index, lengths, base = [], [], 0
+    for t, h, w in grids.tolist():
+        gh, gw = h // m, w // m
+        grid = torch.arange(t * gh * gw).reshape(t, gh, gw)
+        pad_h, pad_w = (-gh) % win, (-gw) % win
+        padded = torch.nn.functional.pad(grid, (0, pad_w, 0, pad_h), value=-1)
+        nh, nw = (gh + pad_h) // win, (gw + pad_w) // win
+        blocks = padded.reshape(t, nh, win, nw, win).permute(0, 1, 3, 2, 4).reshape(t * nh * nw, win * win)
+        for block in blocks:
+            real = block[block >= 0]
+            if len(real):
+                index.append(real + base)
+                lengths.append(len(real) * unit)
+        base += t * gh * gw
+    return torch.cat(index), lengths
+
+
+def segment_ids(lengths: list[int]) -> torch.Tensor:
+    """Segment id per position for consecutive segments of the given lengths (for a block-diagonal mask)."""
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))

@@ -1,0 +1,302 @@
+"""Optax-style optimizer: pure `(init, update)` pairs over pytrees of tensors, composed with `chain`.
+
+Why not `torch.optim`: a torch optimizer owns its parameters and mutates them behind the caller's back; the
+trainer here is a pure `train_step(state, batch) -> state` over a params dict, so the optimizer must take the
+params and its state as arguments and return new ones. Every transform is written with whole-tensor ops and
+`torch._foreach_*` (no `.item()`, no Python branching on tensor values), so the same code runs on plain tensors
+and on sharded DTensors, and traces under `torch.compile(fullgraph=True)`.
+
+The math is `torch.optim.AdamW` + `torch.nn.utils.clip_grad_norm_` (tested against both to 1e-6 in fp32):
+    g <- g * min(1, max_norm / (||g|| + 1e-6))
+    m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;  t <- t + 1
+    p <- p - lr(t-1) * (m / (1 - b1^t) / (sqrt(v) / sqrt(1 - b2^t) + eps) + wd * p)
+The roundings differ in one place: torch decays by p * fp32(1 - lr*wd), whose factor carries the same rounding
+error every step (e.g. 1 - 1e-7 rounds to 1 - 1.19e-7); lr * wd * p here has no such bias (tested against an
+fp64 AdamW).
+
+Memory: transforms are pure, so while `update` runs the old and the new Adam moments both exist. Compiled, the
+elementwise work fuses and only the new moments are materialised (one extra copy of m and v at peak); eager,
+every intermediate is a full-size tensor list. Compile the update for large unsharded models.
+"""
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.utils._pytree as pytree
+from torch.distributed.tensor import DTensor
+
+Params = dict[str, torch.Tensor]
+Updates = dict[str, torch.Tensor]
+OptState = Any  # a pytree of tensors, NamedTuples, tuples and dicts
+Schedule = Callable[[torch.Tensor], torch.Tensor]
+
+
+class GradientTransformation(NamedTuple):
+    """A pure optimizer piece: `init(params) -> state`, `update(updates, state, params) -> (updates, state)`."""
+
+    init: Callable[[Params], OptState]
+    update: Callable[[Updates, OptState, Params | None], tuple[Updates, OptState]]
+
+
+class EmptyState(NamedTuple):
+    """State of a stateless transform (a pytree with no leaves)."""
+
+
+class ScaleByAdamState(NamedTuple):
+    count: torch.Tensor  # int64 0-dim: updates applied so far (the bias-correction step)
+    mu: Updates  # fp32 first moment
+    nu: Updates  # fp32 second moment
+
+
+class ScaleByScheduleState(NamedTuple):
+    count: torch.Tensor  # int64 0-dim: the schedule's step for the next update
+
+
+class ApplyIfFiniteState(NamedTuple):
+    inner_state: OptState
+    last_finite: torch.Tensor  # bool 0-dim: whether the last update was applied
+    total_notfinite: torch.Tensor  # int64 0-dim: updates skipped so far
+
+
+def _flatten(tree: Any) -> tuple[list[torch.Tensor], pytree.TreeSpec]:
+    return pytree.tree_flatten(tree)
+
+
+def _leaves_like(spec: pytree.TreeSpec, tree: Any, what: str) -> list[Any]:
+    """Leaves of `tree` in the order of `spec` (dict keys are matched by name, not by insertion order)."""
+    try:
+        return spec.flatten_up_to(tree)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"optim: {what} does not have the structure of the updates: {e}") from None
+
+
+def _device_of(tree: Any) -> torch.device:
+    leaves = pytree.tree_leaves(tree)
+    return leaves[0].device if leaves else torch.device("cpu")
+
+
+def _counter(params: Params) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64, device=_device_of(params))
+
+
+def _to_fp32(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [x if x.dtype == torch.float32 else x.float() for x in leaves]
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Applies transforms in order; the state is the tuple of their states."""
+
+    def init(params: Params) -> OptState:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(updates: Updates, state: OptState, params: Params | None = None) -> tuple[Updates, OptState]:
+        if len(state) != len(transforms):
+            raise ValueError(f"optim.chain: state has {len(state)} entries for {len(transforms)} transforms")
+        new_state = []
+        for t, s in zip(transforms, state):
+            updates, s = t.update(updates, s, params)
+            new_state.append(s)
+        return updates, tuple(new_state)
+
+    return GradientTransformation(init, update)
+
+
+def global_norm(tree: Any) -> torch.Tensor:
+    """L2 norm of all leaves viewed as one vector, as an fp32 0-dim tensor (clip_grad_norm_'s reduction order).
+
+    On DTensors the per-shard norms are combined across ranks and a plain (replicated) tensor is returned.
+    """
+    leaves = pytree.tree_leaves(tree)
+    if not leaves:
+        return torch.zeros((), dtype=torch.float32)
+    norms = torch._foreach_norm(leaves, 2, dtype=torch.float32)
+    total = torch.linalg.vector_norm(torch.stack(norms), 2)
+    if isinstance(total, DTensor):  # sharded leaves: reduce the per-shard norms over the mesh
+        total = total.full_tensor()
+    return total
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Scales updates by min(1, max_norm / (norm + 1e-6)) as clip_grad_norm_ does; a no-op when max_norm <= 0."""
+
+    def init(params: Params) -> OptState:
+        return EmptyState()
+
+    def update(updates: Updates, state: OptState, params: Params | None = None) -> tuple[Updates, OptState]:
+        if max_norm <= 0:
+            return updates, state
+        leaves, spec = _flatten(updates)
+        if not leaves:
+            return updates, state
+        coef = torch.clamp(max_norm / (global_norm(updates) + 1e-6), max=1.0)
+        return pytree.tree_unflatten(torch._foreach_mul(leaves, coef), spec), state
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """Adam's direction m_hat / (sqrt(v_hat) + eps), with moments and bias correction as torch.optim.Adam."""
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"optim: adam betas must be in [0, 1), got ({b1}, {b2}) (actor.optim.adam_beta1/2)")
+    if eps < 0:
+        raise ValueError(f"optim: adam eps must be >= 0, got {eps} (actor.optim.adam_eps)")
+
+    def init(params: Params) -> OptState:
+        zeros = lambda p: torch.zeros_like(p, dtype=torch.float32)  # noqa: E731
+        return ScaleByAdamState(_counter(params), pytree.tree_map(zeros, params), pytree.tree_map(zeros, params))
+
+    def update(updates: Updates, state: OptState, params: Params | None = None) -> tuple[Updates, OptState]:
+        g, spec = _flatten(updates)
+        g = _to_fp32(g)
+        mu = torch._foreach_lerp(_leaves_like(spec, state.mu, "adam mu"), g, 1.0 - b1)
+        nu = torch._foreach_mul(_leaves_like(spec, state.nu, "adam nu"), b2)
+        torch._foreach_addcmul_(nu, g, g, value=1.0 - b2)
+        count = state.count + 1
+        # Bias corrections in float64 (torch.optim computes them as Python floats): in fp32, 1 - 0.999^t loses
+        # ~1e-5 of its value to cancellation at small t.
+        t = count.to(torch.float64)
+        inv_bc1 = (1.0 / (1.0 - torch.pow(b1, t))).to(torch.float32)
+        bc2_sqrt = torch.sqrt(1.0 - torch.pow(b2, t)).to(torch.float32)
+        denom = torch._foreach_sqrt(nu)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        direction = torch._foreach_div(mu, denom)
+        torch._foreach_mul_(direction, inv_bc1)
+        return (
+            pytree.tree_unflatten(direction, spec),
+            ScaleByAdamState(count, pytree.tree_unflatten(mu, spec), pytree.tree_unflatten(nu, spec)),
+        )
+
+    return GradientTransformation(init, update)
+
+
+def add_decayed_weights(
+    weight_decay: float, mask: Callable[[Params], Any] | Any | None = None
+) -> GradientTransformation:
+    """Adds weight_decay * param to each update (decoupled decay once scaled by -lr, as AdamW).
+
+    `mask(params)` (or a ready tree) gives one Python bool per param: True decays it. Masks are static, so each
+    mask is a different compiled graph, never a branch on tensor values.
+    """
+
+    def init(params: Params) -> OptState:
+        return EmptyState()
+
+    def update(updates: Updates, state: OptState, params: Params | None = None) -> tuple[Updates, OptState]:
+        if weight_decay == 0:
+            return updates, state
+        if params is None:
+            raise ValueError("optim.add_decayed_weights: update() needs params (weight decay is wd * param)")
+        leaves, spec = _flatten(updates)
+        p = _leaves_like(spec, params, "params")
+        if mask is None:
+            keep = [True] * len(leaves)
+        else:
+            keep = _leaves_like(spec, mask(params) if callable(mask) else mask, "the weight decay mask")
+            bad = [k for k in keep if not isinstance(k, bool)]
+            if bad:
+                raise ValueError(f"optim.add_decayed_weights: mask values must be Python bools, got {bad[0]!r}")
+        idx = [i for i, k in enumerate(keep) if k]
+        out = list(leaves)
+        if idx:
+            decayed = torch._foreach_add([leaves[i] for i in idx], [p[i] for i in idx], alpha=weight_decay)
+            for i, d in zip(idx, decayed):
+                out[i] = d
+        return pytree.tree_unflatten(out, spec), state
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransformation:
+    """Multiplies updates by -lr, lr = learning_rate(count) for a schedule (count = updates applied so far).
+
+    The lr is a tensor computed from the state's count, so a changing lr never recompiles a compiled step.
+    """
+
+    def init(params: Params) -> OptState:
+        return ScaleByScheduleState(_counter(params))
+
+    def update(updates: Updates, state: OptState, params: Params | None = None) -> tuple[Updates, OptState]:
+        leaves, spec = _flatten(updates)
+        if callable(learning_rate):
+            lr = torch.as_tensor(learning_rate(state.count), dtype=torch.float32, device=state.count.device)
+            scaled = torch._foreach_mul(leaves, -lr)
+        else:
+            scaled = torch._foreach_mul(leaves, -float(learning_rate))
+        return pytree.tree_unflatten(scaled, spec), ScaleByScheduleState(state.count + 1)
+
+    return GradientTransformation(init, update)
+
+
+def where_finite(ok: torch.Tensor, new_tree: Any, old_tree: Any) -> Any:
+    """Leafwise `ok ? new : old` without a branch (ok: bool 0-dim tensor), for skipping a non-finite update."""
+    return pytree.tree_map(lambda new, old: torch.where(ok, new, old), new_tree, old_tree)
+
+
+def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
+    """Runs `inner`, but when the updates' global norm is inf/nan returns zero updates and inner's old state.
+
+    A norm that overflows fp32 counts as non-finite too (RLinf tests clip_grad_norm_'s total norm the same way).
+    The state keeps `last_finite` and `total_notfinite` (for logging skipped updates).
+    """
+
+    def init(params: Params) -> OptState:
+        return ApplyIfFiniteState(
+            inner.init(params), torch.ones((), dtype=torch.bool, device=_device_of(params)), _counter(params)
+        )
+
+    def update(updates: Updates, state: OptState, params: Params | None = None) -> tuple[Updates, OptState]:
+        ok = torch.isfinite(global_norm(updates))
+        new_updates, new_inner = inner.update(updates, state.inner_state, params)
+        return (
+            pytree.tree_map(lambda u: torch.where(ok, u, 0.0), new_updates),
+            ApplyIfFiniteState(
+                where_finite(ok, new_inner, state.inner_state),
+                ok,
+                state.total_notfinite + (~ok).to(torch.int64),
+            ),
+        )
+
+    return GradientTransformation(init, update)
+
+
+def adamw(
+    learning_rate: float | Schedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    mask: Callable[[Params], Any] | Any | None = None,
+    max_grad_norm: float = 0.0,
+    skip_nonfinite: bool = True,
+) -> GradientTransformation:
+    """clip_grad_norm_(max_grad_norm) + torch.optim.AdamW, one pure transform.
+
+    skip_nonfinite: an update whose gradient norm is inf/nan leaves params and Adam moments untouched (RLinf
+    skips such steps; torch.optim would write NaNs). The lr schedule still advances, so the lr stays a
+    function of the train step.
+    """
+    inner = chain(
+        clip_by_global_norm(max_grad_norm), scale_by_adam(b1, b2, eps), add_decayed_weights(weight_decay, mask)
+    )
+    if skip_nonfinite:
+        inner = apply_if_finite(inner)
+    return chain(inner, scale_by_learning_rate(learning_rate))
+
+
+def apply_updates(params: Params, updates: Updates, *, donate: bool = True) -> Params:
+    """params + updates, cast back to each param's dtype.
+
+    donate=True (default) writes into the params' storage, like jax.jit's donate_argnums: no second copy of the
+    weights, but the caller's old params dict now holds the new values (do not keep it as the "previous" state).
+    It runs under no_grad, so params may be autograd leaves. donate=False returns new tensors.
+    """
+    p, spec = _flatten(params)
+    u = _leaves_like(spec, updates, "updates")
+    if not p:
+        return params
+    with torch.no_grad():
+        if donate:
+            torch._foreach_add_(p, u)
+            return pytree.tree_unflatten(p, spec)
+        new = [(pi + ui).to(pi.dtype) for pi, ui in zip(p, u)]
+    return pytree.tree_unflatten([n.requires_grad_(pi.requires_grad) for n, pi in zip(new, p)], spec)

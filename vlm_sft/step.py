@@ -1,0 +1,95 @@
+"""The training step: `train_step(state, micro_batches) -> (state, metrics)`, pure from the caller's side.
+
+Loss (RLinf's definition): token-mean cross-entropy over the answer tokens of each micro-batch, divided by the
+number of micro-batches, so the step's gradient is the mean of the micro-batch gradients. The update is skipped
+(params and optimizer state unchanged, counted in metrics) when the gradient norm is not finite. State buffers may
+be updated in place (donation): callers must not keep using the state they passed in.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from vlm_sft import model as model_lib
+from vlm_sft import optim
+from vlm_sft.state import TrainState
+
+Batch = dict[str, torch.Tensor]
+Metrics = dict[str, torch.Tensor]
+
+
+def make_loss_and_grad(model: model_lib.Model, block_call: model_lib.BlockCall = model_lib.plain_block_call
+                       ) -> Callable[[dict, Batch, torch.Tensor], tuple[torch.Tensor, dict]]:
+    """(params, micro_batch, scale) -> (token-mean loss, grads of loss * scale)."""
+
+    def loss_and_grad(params: dict, batch: Batch, scale: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        loss = model_lib.token_nll(model, leaves, batch, block_call).mean()
+        grads = torch.autograd.grad(loss * scale, list(leaves.values()))
+        return loss.detach(), dict(zip(leaves.keys(), grads))
+
+    return loss_and_grad
+
+
+def make_apply_update(tx: optim.GradientTransformation, schedule: Callable[[torch.Tensor], torch.Tensor]
+                      ) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
+    """(state, grads) -> (new state, update metrics). `tx` leaves params and moments untouched when the gradient
+    norm is not finite (optim.adamw's skip_nonfinite); the skip is reported here."""
+
+    def apply_update(state: TrainState, grads: dict) -> tuple[TrainState, Metrics]:
+        grad_norm = optim.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optim.apply_updates(state.params, updates)
+        metrics = {"train/grad_norm": grad_norm, "train/learning_rate": schedule(state.step),
+                   "train/skipped_update": (~torch.isfinite(grad_norm)).to(torch.float32)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return apply_update
+
+
+def make_train_step(model: model_lib.Model, tx: optim.GradientTransformation,
+                    schedule: Callable[[torch.Tensor], torch.Tensor], *, compile: bool = False,
+                    block_call: model_lib.BlockCall = model_lib.plain_block_call,
+                    ) -> Callable[[TrainState, Sequence[Batch | None]], tuple[TrainState, Metrics]]:
+    """Build train_step. With compile, loss-and-grad and the update are compiled separately (the accumulation loop
+    stays in Python so a new number of micro-batches never recompiles)."""
+    loss_and_grad = make_loss_and_grad(model, block_call)
+    apply_update = make_apply_update(tx, schedule)
+    if compile:
+        loss_and_grad = torch.compile(loss_and_grad, dynamic=False)
+        apply_update = torch.compile(apply_update, fullgraph=True, dynamic=False)
+
+    def train_step(state: TrainState, micro_batches: Sequence[Batch | None]) -> tuple[TrainState, Metrics]:
+        present = [b for b in micro_batches if b is not None]  # None: every row of a micro-batch was skipped
+        if not present:
+            raise ValueError("train_step got no micro-batch with rows (every row of the global batch was skipped)")
+        scale = torch.tensor(1.0 / len(present))
+        grads, loss_sum = None, torch.zeros(())
+        for batch in present:
+            loss, g = loss_and_grad(state.params, batch, scale)
+            grads = g if grads is None else {k: grads[k].add_(g[k]) for k in grads}
+            loss_sum = loss_sum + loss
+        state, metrics = apply_update(state, grads)
+        tokens = sum(b["attention_mask"].sum() for b in present)
+        metrics.update({
+            "train/loss": loss_sum / len(present),
+            "train/tokens": tokens.to(torch.float32),
+            "train/label_tokens": torch.tensor(float(sum(len(b["label_ids"]) for b in present))),
+        })
+        return state, metrics
+
+    return train_step
+
+
+def make_optimizer(config: Any, total_steps: int) -> tuple[optim.GradientTransformation, Callable]:
+    """AdamW + global-norm clipping with the configured schedule (RLinf's single param group)."""
+    from vlm_sft import schedules
+
+    o = config.actor.optim
+    total = o.total_training_steps if o.total_training_steps > 0 else total_steps
+    schedule = schedules.make_schedule(o.lr_scheduler, peak_lr=o.lr, warmup_steps=o.lr_warmup_steps,
+                                       total_steps=total, min_lr=o.min_lr)
+    tx = optim.adamw(schedule, b1=o.adam_beta1, b2=o.adam_beta2, eps=o.adam_eps, weight_decay=o.weight_decay,
+                     max_grad_norm=o.clip_grad)
+    return tx, schedule
