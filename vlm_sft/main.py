@@ -24,7 +24,7 @@ from vlm_sft import step as step_lib
 from vlm_sft.data import loader as loader_lib
 from vlm_sft.data import robo2vlm
 from vlm_sft.data.collate import collate_encoded
-from vlm_sft.data.encode import Encoder
+from vlm_sft.data.encode import Encoder, PromptTooLong
 from vlm_sft.data.processor import load_processor
 from vlm_sft.data.vision import VisionSpec
 from vlm_sft.metrics import MetricsWriter
@@ -76,8 +76,11 @@ def find_files(config: Any, field: str, split: str) -> list[str]:
     except ValueError as e:
         raise config_lib.ConfigError(f"data.{field}: {e}") from None
     d = config.data
-    robo2vlm.check_schema(files, prompt_key=d.prompt_key, choice_key=d.choice_key, answer_key=d.answer_key,
-                          image_keys=list(d.image_keys))
+    try:
+        robo2vlm.check_schema(files, prompt_key=d.prompt_key, choice_key=d.choice_key, answer_key=d.answer_key,
+                              image_keys=list(d.image_keys))
+    except ValueError as e:
+        raise config_lib.ConfigError(f"data.{field}: {e}") from None
     return files
 
 
@@ -122,7 +125,11 @@ def run(config: Any, mode: str) -> dict[str, float]:
         f.write(config.to_json_best_effort(indent=2))
     torch.manual_seed(config.actor.seed)
     d = config.data
-    processor = load_processor(config.actor.model.model_path, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
+    try:
+        processor = load_processor(config.actor.model.model_path, min_pixels=d.min_pixels,
+                                   max_pixels=d.max_pixels)
+    except ValueError as e:
+        raise model_lib.ModelLoadError(f"actor.model.model_path: {e}") from None
     encoder = Encoder(processor, max_prompt_length=d.max_prompt_length, truncation=d.truncation,
                       apply_chat_template=d.apply_chat_template)
     model, params = model_lib.load_model(config.actor.model.model_path,
@@ -202,10 +209,22 @@ def main(argv: list[str]) -> None:
     transformers.utils.logging.set_verbosity_error()
     try:
         run(_CONFIG.value, _MODE.value)
-    except (config_lib.ConfigError, model_lib.ModelLoadError, robo2vlm.RowError) as e:
+    except (config_lib.ConfigError, model_lib.ModelLoadError, robo2vlm.RowError, PromptTooLong) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with config override mistakes (unknown key, wrong type) as one clear line."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+        text = str(e).replace("\\n", "\n").replace("\\'", "'").replace('\\"', '"')
+        if "Traceback" in text:  # an error raised inside get_config: its last line says what is wrong
+            text = text.strip().splitlines()[-1]
+        message = " ".join(text.split()).strip("'\"")
+        raise SystemExit(f"error: bad --config: {message}") from None
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -127,9 +127,31 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def vision_attention(block: torch.nn.Module, p: Params, x: torch.Tensor, segments: torch.Tensor,
-                     cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Packed attention over all images of the batch: a block-diagonal mask keeps each window/image to itself."""
+def _varlen_attn() -> Callable[..., torch.Tensor] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+_VARLEN_ATTN = _varlen_attn()
+
+
+def use_varlen_attention(x: torch.Tensor) -> bool:
+    """Varlen flash attention (torch.nn.attention.varlen) runs on CUDA in half precision only."""
+    return _VARLEN_ATTN is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def vision_attention(block: torch.nn.Module, p: Params, x: torch.Tensor, gather: torch.Tensor,
+                     mask: torch.Tensor, scatter: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
+    """Attention within each segment (window or frame) of the packed patches x [P, D], no loop over images.
+
+    The segments' layout comes precomputed (data/vision.py attention_layout): varlen flash attention over
+    `cu_seqlens` on GPU in half precision; elsewhere one batched sdpa over the segments gathered into padded rows
+    [n, max_len] with the pad keys masked. Both cost sum(len^2), not the P^2 of a block-diagonal mask.
+    """
     attn = block.attn
     n = x.shape[0]
     qkv = F.linear(x, p["attn.qkv.weight"], p["attn.qkv.bias"]).view(n, 3, attn.num_heads, -1)
@@ -137,16 +159,22 @@ def vision_attention(block: torch.nn.Module, p: Params, x: torch.Tensor, segment
     c, s = cos[:, None, :], sin[:, None, :]
     q = (q.float() * c + _rotate_half(q.float()) * s).to(v.dtype)
     k = (k.float() * c + _rotate_half(k.float()) * s).to(v.dtype)
-    mask = segments[:, None] == segments[None, :]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
-    out = out.transpose(0, 1).reshape(n, -1)
-    return F.linear(out, p["attn.proj.weight"], p["attn.proj.bias"])
+    rows, width = gather.shape
+    if use_varlen_attention(q):
+        out = _VARLEN_ATTN(q, k, v, cu_seqlens, cu_seqlens, width, width)
+    else:
+        q, k, v = (t[gather].transpose(1, 2) for t in (q, k, v))   # [n, heads, max_len, head_dim]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        out = out.transpose(1, 2).reshape(rows * width, -1)[scatter]
+    return F.linear(out.reshape(n, -1), p["attn.proj.weight"], p["attn.proj.bias"])
 
 
-def vision_block(block: torch.nn.Module, p: Params, x: torch.Tensor, segments: torch.Tensor,
-                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def vision_block(block: torch.nn.Module, p: Params, x: torch.Tensor, gather: torch.Tensor, mask: torch.Tensor,
+                 scatter: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> torch.Tensor:
     sub = lambda prefix: {k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)}
-    x = x + vision_attention(block, p, _call(block.norm1, sub("norm1."), x), segments, cos, sin)
+    h = _call(block.norm1, sub("norm1."), x)
+    x = x + vision_attention(block, p, h, gather, mask, scatter, cu_seqlens, cos, sin)
     return x + _call(block.mlp, sub("mlp."), _call(block.norm2, sub("norm2."), x))
 
 
@@ -157,9 +185,26 @@ def decoder_block(layer: torch.nn.Module, p: Params, h: torch.Tensor,
     return out[0] if isinstance(out, tuple) else out
 
 
-def plain_block_call(fn: Callable[..., torch.Tensor], module: torch.nn.Module, p: Params, *args: Any) -> torch.Tensor:
-    """Default per-block hook: apply the block with its params as given (no gather, no checkpointing)."""
+def plain_block_call(fn: Callable[..., torch.Tensor], module: torch.nn.Module | None, p: Params, *args: Any,
+                     remat: bool = False) -> torch.Tensor:
+    """Default hook through which every param group is applied: `fn(module, p, *args)` with p as given.
+
+    The sharding layer replaces it with one that gathers `p` first (and frees it after), and re-runs the block in
+    backward when `remat` (activation checkpointing; True for decoder and vision blocks).
+    """
     return fn(module, p, *args)
+
+
+def _apply_module(module: torch.nn.Module, p: Params, *args: Any) -> torch.Tensor:
+    return _call(module, p, *args)
+
+
+def _embed(module: None, p: Params, input_ids: torch.Tensor) -> torch.Tensor:
+    return F.embedding(input_ids, p["weight"])
+
+
+def _lm_head(module: None, p: Params, hidden: torch.Tensor) -> torch.Tensor:
+    return F.linear(hidden, p["weight"])
 
 
 def image_features(model: Model, params: Params, batch: Batch, block_call: BlockCall = plain_block_call
@@ -167,7 +212,8 @@ def image_features(model: Model, params: Params, batch: Batch, block_call: Block
     """Vision tower: patches -> merged features in <|image_pad|> order, [P / merge^2, text hidden]."""
     visual = model.module.model.visual
     unit = visual.spatial_merge_size ** 2
-    x = _call(visual.patch_embed, model.block_params(params, VISUAL + "patch_embed."), batch["pixel_values"])
+    prefix = VISUAL + "patch_embed."
+    x = block_call(_apply_module, visual.patch_embed, model.block_params(params, prefix), batch["pixel_values"])
     n = x.shape[0]
     window = batch["window_index"]
     x = x.view(n // unit, unit, -1)[window].view(n, -1)
@@ -176,9 +222,11 @@ def image_features(model: Model, params: Params, batch: Batch, block_call: Block
     sin = sin.view(n // unit, unit, -1)[window].view(n, -1)
     full = set(visual.fullatt_block_indexes)
     for i, block in enumerate(visual.blocks):
-        segments = batch["full_segments"] if i in full else batch["window_segments"]
-        x = block_call(vision_block, block, model.block_params(params, f"{VISUAL}blocks.{i}."), x, segments, cos, sin)
-    merged = _call(visual.merger, model.block_params(params, VISUAL + "merger."), x)
+        kind = "full" if i in full else "window"
+        layout = [batch[f"{kind}_{key}"] for key in ("gather", "mask", "scatter", "cu_seqlens")]
+        x = block_call(vision_block, block, model.block_params(params, f"{VISUAL}blocks.{i}."), x, *layout, cos,
+                       sin, remat=True)
+    merged = block_call(_apply_module, visual.merger, model.block_params(params, VISUAL + "merger."), x)
     return merged[batch["window_reverse"]]
 
 
@@ -186,8 +234,7 @@ def forward_hidden(model: Model, params: Params, batch: Batch, block_call: Block
                    ) -> torch.Tensor:
     """Final-norm hidden states [B, L, H] of the text model for the batch (images scattered into their tokens)."""
     text = model.module.model.language_model
-    embed = params[TEXT + "embed_tokens.weight"]
-    h = F.embedding(batch["input_ids"], embed)
+    h = block_call(_embed, None, {"weight": params[TEXT + "embed_tokens.weight"]}, batch["input_ids"])
     if "pixel_values" in batch:
         feats = image_features(model, params, batch, block_call).to(h.dtype)
         b, l, d = h.shape
@@ -195,19 +242,20 @@ def forward_hidden(model: Model, params: Params, batch: Batch, block_call: Block
     position_embeddings = text.rotary_emb(h, batch["position_ids"])
     for i, layer in enumerate(text.layers):
         h = block_call(decoder_block, layer, model.block_params(params, f"{TEXT}layers.{i}."), h,
-                       position_embeddings)
-    return _call(text.norm, model.block_params(params, TEXT + "norm."), h)
+                       position_embeddings, remat=True)
+    return block_call(_apply_module, text.norm, model.block_params(params, TEXT + "norm."), h)
 
 
-def label_logits(model: Model, params: Params, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def label_logits(model: Model, params: Params, hidden: torch.Tensor, index: torch.Tensor,
+                 block_call: BlockCall = plain_block_call) -> torch.Tensor:
     """lm_head applied only at the flat positions `index` of `hidden` [B, L, H] -> [N, vocab]."""
     selected = hidden.reshape(-1, hidden.shape[-1])[index]
-    return F.linear(selected, params[model.lm_head_name])
+    return block_call(_lm_head, None, {"weight": params[model.lm_head_name]}, selected)
 
 
 def token_nll(model: Model, params: Params, batch: Batch, block_call: BlockCall = plain_block_call
               ) -> torch.Tensor:
     """Negative log-likelihood [N] (fp32) of every label token of the batch."""
     hidden = forward_hidden(model, params, batch, block_call)
-    logits = label_logits(model, params, hidden, batch["label_index"])
+    logits = label_logits(model, params, hidden, batch["label_index"], block_call)
     return F.cross_entropy(logits.float(), batch["label_ids"], reduction="none")

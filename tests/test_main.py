@@ -1,0 +1,133 @@
+"""The real entry point: training, eval-only, run directory contents, and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vlm_sft import main as main_lib
+from vlm_sft import testing
+from vlm_sft.config import ConfigError
+from vlm_sft.data.robo2vlm import RowError
+from vlm_sft.model import ModelLoadError
+from configs_loader import CONFIG, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(tmp_path, model_dir, data_dir, **overrides):
+    c = load_config("demo")
+    c.runner.logger.log_path = str(tmp_path)
+    c.runner.logger.experiment_name = "run"
+    c.actor.model.model_path = str(model_dir)
+    c.data.train_data_paths = str(data_dir)
+    c.data.eval_data_paths = str(data_dir)
+    c.runner.max_steps = 4
+    c.runner.val_check_interval = 2
+    c.runner.log_interval = 1
+    c.actor.global_batch_size = 8
+    c.actor.micro_batch_size = 4
+    c.eval.max_new_tokens = 4
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_writes_a_complete_run_dir(tmp_path, tiny_model_dir, robo2vlm_dir):
+    c = small_config(tmp_path, tiny_model_dir, robo2vlm_dir)
+    main_lib.run(c, "train")
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "config.json").read_text())["actor"]["global_batch_size"] == 8
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "tensorboard"))
+    lines = read_metrics(run_dir)
+    train = [l for l in lines if "train/loss" in l]
+    assert [l["step"] for l in train] == [1, 2, 3, 4]
+    for key in ("train/learning_rate", "train/grad_norm", "time/step", "perf/tokens_per_sec"):
+        assert all(key in l for l in train), key
+    evals = [l for l in lines if "eval/choice_accuracy" in l]
+    assert [l["step"] for l in evals] == [2, 4]
+    assert all(l["eval/rows"] == 16 and 0 <= l["eval/eval_accuracy"] <= 1 for l in evals)  # every test row
+
+
+def test_eval_only_counts_every_row(tmp_path, tiny_model_dir):
+    data = testing.make_robo2vlm_dir(tmp_path / "data", n_train=4, n_test=23, test_files=3, rows_per_group=5)
+    c = small_config(tmp_path, tiny_model_dir, data, **{"data.train_data_paths": "", "actor.eval_batch_size": 4})
+    metrics = main_lib.run(c, "train")  # no training data -> eval only, as RLinf
+    assert metrics["eval/rows"] == 23
+    assert not any("train/loss" in l for l in read_metrics(tmp_path / "run"))
+    metrics = main_lib.run(small_config(tmp_path, tiny_model_dir, data), "eval")
+    assert metrics["eval/rows"] == 23
+
+
+@pytest.mark.parametrize("override, error, match", [
+    ({"actor.model.model_path": "/no/such/model"}, ModelLoadError, "actor.model.model_path='/no/such/model'"),
+    ({"data.train_data_paths": "/no/such/data"}, ConfigError, "data.train_data_paths: .*/no/such/data"),
+    ({"data.prompt_key": "prompt"}, ConfigError, "missing column.*prompt"),
+    ({"actor.global_batch_size": 6}, ConfigError, "global_batch_size=6 is not divisible"),
+    ({"actor.fsdp_config.sharding_strategy": "zero3"}, ConfigError, "sharding_strategy='zero3'"),
+    ({"actor.optim.lr_scheduler": "warmup_cosine"}, ConfigError, "lr_scheduler='warmup_cosine'"),
+])
+def test_bad_config_fails_before_the_model_loads(tmp_path, tiny_model_dir, robo2vlm_dir, monkeypatch,
+                                                  override, error, match):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+    monkeypatch.setattr(main_lib.model_lib, "load_model", no_model)
+    with pytest.raises(error, match=match):
+        main_lib.run(small_config(tmp_path, tiny_model_dir, robo2vlm_dir, **override), "train")
+
+
+def test_bad_row_error_names_file_and_row(tmp_path, tiny_model_dir):
+    data = testing.make_robo2vlm_dir(tmp_path / "data", n_train=16, n_test=4, train_files=1, bad_rows={5: "answer"})
+    c = small_config(tmp_path, tiny_model_dir, data, **{"data.shuffle": False, "data.eval_data_paths": ""})
+    with pytest.raises(RowError, match=r"train-00000-of-00001.parquet:5: answer .*out of range"):
+        main_lib.run(c, "train")
+
+
+def test_bad_rows_skipped_and_counted(tmp_path, tiny_model_dir):
+    data = testing.make_robo2vlm_dir(tmp_path / "data", n_train=16, n_test=4, train_files=1,
+                                     bad_rows={1: "image", 6: "choices"})
+    c = small_config(tmp_path, tiny_model_dir, data, **{"data.bad_rows": "skip", "data.eval_data_paths": "",
+                                                        "runner.max_steps": 2})
+    metrics = main_lib.run(c, "train")
+    assert metrics["data/skipped_rows"] == 2
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "vlm_sft.main", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    out = run_cli(f"--config={CONFIG}:demo", "--config.actor.micro_batchsize=3", cwd=tmp_path)
+    assert out.returncode != 0
+    assert 'Did you mean "micro_batch_size"' in out.stderr.strip().splitlines()[-1]
+    out = run_cli(f"--config={CONFIG}", "--config.actor.model.model_path=/nope",
+                  "--config.data.train_data_paths=/no/data", cwd=tmp_path)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: data.train_data_paths: /no/data: no such file or folder (split 'train')")
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_learns(tmp_path):
+    """The README's demo command: loss falls and accuracy rises above chance, within the laptop budget."""
+    out = run_cli(f"--config={CONFIG}:demo", f"--config.runner.logger.log_path={tmp_path}", cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = read_metrics(tmp_path / "demo")
+    train = [l for l in lines if "train/loss" in l]
+    evals = [l for l in lines if "eval/choice_accuracy" in l]
+    assert train[-1]["train/loss"] < 0.25 * train[0]["train/loss"]
+    assert evals[-1]["eval/choice_accuracy"] >= 0.8  # 2-4 choices: chance is ~0.36
+    assert evals[-1]["eval/eval_accuracy"] > evals[0]["eval/eval_accuracy"]
+    assert evals[-1]["eval/rows"] == 64

@@ -1,0 +1,47 @@
+"""Host-side precompute (data/vision.py) against transformers' own implementations, on grids that span several
+attention windows (the model-level tests use small images that fit in one window)."""
+import pytest
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
+
+from vlm_sft.data.vision import VisionSpec, mrope_position_ids, segment_ids, vision_rotary_ids, window_partition
+
+vision_utils = pytest.importorskip("transformers.vision_utils")
+
+GRIDS = torch.tensor([[1, 8, 12], [1, 4, 4], [1, 34, 46], [2, 6, 10]])
+SPEC = VisionSpec(image_token_id=151655, spatial_merge_size=2, patch_size=14, window_size=112, pad_token_id=151643)
+
+
+def test_window_partition_matches_transformers():
+    index, lengths = window_partition(GRIDS, SPEC)
+    ref_index, ref_cu = vision_utils.get_vision_window_index(GRIDS, spatial_merge_size=2, window_size=112,
+                                                             patch_size=14)
+    assert torch.equal(index, ref_index)
+    ref_lengths = (ref_cu[1:] - ref_cu[:-1]).tolist()
+    assert lengths == ref_lengths
+    assert len(lengths) > len(GRIDS)  # several windows per image: the windowing is really exercised
+    assert torch.equal(segment_ids(lengths), torch.repeat_interleave(torch.arange(len(lengths)),
+                                                                     torch.tensor(ref_lengths)))
+
+
+def test_rotary_ids_match_transformers():
+    assert torch.equal(vision_rotary_ids(GRIDS, SPEC), vision_utils.get_vision_position_ids(GRIDS, 2))
+
+
+def test_mrope_positions_match_get_rope_index():
+    config = Qwen2_5_VLConfig(text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                               num_key_value_heads=1, intermediate_size=64, vocab_size=151936),
+                              vision_config=dict(depth=1, hidden_size=16, num_heads=1, out_hidden_size=32))
+    model = Qwen2_5_VLModel(config)
+    grids = GRIDS[:2]
+    ids = [151644, 10, 11, 151652] + [151655] * 24 + [151653, 12, 151652] + [151655] * 4 + [151653, 13, 14, 15]
+    input_ids = torch.tensor([ids])
+    ref, _ = model.get_rope_index(input_ids, (input_ids == 151655).int(), image_grid_thw=grids)
+    assert torch.equal(mrope_position_ids(input_ids[0], grids, SPEC), ref[:, 0])
+
+
+def test_mismatched_image_tokens_are_an_error():
+    with pytest.raises(ValueError, match="expected 24 <\\|image_pad\\|> tokens"):
+        mrope_position_ids(torch.tensor([1] + [151655] * 20 + [2]), GRIDS[:1], SPEC)
+    with pytest.raises(ValueError, match="2 images but 1"):
+        mrope_position_ids(torch.tensor([1] + [151655] * 24 + [2]), GRIDS[:2], SPEC)
