@@ -37,8 +37,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.runner.max_epochs = 1          # full passes over the training data; used when max_steps <= 0
     c.runner.max_steps = 6000        # optimizer steps; wins when > 0 (RLinf's "max_epochs: 6000" meant steps)
     c.runner.val_check_interval = 1000
-    c.runner.save_interval = 1000
+    c.runner.save_interval = 1000    # steps between checkpoints (<run dir>/checkpoints/step_N); also saved at the end
     c.runner.log_interval = 1        # new: steps between metric lines
+    c.runner.val_before_train = False  # new: evaluate the starting model before the first step (as verl)
+    # new: "auto" continues from the newest complete checkpoint in the run dir (fresh start if none), "" always
+    # starts fresh, a path resumes from that checkpoint (with --mode=eval: evaluates its params).
+    c.runner.resume = "auto"
+    c.runner.keep_last_n = 3         # new: checkpoints kept (older ones removed after each good save); 0 keeps all
+    c.runner.export_hf = False       # new: at the end, write a Hugging Face directory to <run dir>/hf_export
+    c.runner.async_save = False      # new: write checkpoints in a background thread while training goes on
 
     c.data = ml_collections.ConfigDict()
     c.data.type = "vlm"
@@ -60,6 +67,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.num_workers = 4
     c.data.min_pixels = 3136         # new: image processor pixel budget (Qwen2.5-VL defaults)
     c.data.max_pixels = 12845056
+    # new: padded sequence lengths for a compiled step (each bucket in use is one compilation; longer sequences
+    # pad to a multiple of the last). A 640x480 image is 391 tokens, so Robo2VLM rows land in 512 or 640.
+    c.data.length_buckets = [128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048]
     c.data.shuffle = True
     c.data.demo_rows = 512          # new: rows of the generated demo set (train; test gets 1/8 of it)
     c.data.eval_max_rows = 0         # new: evaluate only the first N rows (0 = every row)
@@ -70,7 +80,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.eval_batch_size = 4
     c.actor.global_batch_size = 256
     c.actor.seed = 42
-    c.actor.compile = False          # new: torch.compile the train step
+    # new: torch.compile the train step (whole step in one graph where torch can; see vlm_sft/step.py).
+    # None (default): on when training on CUDA, off on CPU. --config.actor.compile=True/False forces it.
+    c.actor.compile = ml_collections.config_dict.placeholder(bool)
+    # new: inductor's on-disk cache, so a restart compiles in seconds; "" = <runner.logger.log_path>/.inductor_cache
+    c.actor.compile_cache_dir = ""
 
     c.actor.model = ml_collections.ConfigDict()
     c.actor.model.model_type = "qwen2.5_vl"
@@ -94,6 +108,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.fsdp_config = ml_collections.ConfigDict()
     c.actor.fsdp_config.strategy = "fsdp"
     c.actor.fsdp_config.sharding_strategy = "no_shard"  # no_shard | full_shard | hybrid_shard
+    # new: hybrid_shard's shard group size (ranks sharing one copy of the model); 0 = ranks per node
+    # (world size / cluster.num_nodes). The mesh is (world / size) replicas x size shards.
+    c.actor.fsdp_config.hybrid_shard_size = 0
     c.actor.fsdp_config.use_orig_params = False
     c.actor.fsdp_config.gradient_checkpointing = False
     c.actor.fsdp_config.mixed_precision = ml_collections.ConfigDict()
@@ -113,6 +130,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.runner.val_check_interval = 50
         c.runner.save_interval = 50
         c.runner.log_interval = 10
+        c.runner.val_before_train = True
         c.data.train_data_paths = "demo"  # "demo": the generated parquet folder under the run dir
         c.data.eval_data_paths = "demo"
         c.data.num_workers = 0

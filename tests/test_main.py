@@ -55,7 +55,7 @@ def test_train_writes_a_complete_run_dir(tmp_path, tiny_model_dir, robo2vlm_dir)
     for key in ("train/learning_rate", "train/grad_norm", "time/step", "perf/tokens_per_sec"):
         assert all(key in l for l in train), key
     evals = [l for l in lines if "eval/choice_accuracy" in l]
-    assert [l["step"] for l in evals] == [2, 4]
+    assert [l["step"] for l in evals] == [0, 2, 4]  # demo: val_before_train
     assert all(l["eval/rows"] == 16 and 0 <= l["eval/eval_accuracy"] <= 1 for l in evals)  # every test row
 
 

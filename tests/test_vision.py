@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
 
-from vlm_sft.data.vision import VisionSpec, mrope_position_ids, segment_ids, vision_rotary_ids, window_partition
+from vlm_sft.data.vision import (VisionSpec, attention_layout, mrope_position_ids, vision_rotary_ids,
+                                 window_partition)
 
 vision_utils = pytest.importorskip("transformers.vision_utils")
 
@@ -20,8 +21,8 @@ def test_window_partition_matches_transformers():
     ref_lengths = (ref_cu[1:] - ref_cu[:-1]).tolist()
     assert lengths == ref_lengths
     assert len(lengths) > len(GRIDS)  # several windows per image: the windowing is really exercised
-    assert torch.equal(segment_ids(lengths), torch.repeat_interleave(torch.arange(len(lengths)),
-                                                                     torch.tensor(ref_lengths)))
+    layout = attention_layout(lengths, "window")
+    assert torch.equal(layout["window_cu_seqlens"], ref_cu)
 
 
 def test_rotary_ids_match_transformers():

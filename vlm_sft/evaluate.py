@@ -12,6 +12,7 @@ import inspect
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from absl import logging
 from torch.func import functional_call
 
 from vlm_sft import answers
@@ -24,14 +25,20 @@ from vlm_sft.data.vision import VisionSpec
 def score_choices(model: model_lib.Model, params: dict, examples: Sequence[Any], spec: VisionSpec) -> list[int]:
     """Index of the most likely choice of each example."""
     batch, counts = collate_choices(examples, spec)
+    device = _device_of(params)
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     nll = model_lib.token_nll(model, params, batch)
-    rows = sum(counts)
-    logprob = torch.zeros(rows, dtype=nll.dtype).index_add_(0, batch["label_row"], -nll)
+    logprob = torch.zeros(sum(counts), dtype=nll.dtype, device=device).index_add_(0, batch["label_row"], -nll)
+    logprob = logprob.cpu()
     preds, start = [], 0
     for n in counts:
         preds.append(int(torch.argmax(logprob[start:start + n])))
         start += n
     return preds
+
+
+def _device_of(params: dict) -> torch.device:
+    return next(iter(params.values())).device
 
 
 class _Generator(torch.nn.Module):
@@ -73,12 +80,14 @@ def generate(model: model_lib.Model, params: dict, examples: Sequence[Any], toke
     with_types = "mm_token_type_ids" in inspect.signature(module.forward).parameters
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     inputs = generation_inputs(examples, pad, model.config.image_token_id, with_types)
+    device = _device_of(params)
+    inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
     generator = _Generator(module)
     eos = module.generation_config.eos_token_id or tokenizer.eos_token_id
     out = functional_call(generator, {"inner." + k: v for k, v in params.items()}, (), dict(
         **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
         eos_token_id=eos, temperature=None, top_p=None, top_k=None))
-    new_tokens = out[:, inputs["input_ids"].shape[1]:]
+    new_tokens = out[:, inputs["input_ids"].shape[1]:].cpu()
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
@@ -97,6 +106,9 @@ def evaluate(model: model_lib.Model, params: dict, batches: Iterable[Any], *, sp
         counts[0] += len(examples)
         if use_generation:
             texts = generate(model, params, examples, tokenizer, max_new_tokens=max_new_tokens)
+            if counts[0] == len(examples):  # first batch: show what the model says, next to the gold answer
+                for text, e in list(zip(texts, examples))[:3]:
+                    logging.info("eval sample %s: generated %r, gold %r", e.source, text, e.target_text)
             counts[1] += sum(answers.answers_match(answers.parse_generated_answer(t), e.target_text)
                              for t, e in zip(texts, examples))
         if use_choice_scoring:

@@ -3,7 +3,8 @@
   python -m vlm_sft.main --config configs/robo2vlm.py:demo
   python -m vlm_sft.main --config configs/robo2vlm.py --config.actor.model.model_path=... [--mode=eval]
 
-config -> checks (before anything heavy) -> data -> model -> optimizer -> loop (step, log, eval) -> final eval.
+config -> checks (before anything heavy) -> data -> model -> optimizer -> resume -> loop (step, log, checkpoint,
+eval) -> final eval -> Hugging Face export (runner.export_hf).
 """
 from __future__ import annotations
 
@@ -17,13 +18,17 @@ import torch
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vlm_sft import checkpoint as checkpoint_lib
 from vlm_sft import config as config_lib
 from vlm_sft import evaluate as evaluate_lib
+from vlm_sft import export as export_lib
 from vlm_sft import model as model_lib
+from vlm_sft import perf
+from vlm_sft import sharding as sharding_lib
 from vlm_sft import step as step_lib
 from vlm_sft.data import loader as loader_lib
 from vlm_sft.data import robo2vlm
-from vlm_sft.data.collate import collate_encoded
+from vlm_sft.data.collate import check_length_buckets, collate_encoded
 from vlm_sft.data.encode import Encoder, PromptTooLong
 from vlm_sft.data.processor import load_processor
 from vlm_sft.data.vision import VisionSpec
@@ -54,7 +59,8 @@ def prepare_demo(config: Any, run_dir: str) -> None:
         if not os.path.isdir(path):
             logging.info("demo: writing Robo2VLM-format parquet files to %s", path)
             rows = config.data.demo_rows
-            testing.make_robo2vlm_dir(path + ".tmp", n_train=rows, n_test=max(rows // 8, 1), seed=0)
+            testing.make_robo2vlm_dir(path + ".tmp", n_train=rows, n_test=max(rows // 8, 1), seed=0,
+                                      fixed_choices=True)
             os.replace(path + ".tmp", path)
         for key in ("train_data_paths", "eval_data_paths"):
             if config.data[key] == DEMO:
@@ -89,17 +95,32 @@ def _list(x: list) -> list:
 
 
 def run_eval(model: model_lib.Model, params: dict, source: robo2vlm.Robo2VLMSource, encoder: Encoder,
-             tokenizer: Any, spec: VisionSpec, config: Any) -> dict[str, float]:
+             tokenizer: Any, spec: VisionSpec, config: Any, *, world_size: int = 1, rank: int = 0
+             ) -> dict[str, float]:
+    """Accuracy over every eval row: each rank evaluates its own block of rows (with the full params: generation
+    needs them), and the counts are summed over ranks."""
     d = config.data
     batches = loader_lib.eval_batches(source, encoder, _list, batch_size=config.actor.eval_batch_size,
-                                      num_workers=d.num_workers, bad_rows=d.bad_rows, max_rows=d.eval_max_rows)
+                                      world_size=world_size, rank=rank, num_workers=d.num_workers,
+                                      bad_rows=d.bad_rows, max_rows=d.eval_max_rows)
     t0 = time.perf_counter()
-    metrics = evaluate_lib.evaluate(model, params, batches, spec=spec, tokenizer=tokenizer,
-                                    use_generation=config.eval.generate,
+    metrics = evaluate_lib.evaluate(model, sharding_lib.gather_full(params), batches, spec=spec,
+                                    tokenizer=tokenizer, use_generation=config.eval.generate,
                                     use_choice_scoring=config.eval.choice_scoring,
-                                    max_new_tokens=config.eval.max_new_tokens)
+                                    max_new_tokens=config.eval.max_new_tokens,
+                                    all_reduce_sum=sharding_lib.all_reduce_sum)
     metrics["time/eval"] = time.perf_counter() - t0
     return metrics
+
+
+# Summed over ranks; the rest averaged.
+SUM_METRICS = ("train/tokens", "train/label_tokens", "data/skipped_rows", "perf/flops", "perf/padded_tokens")
+
+
+def _to_device(batch: dict | None, device: torch.device) -> dict | None:
+    if batch is None or device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def total_steps(config: Any, steps_per_epoch: int) -> int:
@@ -109,20 +130,51 @@ def total_steps(config: Any, steps_per_epoch: int) -> int:
 
 
 def run(config: Any, mode: str) -> dict[str, float]:
-    """Train and/or evaluate as configured; returns the last metrics written."""
-    world_size = 1
-    config_lib.validate(config, mode=mode, world_size=world_size)
+    """Train and/or evaluate as configured; returns the last metrics written (rank 0; other ranks: theirs).
+
+    One process per device under torchrun (WORLD_SIZE/RANK from its env), or a plain single process. Every rank
+    checks the config before any heavy work (the checks are deterministic, so they fail on all ranks alike).
+    """
+    proc = sharding_lib.ProcessInfo.from_env()
+    config_lib.validate(config, mode=mode, world_size=proc.world_size)
+    sharding_lib.check_config(config, proc.world_size)
+    device, created = sharding_lib.init_process_group(proc)
+    try:
+        return _run(config, mode, proc, device)
+    finally:
+        if created:
+            sharding_lib.destroy_process_group()
+
+
+def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.device) -> dict[str, float]:
+    world_size, rank = proc.world_size, proc.rank
     run_dir = config_lib.run_dir(config)
     os.makedirs(run_dir, exist_ok=True)
-    prepare_demo(config, run_dir)
+    if rank == 0:  # builds the demo assets once; the other ranks wait, then only point the config at them
+        prepare_demo(config, run_dir)
+    sharding_lib.barrier()
+    if rank != 0:
+        prepare_demo(config, run_dir)
 
     # Everything that can be checked without loading the model, first.
     train_files = find_files(config, "train_data_paths", "train") if mode == "train" else []
     eval_files = find_files(config, "eval_data_paths", "test")
     model_lib.check_model_dir(config.actor.model.model_path)
+    try:
+        check_length_buckets(config.data.length_buckets)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    r = config.runner
+    # "auto" continues a training run; eval-only reads a checkpoint only when given its path.
+    resume = "" if r.resume == "auto" and not train_files else r.resume
+    ckpt_root = checkpoint_lib.checkpoint_root(run_dir)
+    resume_from = checkpoint_lib.resolve_resume(resume, ckpt_root)  # an explicit path must be complete
+    saver = checkpoint_lib.Checkpointer(ckpt_root, keep_last_n=r.keep_last_n, async_save=r.async_save)
 
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    config_json = config.to_json_best_effort(indent=2)
+    if rank == 0:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            f.write(config_json)
     torch.manual_seed(config.actor.seed)
     d = config.data
     try:
@@ -136,68 +188,124 @@ def run(config: Any, mode: str) -> dict[str, float]:
                                          attn_implementation=config.actor.model.attn_implementation)
     precision = config_lib.parse_dtype(config.actor.model.precision, "actor.model.precision")
     params = {k: v.to(precision) for k, v in params.items()}
+    sharding = sharding_lib.make_sharding(config, device)
+    params = sharding_lib.shard_model(model, params, sharding)  # DTensors on `device`; the full copy is freed
     tokenizer = processor.tokenizer
     spec = VisionSpec.from_config(model.config, pad_token_id=tokenizer.pad_token_id)
     eval_source = make_source(eval_files, config) if eval_files else None
-    writer = MetricsWriter(run_dir, enabled=True, total_steps=0)
+    writer = MetricsWriter(run_dir, enabled=rank == 0, total_steps=0)
     last: dict[str, float] = {}
 
     def evaluate(step: int, params: dict) -> None:
         if eval_source is None:
             return
-        metrics = run_eval(model, params, eval_source, encoder, tokenizer, spec, config)
+        metrics = run_eval(model, params, eval_source, encoder, tokenizer, spec, config, world_size=world_size,
+                           rank=rank)
         writer.write(step, metrics)
         writer.console(step, metrics)
         last.update(metrics)
 
     if not train_files:
         logging.info("eval-only: %d eval files", len(eval_files))
-        evaluate(0, params)
+        if resume_from:
+            logging.info("evaluating the params of checkpoint %s", resume_from)
+            params = checkpoint_lib.restore_params(resume_from, params)
+        evaluate(checkpoint_lib.read_meta(resume_from)["step"] if resume_from else 0, params)
         writer.close()
         return last
 
     a = config.actor
+    # Compiled (default on CUDA, unless checkpointing: see sharding.COMPILE_MODE): static text shapes, i.e. length
+    # buckets and a padded label count.
+    compiled = a.compile if a.compile is not None else (
+        device.type == "cuda" and not a.fsdp_config.gradient_checkpointing)
+    buckets = tuple(d.length_buckets) if compiled else ()
     source = make_source(train_files, config)
     loader = loader_lib.TrainLoader(
-        source, encoder, functools.partial(collate_encoded, spec=spec), global_batch_size=a.global_batch_size,
-        micro_batch_size=a.micro_batch_size, world_size=world_size, rank=0, seed=a.seed, shuffle=d.shuffle,
-        num_workers=d.num_workers, bad_rows=d.bad_rows, lazy=d.lazy_loading)
+        source, encoder, functools.partial(collate_encoded, spec=spec, length_buckets=buckets, pad_labels=compiled),
+        global_batch_size=a.global_batch_size,
+        micro_batch_size=a.micro_batch_size, world_size=world_size, rank=rank, seed=a.seed, shuffle=d.shuffle,
+        num_workers=d.num_workers, bad_rows=d.bad_rows, lazy=d.lazy_loading,
+        position=checkpoint_lib.read_meta(resume_from)["data_position"] if resume_from else None)
     steps = total_steps(config, loader.steps_per_epoch)
     writer.total_steps = steps
     tx, schedule = step_lib.make_optimizer(config, steps)
     state = init_train_state(params, tx)
-    train_step = step_lib.make_train_step(model, tx, schedule, compile=a.compile)
-    logging.info("training %d steps: %d train rows (%d steps/epoch), global batch %d = %d micro-batches of %d",
-                 steps, len(source), loader.steps_per_epoch, a.global_batch_size,
-                 config_lib.accumulation_steps(config, world_size), a.micro_batch_size)
+    last_ckpt, skipped_rows = resume_from, 0
+    if resume_from:  # params, optimizer, step (hence lr schedule), data position (above) and RNG
+        state = checkpoint_lib.restore(resume_from, state)
+        checkpoint_lib.restore_rng(resume_from)
+        if rank == 0:  # a global count: rank 0 carries it, the metric sums over ranks
+            skipped_rows = int(checkpoint_lib.read_meta(resume_from)["extra"].get("skipped_rows", 0))
+        logging.info("resumed from %s at step %d", resume_from, int(state.step))
+    block_call = sharding_lib.make_block_call(sharding, checkpointing=a.fsdp_config.gradient_checkpointing)
+    if compiled:
+        step_lib.set_compile_cache_dir(a.compile_cache_dir or os.path.join(r.logger.log_path, ".inductor_cache"))
+    train_step = step_lib.make_train_step(model, tx, schedule, compile=compiled, block_call=block_call,
+                                          compile_mode=sharding_lib.COMPILE_MODE)
+    flop_model = perf.FlopModel.from_model(model.config, {k: v.shape for k, v in state.params.items()},
+                                           model.lm_head_name)
+    peak_flops = perf.device_peak_flops(device, sharding.param_dtype)
+    logging.info("perf: %s; peak %s FLOP/s per device", perf.FORMULA,
+                 f"{peak_flops:.3g}" if peak_flops else "unknown (no perf/mfu)")
+    logging.info("training %d steps: %d train rows (%d steps/epoch), global batch %d = %d ranks x %d micro-batches "
+                 "of %d; %s on mesh %s", steps, len(source), loader.steps_per_epoch, a.global_batch_size, world_size,
+                 config_lib.accumulation_steps(config, world_size), a.micro_batch_size,
+                 a.fsdp_config.sharding_strategy, tuple(sharding.mesh.shape))
 
-    r = config.runner
-    skipped_rows = 0
+    if config.runner.val_before_train and int(state.step) == 0:
+        evaluate(0, state.params)
     batches = iter(loader)
+
+    def fetch() -> tuple[loader_lib.TrainBatch, list, float]:
+        """The next step's batch, already on its way to the device (pinned memory, non-blocking copies)."""
+        t0 = time.perf_counter()
+        fetched = next(batches)
+        return fetched, [_to_device(b, device) for b in fetched.micro_batches], time.perf_counter() - t0
+
+    upcoming = fetch() if int(state.step) < steps else None
     t_last = time.perf_counter()
     for step in range(int(state.step) + 1, steps + 1):
-        t0 = time.perf_counter()
-        batch = next(batches)
-        t_data = time.perf_counter() - t0
+        batch, micro_batches, _ = upcoming
         skipped_rows += batch.num_skipped
         for source_name in batch.skipped_sources:
             logging.warning("skipped bad row %s", source_name)
-        state, metrics = train_step(state, batch.micro_batches)
-        scalars = {k: float(v) for k, v in metrics.items()}
+        state, metrics = train_step(state, micro_batches)
+        # Fetch the next batch while the device still runs this step (reading the metrics below waits for it).
+        upcoming = fetch() if step < steps else None
+        t_data = upcoming[2] if upcoming else 0.0
+        host = [b for b in batch.micro_batches if b is not None]
+        metrics.update({"perf/flops": flop_model.step_flops(host),
+                        "perf/padded_tokens": sum(b["attention_mask"].numel() for b in host)})
+        # Across ranks: losses averaged, counts summed (grad norm and lr are already global).
+        scalars = sharding_lib.reduce_metrics({**metrics, "data/skipped_rows": skipped_rows}, sum_keys=SUM_METRICS)
         now = time.perf_counter()
         step_time, t_last = now - t_last, now
         scalars.update({"time/step": step_time, "perf/tokens_per_sec": scalars["train/tokens"] / step_time,
-                        "perf/data_wait_fraction": t_data / step_time, "data/skipped_rows": float(skipped_rows),
-                        "data/epoch": float(batch.position["epoch"])})
+                        "perf/padding_fraction": 1.0 - scalars["train/tokens"] / scalars["perf/padded_tokens"],
+                        "perf/max_memory_gib": perf.max_memory_gib(device),
+                        "perf/data_wait_fraction": t_data / step_time, "data/epoch": float(batch.position["epoch"])})
+        step_mfu = perf.mfu(scalars["perf/flops"], step_time, peak_flops, world_size)
+        if step_mfu is not None:
+            scalars["perf/mfu"] = step_mfu
         if step % r.log_interval == 0 or step == steps or step == 1:
             writer.write(step, scalars)
             writer.console(step, scalars)
             last.update(scalars)
+        if step == steps or (r.save_interval > 0 and step % r.save_interval == 0):
+            last_ckpt = saver.save(state, data_position=batch.position, config_json=config_json,
+                                   extra={"skipped_rows": int(scalars["data/skipped_rows"])})
+            t_last = time.perf_counter()
+        saver.poll()
         if r.val_check_interval > 0 and step % r.val_check_interval == 0 and step != steps:
             evaluate(step, state.params)
             t_last = time.perf_counter()
+    saver.wait()
     evaluate(steps, state.params)
     writer.close()
+    if r.export_hf and rank == 0 and last_ckpt:  # from the final checkpoint: no gather, one shard in memory
+        out = export_lib.export_checkpoint(last_ckpt, os.path.join(run_dir, "hf_export"), overwrite=True)
+        logging.info("exported %s to %s", last_ckpt, out)
     return last
 
 
@@ -207,10 +315,17 @@ def main(argv: list[str]) -> None:
     import transformers
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    rank = sharding_lib.ProcessInfo.from_env().rank
+    if rank != 0:  # one console: rank 0's (warnings and errors still show from every rank)
+        logging.set_verbosity(logging.WARNING)
     try:
         run(_CONFIG.value, _MODE.value)
-    except (config_lib.ConfigError, model_lib.ModelLoadError, robo2vlm.RowError, PromptTooLong) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (config_lib.ConfigError, model_lib.ModelLoadError, checkpoint_lib.CheckpointError,
+            export_lib.ExportError) as e:
+        # Config and model-directory errors are the same on every rank: rank 0 says it once, all exit.
+        raise SystemExit(f"error: {e}" if rank == 0 else 1) from None
+    except (robo2vlm.RowError, PromptTooLong) as e:  # data errors may hit one rank only
+        raise SystemExit(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}") from None
 
 
 def parse_flags(argv: list[str]) -> list[str]:

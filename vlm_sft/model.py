@@ -127,30 +127,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def _varlen_attn() -> Callable[..., torch.Tensor] | None:
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
-
-
-_VARLEN_ATTN = _varlen_attn()
-
-
-def use_varlen_attention(x: torch.Tensor) -> bool:
-    """Varlen flash attention (torch.nn.attention.varlen) runs on CUDA in half precision only."""
-    return _VARLEN_ATTN is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-
-
 def vision_attention(block: torch.nn.Module, p: Params, x: torch.Tensor, gather: torch.Tensor,
                      mask: torch.Tensor, scatter: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> torch.Tensor:
     """Attention within each segment (window or frame) of the packed patches x [P, D], no loop over images.
 
-    The segments' layout comes precomputed (data/vision.py attention_layout): varlen flash attention over
-    `cu_seqlens` on GPU in half precision; elsewhere one batched sdpa over the segments gathered into padded rows
-    [n, max_len] with the pad keys masked. Both cost sum(len^2), not the P^2 of a block-diagonal mask.
+    The segments' layout comes precomputed (data/vision.py attention_layout): one batched sdpa over the segments
+    gathered into padded rows [segments, max_len], pad keys masked. It costs segments * max_len^2 (~sum(len^2):
+    windows differ only at image borders), not the P^2 of a block-diagonal mask. `cu_seqlens` is the same layout for a varlen
+    flash attention kernel (not used yet: untested without a GPU).
     """
     attn = block.attn
     n = x.shape[0]
@@ -160,12 +145,9 @@ def vision_attention(block: torch.nn.Module, p: Params, x: torch.Tensor, gather:
     q = (q.float() * c + _rotate_half(q.float()) * s).to(v.dtype)
     k = (k.float() * c + _rotate_half(k.float()) * s).to(v.dtype)
     rows, width = gather.shape
-    if use_varlen_attention(q):
-        out = _VARLEN_ATTN(q, k, v, cu_seqlens, cu_seqlens, width, width)
-    else:
-        q, k, v = (t[gather].transpose(1, 2) for t in (q, k, v))   # [n, heads, max_len, head_dim]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-        out = out.transpose(1, 2).reshape(rows * width, -1)[scatter]
+    q, k, v = (t[gather].transpose(1, 2) for t in (q, k, v))   # [segments, heads, max_len, head_dim]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    out = out.transpose(1, 2).reshape(rows * width, -1)[scatter]
     return F.linear(out.reshape(n, -1), p["attn.proj.weight"], p["attn.proj.bias"])
 
 
@@ -207,6 +189,14 @@ def _lm_head(module: None, p: Params, hidden: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden, p["weight"])
 
 
+def _window_order(t: torch.Tensor, window: torch.Tensor, unit: int) -> torch.Tensor:
+    """Rows of t [P, d] permuted in merge units of `unit` rows by window_index [P / unit]. Sizes come from the
+    index's length: under a dynamic P that ties P to it (P = unit * len), so no size downstream (the merger's
+    view(-1, unit * d) included) turns into an unsimplifiable expression."""
+    units, d = window.shape[0], t.shape[-1]
+    return t.view(units, unit, d)[window].view(units * unit, d)
+
+
 def image_features(model: Model, params: Params, batch: Batch, block_call: BlockCall = plain_block_call
                    ) -> torch.Tensor:
     """Vision tower: patches -> merged features in <|image_pad|> order, [P / merge^2, text hidden]."""
@@ -214,12 +204,10 @@ def image_features(model: Model, params: Params, batch: Batch, block_call: Block
     unit = visual.spatial_merge_size ** 2
     prefix = VISUAL + "patch_embed."
     x = block_call(_apply_module, visual.patch_embed, model.block_params(params, prefix), batch["pixel_values"])
-    n = x.shape[0]
     window = batch["window_index"]
-    x = x.view(n // unit, unit, -1)[window].view(n, -1)
+    x = _window_order(x, window, unit)
     cos, sin = _vision_rotary(visual, batch["vision_rotary_ids"])
-    cos = cos.view(n // unit, unit, -1)[window].view(n, -1)
-    sin = sin.view(n // unit, unit, -1)[window].view(n, -1)
+    cos, sin = _window_order(cos, window, unit), _window_order(sin, window, unit)
     full = set(visual.fullatt_block_indexes)
     for i, block in enumerate(visual.blocks):
         kind = "full" if i in full else "window"

@@ -412,13 +412,16 @@ def _encode_image(image: PIL.Image.Image, image_format: str) -> bytes:
 
 def _robo2vlm_rows(split: str, n: int, *, image_format: str, choices_as_string: bool,
                    image_size: tuple[int, int], rng: random.Random, nprng: np.random.Generator,
-                   bad_rows: dict[int, str]) -> list[dict]:
+                   bad_rows: dict[int, str], fixed_choices: bool = False) -> list[dict]:
     rows = []
     for i in range(n):
         answer = rng.choice(sorted(COLOURS))
-        distractors = rng.sample([c for c in sorted(COLOURS) if c != answer], rng.randint(1, len(COLOURS) - 1))
-        choices = [answer] + distractors
-        rng.shuffle(choices)
+        if fixed_choices:  # every colour, always in the same order: the letter follows from the colour
+            choices = sorted(COLOURS)
+        else:
+            distractors = rng.sample([c for c in sorted(COLOURS) if c != answer], rng.randint(1, len(COLOURS) - 1))
+            choices = [answer] + distractors
+            rng.shuffle(choices)
         fmt = image_format if image_format != "mixed" else ("PNG", "JPEG")[i % 2]
         image_bytes = _encode_image(_colour_image(rng, nprng, answer, image_size), fmt)
         row = {
@@ -452,13 +455,15 @@ def make_robo2vlm_dir(
     image_size: tuple[int, int] = (64, 48),
     seed: int = 0,
     bad_rows: dict[int, str] | None = None,
+    fixed_choices: bool = False,
 ) -> pathlib.Path:
     """Writes Robo2VLM-1-shaped parquet (train-*.parquet and test-*.parquet in ONE folder, like the download).
 
     The answer is the colour filling the whole image, so a tiny model can learn it in minutes. `bad_rows` maps a
     train row index (counted over all train files) to "image" (undecodable bytes), "answer" (correct_answer out of
     range) or "choices" (an unparsable choices string; an empty list when not `choices_as_string`).
-    `image_size` is (width, height).
+    `image_size` is (width, height). `fixed_choices`: every row offers all colours in one fixed order (the demo
+    uses it so that the generated letter, not only the colour, is learnable in a couple of minutes).
     """
     if image_format not in ("PNG", "JPEG", "mixed"):
         raise ValueError(f"image_format={image_format!r}: expected 'PNG', 'JPEG' or 'mixed'")
@@ -491,6 +496,7 @@ def make_robo2vlm_dir(
     )
     for split, n, n_files in (("train", n_train, train_files), ("test", n_test, test_files)):
         rows = _robo2vlm_rows(split, n, image_format=image_format, choices_as_string=choices_as_string,
+                              fixed_choices=fixed_choices,
                               image_size=image_size, rng=rng, nprng=nprng, bad_rows=bad_rows)
         bounds = np.linspace(0, n, n_files + 1).round().astype(int)
         for f in range(n_files):

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from vlm_sft.data.vision import (VisionSpec, mrope_position_ids, segment_ids, vision_rotary_ids,
+from vlm_sft.data.vision import (VisionSpec, attention_layout, mrope_position_ids, vision_rotary_ids,
                                  window_partition)
 
 Batch = dict[str, torch.Tensor]
@@ -21,20 +21,49 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def bucket_length(n: int, buckets: Sequence[int], pad_multiple: int) -> int:
+    """The padded sequence length: the smallest bucket >= n; past the last bucket, a multiple of it.
+
+    A compiled step specialises on shapes, so every distinct padded length is a compilation; buckets bound them.
+    Without buckets: n rounded up to pad_multiple.
+    """
+    if not buckets:
+        return round_up(n, pad_multiple)
+    for b in buckets:
+        if n <= b:
+            return b
+    return round_up(n, buckets[-1])
+
+
+def label_bucket(n: int) -> int:
+    """Static label count for n labels: the next power of two (at least 16), so the lm_head/loss shapes take a
+    handful of values per length bucket instead of one per batch."""
+    return max(16, 1 << max(n - 1, 0).bit_length())
+
+
+def check_length_buckets(buckets: Sequence[int]) -> None:
+    if any(not isinstance(b, int) or b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
+        raise ValueError(f"data.length_buckets={list(buckets)}: expected strictly increasing positive integers")
+
+
 def collate(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel_values: Sequence[torch.Tensor],
-            grids: Sequence[torch.Tensor], spec: VisionSpec, *, pad_multiple: int = 8) -> Batch:
+            grids: Sequence[torch.Tensor], spec: VisionSpec, *, pad_multiple: int = 8,
+            length_buckets: Sequence[int] = (), pad_labels: bool = False) -> Batch:
     """Build a batch from (input_ids, labels) pairs and the images each sequence holds.
 
     `pixel_values[i]` / `grids[i]` are the patches and [n, 3] grids of sequence i's images (possibly none).
     Keys:
       input_ids, attention_mask [B, L]; position_ids [3, B, L] (mrope);
       label_index [N] (flat B*L position whose hidden state predicts the label), label_ids [N], label_row [N];
+      label_weight [N] float (only with pad_labels: 1 on real labels, 0 on the padding up to label_bucket(N);
+      padded labels are -100 at position 0 of row 0, so the loss is sum(w * nll) / sum(w));
       pixel_values [P, D]; image_grid_thw [n, 3]; image_index [P/m^2] (flat positions of <|image_pad|>);
-      vision_rotary_ids [P, 2]; window_index, window_reverse [P/m^2]; full_segments, window_segments [P]
-      (segment id per patch, in window order, for block-diagonal attention).
+      vision_rotary_ids [P, 2]; window_index, window_reverse [P/m^2];
+      {window,full}_{gather,mask,scatter,cu_seqlens}: attention_layout() of the windows / frames, in window order.
+    L is bucket_length() of the longest sequence.
     """
     batch_size = len(sequences)
-    length = round_up(max(len(ids) for ids, _ in sequences), pad_multiple)
+    length = bucket_length(max(len(ids) for ids, _ in sequences), length_buckets, pad_multiple)
     input_ids = torch.full((batch_size, length), spec.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros(batch_size, length, dtype=torch.long)
     position_ids = torch.zeros(3, batch_size, length, dtype=torch.long)
@@ -56,6 +85,12 @@ def collate(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel_values
         "label_ids": torch.cat(label_ids),
         "label_row": torch.cat(label_row),
     }
+    if pad_labels:
+        n = len(batch["label_ids"])
+        pad = label_bucket(n) - n
+        batch["label_weight"] = torch.cat([torch.ones(n), torch.zeros(pad)])
+        for key, value in (("label_index", 0), ("label_ids", -100), ("label_row", 0)):
+            batch[key] = torch.cat([batch[key], torch.full((pad,), value, dtype=torch.long)])
     grids = [g for g in grids if len(g)]
     if grids:
         grid = torch.cat(grids).long()
@@ -68,8 +103,8 @@ def collate(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel_values
             "vision_rotary_ids": vision_rotary_ids(grid, spec),
             "window_index": window_index,
             "window_reverse": torch.argsort(window_index),
-            "full_segments": segment_ids(frame_lengths),
-            "window_segments": segment_ids(window_lengths),
+            **attention_layout(frame_lengths, "full"),
+            **attention_layout(window_lengths, "window"),
         })
         if len(batch["image_index"]) != len(window_index):
             raise ValueError(f"{len(batch['image_index'])} <|image_pad|> tokens for {len(window_index)} image "
@@ -77,10 +112,14 @@ def collate(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel_values
     return batch
 
 
-def collate_encoded(examples: Sequence, spec: VisionSpec, *, pad_multiple: int = 8) -> Batch:
-    """Collate `Encoded` examples (data/encode.py) for training: the target labels of each example."""
+def collate_encoded(examples: Sequence, spec: VisionSpec, *, pad_multiple: int = 8,
+                    length_buckets: Sequence[int] = (), pad_labels: bool = False) -> Batch:
+    """Collate `Encoded` examples (data/encode.py) for training: the target labels of each example.
+
+    For a compiled step pass `length_buckets` and `pad_labels=True` (static shapes, few compilations)."""
     return collate([(e.input_ids, e.labels) for e in examples], [e.pixel_values for e in examples],
-                   [e.image_grid_thw for e in examples], spec, pad_multiple=pad_multiple)
+                   [e.image_grid_thw for e in examples], spec, pad_multiple=pad_multiple,
+                   length_buckets=length_buckets, pad_labels=pad_labels)
 
 
 def collate_choices(examples: Sequence, spec: VisionSpec, *, pad_multiple: int = 8) -> tuple[Batch, list[int]]:

@@ -1,0 +1,211 @@
+"""The compiled train step: packed vision attention, static shapes, bounded recompiles, equality with eager.
+
+Batches here are synthetic (token ids and random patches for images of chosen grids), so image sizes, sequence
+lengths and label counts can be varied freely without the tokenizer or image processor.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from vlm_sft import model as model_lib
+from vlm_sft import optim
+from vlm_sft import schedules
+from vlm_sft import step as step_lib
+from vlm_sft.data.collate import bucket_length, collate, label_bucket
+from vlm_sft.data.vision import VisionSpec, attention_layout
+from vlm_sft.state import init_train_state
+
+IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD = 151644, 151645, 151652, 151653, 151655
+
+
+def sequence(rng: torch.Generator, grids: list[tuple[int, int, int]], text: int, answer: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """<|im_start|>, images, `text` prompt tokens, then `answer` label tokens and <|im_end|>."""
+    ids = [IM_START]
+    for t, h, w in grids:
+        ids += [VISION_START] + [IMAGE_PAD] * (t * h * w // 4) + [VISION_END]
+    ids += torch.randint(100, 5000, (text,), generator=rng).tolist()
+    target = torch.randint(100, 5000, (answer,), generator=rng).tolist() + [IM_END]
+    return torch.tensor(ids + target), torch.tensor([-100] * len(ids) + target)
+
+
+def make_batch(rng: torch.Generator, spec: VisionSpec, rows: list[tuple[list, int, int]], **collate_kwargs
+               ) -> dict[str, torch.Tensor]:
+    """rows: (image grids, prompt tokens, answer tokens) per sequence."""
+    sequences = [sequence(rng, grids, text, answer) for grids, text, answer in rows]
+    pixels = [torch.randn(sum(t * h * w for t, h, w in grids), 3 * 2 * 14 * 14, generator=rng)
+              for grids, _, _ in rows]
+    grids = [torch.tensor(grids, dtype=torch.long).reshape(-1, 3) for grids, _, _ in rows]
+    return collate(sequences, pixels, grids, spec, **collate_kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, params = model_lib.load_model(str(tiny_model_dir))
+    spec = VisionSpec.from_config(model.config, pad_token_id=151643)
+    return model, params, spec
+
+
+def hf_loss(model: model_lib.Model, batch: dict[str, torch.Tensor], sequences_labels: list[torch.Tensor]
+            ) -> torch.Tensor:
+    labels = torch.full_like(batch["input_ids"], -100)
+    for b, lab in enumerate(sequences_labels):
+        labels[b, :len(lab)] = lab
+    with torch.no_grad():
+        out = model.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                           mm_token_type_ids=(batch["input_ids"] == IMAGE_PAD).int(), labels=labels)
+    return out.loss
+
+
+def test_attention_layout_gathers_each_segment_once():
+    layout = attention_layout([3, 1, 4], "w")
+    assert layout["w_gather"].tolist() == [[0, 1, 2, 0], [3, 0, 0, 0], [4, 5, 6, 7]]
+    assert layout["w_mask"].sum(1).tolist() == [3, 1, 4]
+    assert layout["w_scatter"].tolist() == [0, 1, 2, 4, 8, 9, 10, 11]
+    assert layout["w_cu_seqlens"].tolist() == [0, 3, 4, 8]
+    assert layout["w_cu_seqlens"].dtype == torch.int32
+    with pytest.raises(ValueError, match="non-empty"):
+        attention_layout([2, 0], "w")
+
+
+def test_vision_attention_equals_block_diagonal_attention(tiny):
+    """Padded per-segment attention == dense attention with a block-diagonal mask, values and gradients."""
+    model, params, _ = tiny
+    block = model.module.model.visual.blocks[0]
+    p = model.block_params(params, "model.visual.blocks.0.")
+    lengths = [64, 16, 40, 64, 8]
+    n = sum(lengths)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, block.attn.qkv.in_features, generator=g, requires_grad=True)
+    angles = torch.randn(n, block.attn.head_dim, generator=g)
+    cos, sin = angles.cos(), angles.sin()
+    layout = attention_layout(lengths, "w")
+    ours = model_lib.vision_attention(block, p, x, layout["w_gather"], layout["w_mask"], layout["w_scatter"],
+                                      layout["w_cu_seqlens"], cos, sin)
+
+    segments = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    heads = block.attn.num_heads
+    qkv = F.linear(x, p["attn.qkv.weight"], p["attn.qkv.bias"]).view(n, 3, heads, -1)
+    q, k, v = qkv.unbind(1)
+    c, s = cos[:, None], sin[:, None]
+    q, k = (t * c + model_lib._rotate_half(t) * s for t in (q, k))
+    dense = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           attn_mask=segments[:, None] == segments[None, :])
+    reference = F.linear(dense.transpose(0, 1).reshape(n, -1), p["attn.proj.weight"], p["attn.proj.bias"])
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    (grad_ours,) = torch.autograd.grad(ours.square().sum(), x)
+    (grad_reference,) = torch.autograd.grad(reference.square().sum(), x)
+    torch.testing.assert_close(grad_ours, grad_reference, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_matches_hf_for_images_of_different_sizes(tiny):
+    """Windows cut at image borders (partial windows), two images in one row: the HF loss, exactly."""
+    model, params, spec = tiny
+    g = torch.Generator().manual_seed(1)
+    rows = [([(1, 8, 12)], 7, 4), ([(1, 4, 4), (1, 12, 10)], 3, 6), ([(1, 6, 6)], 12, 2)]
+    sequences = [sequence(g, grids, text, answer) for grids, text, answer in rows]
+    pixels = [torch.randn(sum(t * h * w for t, h, w in grids), 1176, generator=g) for grids, _, _ in rows]
+    grids = [torch.tensor(grids) for grids, _, _ in rows]
+    batch = collate(sequences, pixels, grids, spec)
+    assert batch["window_mask"].sum() < batch["window_mask"].numel()  # some windows are partial
+    ours = model_lib.token_nll(model, params, batch).mean()
+    torch.testing.assert_close(ours, hf_loss(model, batch, [lab for _, lab in sequences]), atol=2e-5, rtol=2e-5)
+
+
+def test_length_buckets_and_static_label_count(tiny):
+    model, params, spec = tiny
+    assert [bucket_length(n, (64, 128), 8) for n in (1, 64, 65, 128, 129, 300)] == [64, 64, 128, 128, 256, 384]
+    assert bucket_length(61, (), 8) == 64
+    assert [label_bucket(n) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+    g = torch.Generator().manual_seed(2)
+    rows = [([(1, 4, 4)], 20, 5), ([(1, 4, 4)], 9, 3)]
+    plain = make_batch(g, spec, rows)
+    padded = make_batch(torch.Generator().manual_seed(2), spec, rows, length_buckets=(48, 96), pad_labels=True)
+    assert padded["input_ids"].shape == (2, 48) and padded["label_ids"].shape == (16,)
+    assert padded["label_weight"].tolist() == [1.0] * 10 + [0.0] * 6
+    assert padded["attention_mask"].sum() == plain["attention_mask"].sum()
+    # sum(w * nll) / sum(w) over the padded labels is the plain token mean: the same loss, RLinf's definition.
+    loss_plain = step_lib.token_mean(model_lib.token_nll(model, params, plain), plain)
+    loss_padded = step_lib.token_mean(model_lib.token_nll(model, params, padded), padded)
+    torch.testing.assert_close(loss_padded, loss_plain, atol=1e-6, rtol=1e-6)
+    assert float(step_lib.label_tokens(padded)) == 10.0
+
+
+def test_model_forward_has_no_graph_breaks(tiny):
+    model, params, spec = tiny
+    batch = make_batch(torch.Generator().manual_seed(3), spec, [([(1, 8, 8)], 10, 4), ([(1, 4, 6)], 5, 2)],
+                       length_buckets=(64,), pad_labels=True)
+    explained = torch._dynamo.explain(model_lib.token_nll)(model, params, batch)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+def _optimizer():
+    schedule = schedules.make_schedule("constant", peak_lr=1e-3, warmup_steps=0, total_steps=100)
+    return optim.adamw(schedule, weight_decay=0.01, max_grad_norm=1.0), schedule
+
+
+def _steps(model, params, batches, **kwargs):
+    tx, schedule = _optimizer()
+    state = init_train_state({k: v.clone() for k, v in params.items()}, tx)
+    train_step = step_lib.make_train_step(model, tx, schedule, **kwargs)
+    losses = []
+    for micro_batches in batches:
+        state, metrics = train_step(state, micro_batches)
+        losses.append(float(metrics["train/loss"]))
+    return losses, state
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager_without_recompiles(tiny):
+    """Whole-step compile, accumulation of 2 micro-batches: after one warm-up step, a pass over batches of varied
+    text lengths (one length bucket), answer lengths and image sizes compiles nothing, and equals eager."""
+    model, params, spec = tiny
+    g = torch.Generator().manual_seed(4)
+    sizes = [(1, 4, 4), (1, 8, 12), (1, 6, 10), (1, 10, 8)]
+
+    def micro(i: int, text: int) -> dict[str, torch.Tensor]:
+        rows = [([sizes[(i + j) % len(sizes)]], text + 3 * j, 2 + (i + j) % 5) for j in range(2)]
+        return make_batch(g, spec, rows, length_buckets=(128,), pad_labels=True)
+
+    steps = [[micro(i, 5 + 11 * i), micro(i + 1, 70 - 9 * i)] for i in range(6)]
+    assert {b["input_ids"].shape[1] for step in steps for b in step} == {128}
+    assert len({int(b["attention_mask"].sum()) for step in steps for b in step}) > 6
+    assert len({b["pixel_values"].shape[0] for step in steps for b in step}) > 2
+    assert len({int(b["label_weight"].sum()) for step in steps for b in step}) > 2
+
+    eager_losses, eager_state = _steps(model, params, steps, compile=False)
+    counters.clear()
+    torch._dynamo.reset()
+    tx, schedule = _optimizer()
+    state = init_train_state({k: v.clone() for k, v in params.items()}, tx)
+    train_step = step_lib.make_train_step(model, tx, schedule, compile=True, compile_mode="whole")
+    state, metrics = train_step(state, steps[0])  # warm-up: compiles the micro-batch graph and the update graph
+    losses = [float(metrics["train/loss"])]
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 2 and counters["graph_break"] == {}
+    for micro_batches in steps[1:]:
+        state, metrics = train_step(state, micro_batches)
+        losses.append(float(metrics["train/loss"]))
+    assert counters["stats"]["unique_graphs"] == graphs, "a warm pass recompiled"
+    assert counters["graph_break"] == {}
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), atol=1e-5, rtol=0)
+    for k in params:  # Adam divides by sqrt(v): a 1e-7 gradient difference can move a param by ~1e-5
+        torch.testing.assert_close(state.params[k], eager_state.params[k], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_split_compile_single_micro_batch_equals_eager(tiny):
+    """The fallback for a torch without trace_autograd_ops: loss-and-grad and update compiled apart."""
+    model, params, spec = tiny
+    g = torch.Generator().manual_seed(5)
+    batches = [[make_batch(g, spec, [([(1, 8, 8)], 10 + i, 3), ([(1, 4, 4)], 4, 2 + i)], length_buckets=(64,),
+                           pad_labels=True)] for i in range(3)]
+    eager_losses, eager_state = _steps(model, params, batches, compile=False)
+    torch._dynamo.reset()
+    losses, state = _steps(model, params, batches, compile=True, compile_mode="split")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), atol=1e-5, rtol=0)
+    for k in params:
+        torch.testing.assert_close(state.params[k], eager_state.params[k], atol=1e-4, rtol=1e-4)

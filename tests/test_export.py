@@ -1,0 +1,167 @@
+"""Export: a trained checkpoint -> a Hugging Face directory that transformers loads offline, cleanly, with the
+trainer's own logits; processor files included; bad output dirs and checkpoints refused."""
+import json
+import os
+
+import pytest
+import safetensors
+import torch
+import transformers
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from vlm_sft import checkpoint, export, optim, testing
+from vlm_sft import model as model_lib
+from vlm_sft.data import robo2vlm
+from vlm_sft.data.collate import collate_encoded
+from vlm_sft.data.encode import Encoder
+from vlm_sft.data.processor import load_processor
+from vlm_sft.data.vision import VisionSpec
+from vlm_sft.state import TrainState, init_train_state
+
+PIXELS = 56 * 56
+
+
+def save_trained_checkpoint(model_dir, root) -> str:
+    """A checkpoint whose params differ from the base model's (so the export cannot pass by copying the base)."""
+    model, params = model_lib.load_model(str(model_dir))
+    g = torch.Generator().manual_seed(0)
+    params = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in params.items()}
+    state = init_train_state(params, optim.adamw(1e-3))
+    state = TrainState(state.step + 5, state.params, state.opt_state)
+    config = {"actor": {"model": {"model_path": str(model_dir)}}, "data": {"min_pixels": PIXELS,
+                                                                           "max_pixels": 2 * PIXELS}}
+    return checkpoint.Checkpointer(str(root)).save(state, data_position={"epoch": 0, "offset": 0},
+                                                   config_json=json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def tied_ckpt(tiny_model_dir, tmp_path_factory):
+    return save_trained_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("ckpt_tied"))
+
+
+@pytest.fixture(scope="module")
+def untied_ckpt(tiny_model_dir_untied, tmp_path_factory):
+    return save_trained_checkpoint(tiny_model_dir_untied, tmp_path_factory.mktemp("ckpt_untied"))
+
+
+def test_hub_names_and_shard_plan():
+    assert export.hub_name("model.language_model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
+    assert export.hub_name("model.language_model.embed_tokens.weight") == "model.embed_tokens.weight"
+    assert export.hub_name("model.visual.blocks.1.attn.qkv.bias") == "visual.blocks.1.attn.qkv.bias"
+    assert export.hub_name("lm_head.weight") == "lm_head.weight"
+    with pytest.raises(export.ExportError, match="'encoder.weight': not a Qwen2.5-VL parameter name"):
+        export.hub_name("encoder.weight")
+    assert export.plan_shards([("a", 4), ("b", 4), ("c", 9), ("d", 1)], 8) == [["a", "b"], ["c"], ["d"]]
+    assert export.plan_shards([("a", 4), ("b", 4)], 100) == [["a", "b"]]
+
+
+@pytest.mark.parametrize("which", ["tied", "untied"])
+def test_export_loads_cleanly_and_gives_the_trainers_logits(which, request, tmp_path, robo2vlm_dir):
+    ckpt = request.getfixturevalue(f"{which}_ckpt")
+    base = request.getfixturevalue("tiny_model_dir" if which == "tied" else "tiny_model_dir_untied")
+    out = str(tmp_path / "hf")
+    export.export_checkpoint(ckpt, out, max_shard_bytes=2 * 1024 ** 2)  # several shards
+
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards == sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert ("lm_head.weight" in index["weight_map"]) == (which == "untied")
+    assert "model.embed_tokens.weight" in index["weight_map"] and "visual.merger.mlp.0.bias" in index["weight_map"]
+    with safetensors.safe_open(os.path.join(out, shards[0]), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    hub_config = json.load(open(os.path.join(out, "config.json")))
+    base_config = json.load(open(os.path.join(base, "config.json")))
+    assert hub_config == dict(base_config, torch_dtype="float32")  # the Hub's flat format, dtype updated
+    assert open(os.path.join(out, "generation_config.json")).read() == \
+        open(os.path.join(base, "generation_config.json")).read()
+
+    transformers.utils.logging.set_verbosity_warning()
+    try:
+        hf, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            out, dtype=torch.float32, local_files_only=True, output_loading_info=True)
+    finally:
+        transformers.utils.logging.set_verbosity_error()
+    assert {k: list(v) for k, v in info.items() if v} == {}  # no missing, unexpected or mismatched keys
+    lm_head, embed = hf.lm_head.weight, hf.model.language_model.embed_tokens.weight
+    assert (lm_head.data_ptr() == embed.data_ptr()) == (which == "tied")  # tied embeddings stay tied
+
+    # The trainer's forward with the checkpoint's params vs transformers' forward of the export.
+    model, params = model_lib.load_model(str(base))
+    params = checkpoint.restore_params(ckpt, params)
+    processor = load_processor(out)
+    encoder = Encoder(processor, max_prompt_length=512)
+    source = robo2vlm.Robo2VLMSource(robo2vlm.find_parquet_files(str(robo2vlm_dir), "train"))
+    spec = VisionSpec.from_config(model.config, processor.tokenizer.pad_token_id)
+    batch = collate_encoded([encoder(source[i]) for i in range(3)], spec)
+    with torch.no_grad():
+        ours = model_lib.label_logits(model, params, model_lib.forward_hidden(model, params, batch),
+                                      batch["label_index"])
+        hf.eval()
+        logits = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                    mm_token_type_ids=(batch["input_ids"] == model.config.image_token_id).int()).logits
+    theirs = logits.reshape(-1, logits.shape[-1])[batch["label_index"]]
+    assert ours.shape == theirs.shape and ours.shape[0] > 3
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_processor_files_carry_the_runs_pixel_budget(tied_ckpt, tiny_model_dir, tmp_path):
+    out = str(tmp_path / "hf")
+    export.export_checkpoint(tied_ckpt, out)
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))  # one shard: no index
+    assert not os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    processor = load_processor(out)
+    base = load_processor(str(tiny_model_dir))
+    assert processor.image_processor.size == {"shortest_edge": PIXELS, "longest_edge": 2 * PIXELS}
+    assert processor.chat_template == base.chat_template
+    text = "<|im_start|>user\nWhich colour?<|im_end|>"
+    assert processor.tokenizer(text).input_ids == base.tokenizer(text).input_ids
+
+
+def test_bf16_export(tied_ckpt, tmp_path):
+    out = str(tmp_path / "hf")
+    assert export.cli(["--checkpoint", tied_ckpt, "--output_dir", out, "--dtype", "bf16"]) == 0
+    with safetensors.safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
+    key, entry = checkpoint.saved_params(tied_ckpt)["model.language_model.norm.weight"]
+    saved = {key: torch.empty(entry.size)}
+    checkpoint.load_flat(tied_ckpt, saved, partial=True, no_dist=True)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, local_files_only=True)
+    assert hf.dtype == torch.bfloat16
+    assert torch.equal(hf.model.language_model.norm.weight, saved[key].to(torch.bfloat16))
+
+
+def test_refuses_a_non_empty_output_dir_unless_overwrite(tied_ckpt, tmp_path, capsys):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert export.cli(["--checkpoint", tied_ckpt, "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output_dir") and "pass --overwrite" in err
+    with pytest.raises(export.ExportError, match=r"exists and is not empty; pass --overwrite to replace it"):
+        export.export_checkpoint(tied_ckpt, str(out))
+    assert os.listdir(out) == ["notes.txt"]
+    export.export_checkpoint(tied_ckpt, str(out), overwrite=True)
+    assert "notes.txt" not in os.listdir(out) and "config.json" in os.listdir(out)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+def test_bad_checkpoint_and_base_model_are_clear_errors(tied_ckpt, tmp_path):
+    with pytest.raises(export.ExportError, match=r"--checkpoint: .*step_9: no such checkpoint directory"):
+        export.export_checkpoint(str(tmp_path / "step_9"), str(tmp_path / "a"))
+    with pytest.raises(export.ExportError, match=r"--model_path='/nowhere': not a Hugging Face model directory"):
+        export.export_checkpoint(tied_ckpt, str(tmp_path / "b"), model_path="/nowhere")
+    assert not os.path.exists(tmp_path / "b")
+
+
+def test_wrong_base_model_names_the_first_mismatching_tensor(tied_ckpt, tiny_model_dir_untied, tmp_path):
+    with pytest.raises(export.ExportError, match=r"the checkpoint lacks 'lm_head.weight', which the model of "
+                                                 r".*tie_word_embeddings=False"):
+        export.export_checkpoint(tied_ckpt, str(tmp_path / "a"), model_path=str(tiny_model_dir_untied))
+    wide = testing.make_tiny_model_dir(tmp_path / "wide", text_hidden=128, text_intermediate=256)
+    # The vision tower comes first in the model's (and the checkpoint's) order; its merger projects to text width.
+    with pytest.raises(export.ExportError, match=r"checkpoint tensor 'model.visual.merger.mlp.2.weight' has shape "
+                                                 r"\[64, 128\] but .*wide/config.json makes it \[128, 128\]"):
+        export.export_checkpoint(tied_ckpt, str(tmp_path / "b"), model_path=str(wide))
+    assert not [f for f in os.listdir(tmp_path) if f in ("a", "b") or ".tmp-" in f]

@@ -1,0 +1,126 @@
+"""Speed accounting (vlm_sft/perf.py) and the benchmark scripts' code paths on CPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from vlm_sft import model as model_lib
+from vlm_sft import perf
+from vlm_sft import step as step_lib
+from vlm_sft.data.collate import collate
+from vlm_sft.data.vision import VisionSpec
+from vlm_sft.testing import tiny_hub_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD = 151644, 151645, 151652, 151653, 151655
+
+
+def equal_rows(rows: int, grid: tuple[int, int, int], text: int, answer: int) -> tuple[list, list, list]:
+    """(sequences, pixel_values, grids) of `rows` equal rows with one image of `grid` each."""
+    g = torch.Generator().manual_seed(0)
+    t, h, w = grid
+    ids = [IM_START, VISION_START] + [IMAGE_PAD] * (t * h * w // 4) + [VISION_END]
+    ids += torch.randint(100, 5000, (text,), generator=g).tolist()
+    target = torch.randint(100, 5000, (answer,), generator=g).tolist() + [IM_END]
+    sequences = [(torch.tensor(ids + target), torch.tensor([-100] * len(ids) + target))] * rows
+    pixels = [torch.randn(t * h * w, 1176, generator=g) for _ in range(rows)]
+    return sequences, pixels, [torch.tensor([grid])] * rows
+
+
+# FlopCounterMode has no formula for the CPU flash attention kernels. Forward as for the GPU kernels; backward
+# as twice the forward (torchtitan's count, which MFU uses): torch's backward formula adds the flash kernel's
+# recompute of the scores, work a memory-saving kernel chooses to do, not work the step needs.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad_out, q, k, v, *args, out_shape=None, **kwargs: 2 * sdpa_flop_count(q, k, v),
+}
+
+
+def test_flop_formula_equals_counted_flops(tiny_model_dir):
+    """Forward + backward of a batch without padding (equal rows, window-aligned images): the formula gives what
+    torch's FlopCounterMode counts over every matmul, convolution and attention the step runs."""
+    model, params = model_lib.load_model(str(tiny_model_dir))
+    spec = VisionSpec.from_config(model.config, pad_token_id=151643)
+    batch = collate(*equal_rows(rows=3, grid=(1, 16, 8), text=21, answer=5), spec, pad_multiple=1)
+    assert bool(batch["window_mask"].all()) and bool(batch["attention_mask"].all())
+    loss_and_grad = step_lib.make_loss_and_grad(model)
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        loss_and_grad(params, batch, torch.tensor(1.0))
+    counted = counter.get_flop_counts()["Global"]
+    assert any("attention" in str(op) for op in counted), counted
+    flop_model = perf.FlopModel.from_model(model.config, {k: v.shape for k, v in params.items()},
+                                           model.lm_head_name)
+    assert flop_model.batch_flops(batch) == pytest.approx(counter.get_total_flops(), rel=1e-3)
+    assert flop_model.step_flops([batch, None, batch]) == pytest.approx(2 * flop_model.batch_flops(batch))
+
+
+def test_flop_formula_skips_padding_and_padded_labels(tiny_model_dir):
+    model, params = model_lib.load_model(str(tiny_model_dir))
+    spec = VisionSpec.from_config(model.config, pad_token_id=151643)
+    flop_model = perf.FlopModel.from_model(model.config, {k: v.shape for k, v in params.items()},
+                                           model.lm_head_name)
+    rows = equal_rows(rows=2, grid=(1, 8, 8), text=10, answer=3)
+    plain = collate(*rows, spec, pad_multiple=1)
+    padded = collate(*rows, spec, length_buckets=(128,), pad_labels=True)
+    assert padded["input_ids"].shape[1] == 128 and len(padded["label_ids"]) == 16
+    assert flop_model.batch_flops(padded) == pytest.approx(flop_model.batch_flops(plain), rel=1e-12)
+    assert perf.padding_fraction([padded]) == pytest.approx(1 - plain["input_ids"].shape[1] / 128)
+    assert perf.padding_fraction([plain, None]) == 0.0
+    assert perf.real_tokens([padded, plain]) == 2 * plain["attention_mask"].sum()
+
+
+def test_qwen2_5_vl_3b_parameter_counts():
+    """The 3B shape from rlinf_facts.md: ~6 * 3.09e9 FLOPs per text token (text matmuls + lm_head), a ~0.67B
+    vision tower. Built on the meta device: no memory, no weights."""
+    config = transformers.Qwen2_5_VLConfig.from_dict(tiny_hub_config(
+        text_hidden=2048, text_layers=36, text_heads=16, text_kv_heads=2, text_intermediate=11008,
+        vision_hidden=1280, vision_depth=32, vision_heads=16, vision_intermediate=3420))
+    assert config.vision_config.fullatt_block_indexes == [7, 15, 23, 31]
+    with torch.device("meta"):
+        module = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    shapes = {n: p.shape for n, p in module.named_parameters()}
+    fm = perf.FlopModel.from_model(config, shapes, "model.language_model.embed_tokens.weight")
+    assert fm.text_params + fm.head_params == pytest.approx(3.09e9, rel=0.01)
+    assert fm.vision_params + fm.patch_params + fm.merger_params == pytest.approx(0.67e9, rel=0.02)
+    assert fm.text_attention == 36 * 16 * 2 * 128
+    assert (fm.window_blocks, fm.full_blocks, fm.merge_unit) == (28, 4, 4)
+
+
+def test_peak_flops_and_mfu():
+    assert perf.peak_flops_for("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
+    assert perf.peak_flops_for("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
+    assert perf.peak_flops_for("NVIDIA H200", torch.bfloat16) == 989e12
+    assert perf.peak_flops_for("NVIDIA A100-SXM4-80GB", torch.float32, allow_tf32=True) == 156e12
+    assert perf.peak_flops_for("NVIDIA H100 80GB HBM3", torch.float32) == 67e12
+    assert perf.peak_flops_for("Some Future Card", torch.bfloat16) is None
+    assert perf.device_peak_flops(torch.device("cpu"), torch.bfloat16) is None
+    assert perf.mfu(989e12 * 0.5, 1.0, 989e12) == pytest.approx(0.5)
+    assert perf.mfu(989e12, 1.0, 989e12, devices=8) == pytest.approx(0.125)
+    assert perf.mfu(1e12, 1.0, None) is None
+    assert perf.max_memory_gib(torch.device("cpu")) > 0
+
+
+def test_bench_data_pipeline_runs(tmp_path):
+    """bench/data.py on a few small rows: prints its table and the ratio line."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "data.py"), "--rows", "16",
+                          "--workers", "0", "--image-size", "160x120", "--step-seconds", "0.5",
+                          "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "samples/s" in out.stdout and "ratio" in out.stdout
+
+
+@pytest.mark.slow
+def test_bench_step_gpu_tiny_runs_on_cpu(tmp_path):
+    """bench/step_gpu.py's whole code path (compiled step, eager HF loop, table) on a tiny model on CPU."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "step_gpu.py"), "--tiny", "--warmup", "1",
+                          "--steps", "1", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "vlm-sft compiled" in out.stdout and "HF eager" in out.stdout and "ratio" in out.stdout

@@ -1,0 +1,209 @@
+"""sharding.py in one process, on a mesh of one (the multi-rank behaviour is in test_distributed.py): mesh layouts
+and their errors, the placement of every train-state leaf, exact per-block gathers with and without activation
+checkpointing in fp32 and bf16, and metric reduction."""
+import functools
+import re
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from vlm_sft import config as config_lib
+from vlm_sft import model as model_lib
+from vlm_sft import sharding
+from vlm_sft import step as step_lib
+from vlm_sft.data import robo2vlm
+from vlm_sft.data.collate import collate_encoded
+from vlm_sft.data.encode import Encoder
+from vlm_sft.data.processor import load_processor
+from vlm_sft.data.vision import VisionSpec
+from vlm_sft.state import init_train_state
+from configs_loader import load_config
+
+
+@pytest.fixture(scope="module")
+def device():
+    device, created = sharding.init_process_group(sharding.ProcessInfo())
+    yield device
+    if created:
+        sharding.destroy_process_group()
+
+
+def make_sharding(strategy="full_shard", param_dtype="fp32", reduce_dtype="fp32"):
+    c = load_config("demo")
+    c.actor.fsdp_config.sharding_strategy = strategy
+    c.actor.fsdp_config.mixed_precision.param_dtype = param_dtype
+    c.actor.fsdp_config.mixed_precision.reduce_dtype = reduce_dtype
+    return sharding.make_sharding(c, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model_dir, robo2vlm_dir):
+    processor = load_processor(tiny_model_dir, min_pixels=56 * 56, max_pixels=56 * 56)
+    encoder = Encoder(processor, max_prompt_length=256)
+    source = robo2vlm.Robo2VLMSource(robo2vlm.find_parquet_files([str(robo2vlm_dir)], "train"))
+    model, _ = model_lib.load_model(tiny_model_dir)
+    spec = VisionSpec.from_config(model.config, pad_token_id=processor.tokenizer.pad_token_id)
+    return collate_encoded([encoder(source[i]) for i in range(3)], spec=spec)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Layout and config checks (pure: no process group).
+
+def test_mesh_layout_per_strategy():
+    assert sharding.mesh_layout("no_shard", 8) == ((8,), ("dp",))
+    assert sharding.mesh_layout("full_shard", 8, num_nodes=2) == ((8,), ("dp",))
+    assert sharding.mesh_layout("hybrid_shard", 16, num_nodes=2) == ((2, 8), ("replicate", "shard"))
+    assert sharding.mesh_layout("hybrid_shard", 16, num_nodes=2, hybrid_shard_size=4) == ((4, 4),
+                                                                                           ("replicate", "shard"))
+    assert sharding.mesh_layout("hybrid_shard", 1) == ((1, 1), ("replicate", "shard"))
+    assert sharding.param_placements("hybrid_shard") == (Replicate(), Shard(0))
+
+
+@pytest.mark.parametrize("strategy, world, nodes, size, message", [
+    ("hybrid_shard", 6, 4, 0, "world size 6 is not divisible by cluster.num_nodes=4"),
+    ("hybrid_shard", 4, 1, 3, "hybrid_shard_size=3: does not divide the world size 4"),
+    ("hybrid_shard", 4, 1, -1, "hybrid_shard_size=-1"),
+    ("full_shard", 4, 0, 0, "cluster.num_nodes=0"),
+    ("zero3", 4, 1, 0, "sharding_strategy='zero3'"),
+])
+def test_bad_mesh_is_a_config_error_naming_the_field(strategy, world, nodes, size, message):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        sharding.mesh_layout(strategy, world, num_nodes=nodes, hybrid_shard_size=size)
+
+
+def test_check_config_rejects_a_reduce_dtype_narrower_than_the_compute_dtype():
+    c = load_config("demo")
+    c.actor.fsdp_config.mixed_precision.param_dtype = "fp32"
+    c.actor.fsdp_config.mixed_precision.reduce_dtype = "bf16"
+    with pytest.raises(config_lib.ConfigError, match="reduce_dtype='bf16' with param_dtype='fp32'"):
+        sharding.check_config(c, 1)
+    c.actor.fsdp_config.mixed_precision.param_dtype = "bf16"
+    sharding.check_config(c, 1)  # bf16 compute, bf16 reduction: allowed
+    c.actor.fsdp_config.mixed_precision.reduce_dtype = "fp32"
+    sharding.check_config(c, 1)
+
+
+def test_compiling_checkpointed_sharded_blocks_is_refused():
+    c = load_config("demo")
+    c.actor.fsdp_config.gradient_checkpointing = True
+    sharding.check_config(c, 1)  # compile left to the default: checkpointing runs eagerly
+    c.actor.compile = True
+    with pytest.raises(config_lib.ConfigError, match="actor.compile=True with actor.fsdp_config.gradient_check"):
+        sharding.check_config(c, 1)
+
+
+def test_global_batch_must_divide_by_micro_batch_times_world_size():
+    c = load_config("demo")
+    c.actor.global_batch_size, c.actor.micro_batch_size = 16, 8
+    config_lib.validate(c, mode="train", world_size=2)
+    with pytest.raises(config_lib.ConfigError, match="global_batch_size=16 is not divisible by .* world size 4"):
+        config_lib.validate(c, mode="train", world_size=4)
+
+
+def test_process_info_reads_torchrun_env():
+    assert sharding.ProcessInfo.from_env({}) == sharding.ProcessInfo(1, 0, 0)
+    env = {"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1"}
+    assert sharding.ProcessInfo.from_env(env) == sharding.ProcessInfo(8, 5, 1)
+    with pytest.raises(ValueError, match="RANK=8"):
+        sharding.ProcessInfo.from_env({"WORLD_SIZE": "8", "RANK": "8"})
+    with pytest.raises(ValueError, match="must be integers"):
+        sharding.ProcessInfo.from_env({"WORLD_SIZE": "two"})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The sharded train state.
+
+@pytest.mark.parametrize("strategy", ["no_shard", "full_shard", "hybrid_shard"])
+def test_every_leaf_of_params_and_optimizer_state_is_placed(device, tiny_model_dir, strategy):
+    spec = make_sharding(strategy)
+    model, params = model_lib.load_model(tiny_model_dir)
+    full = {k: v.clone() for k, v in params.items()}
+    sharded = sharding.shard_model(model, params, spec)
+    tx, _ = step_lib.make_optimizer(load_config("demo"), total_steps=10)
+    state = init_train_state(sharded, tx)
+    placements = sharding.leaf_placements(state)
+    tensors = {k: v for k, v in placements.items() if v is not None}
+    # params, Adam's mu and nu: one placed leaf each, all with the strategy's placement; counters are plain.
+    assert len(tensors) == 3 * len(full)
+    assert set(tensors.values()) == {sharding.param_placements(strategy)}
+    plain = [k for k, v in placements.items() if v is None]
+    assert "step" in plain and any(k.endswith(".count") for k in plain)
+    leaves = dict(zip(placements, torch.utils._pytree.tree_leaves(state)))
+    assert all(leaves[k].dim() == 0 for k in plain)  # only scalar counters stay plain (replicated by construction)
+    assert all(torch.equal(sharded[k].full_tensor(), full[k]) for k in full)
+    # The module skeleton no longer holds a full copy of the weights; tied weights stay tied.
+    module = model.module
+    assert all(p.is_meta for p in module.parameters())
+    assert module.lm_head.weight is module.model.language_model.embed_tokens.weight
+    assert sharding.local_bytes(state.params) == sum(v.numel() * 4 for v in full.values())
+
+
+def test_gather_casts_for_compute_and_returns_mean_gradients_in_the_params_placement(device):
+    spec = make_sharding("full_shard", param_dtype="bf16", reduce_dtype="fp32")
+    w = torch.randn(6, 4)
+    p = {"w": sharding.shard_params({"w": w}, spec)["w"].requires_grad_()}
+    x = torch.randn(3, 4)
+    seen = []
+
+    def fn(module, q, x):
+        seen.append(q["w"].dtype)
+        return (x.to(q["w"].dtype) @ q["w"].t()).float().square().sum()
+
+    for checkpointing in (False, True):
+        block_call = sharding.make_block_call(spec, checkpointing=checkpointing)
+        (g,) = torch.autograd.grad(block_call(fn, None, p, x, remat=True), [p["w"]])
+        assert isinstance(g, DTensor) and g.placements == (Shard(0),) and g.dtype == torch.float32
+        w_bf16 = w.to(torch.bfloat16).requires_grad_()
+        (ref,) = torch.autograd.grad((x.to(torch.bfloat16) @ w_bf16.t()).float().square().sum(), [w_bf16])
+        torch.testing.assert_close(g.full_tensor(), ref.float())
+    assert seen == [torch.bfloat16] * 3  # no checkpointing: 1 call; checkpointing: forward + recompute
+
+
+def _counting(block_call, counts):
+    """Wraps a block_call so each call of a remat block's function is counted (recomputation included)."""
+    def counted(fn):
+        @functools.wraps(fn)
+        def run(*args):
+            counts[fn.__name__] = counts.get(fn.__name__, 0) + 1
+            return fn(*args)
+        return run
+
+    return lambda fn, module, p, *args, remat=False: block_call(counted(fn), module, p, *args, remat=remat)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_checkpointing_recomputes_blocks_and_gives_identical_gradients(device, tiny_model_dir, batch, dtype):
+    model, params = model_lib.load_model(tiny_model_dir)
+    reference = step_lib.make_loss_and_grad(model)(  # unsharded, fp32, no hook: the plain functional model
+        {k: v.clone() for k, v in params.items()}, batch, torch.ones(()))
+    spec = make_sharding("full_shard", param_dtype=dtype)
+    sharded = sharding.shard_model(model, params, spec)
+    results, counts = {}, {}
+    for checkpointing in (False, True):
+        counts[checkpointing] = {}
+        block_call = _counting(sharding.make_block_call(spec, checkpointing=checkpointing), counts[checkpointing])
+        results[checkpointing] = step_lib.make_loss_and_grad(model, block_call)(sharded, batch, torch.ones(()))
+    (loss0, g0), (loss1, g1) = results[False], results[True]
+    assert torch.equal(loss0, loss1)
+    assert all(torch.equal(g0[k].to_local(), g1[k].to_local()) for k in g0)
+    blocks = model.config.vision_config.depth + model.config.text_config.num_hidden_layers
+    assert sum(counts[True].values()) == sum(counts[False].values()) + blocks  # every block ran again
+    assert all(g.dtype == torch.float32 and g.placements == (Shard(0),) for g in g1.values())  # fp32 master grads
+    ref_loss, ref_grads = reference
+    if dtype == "fp32":
+        torch.testing.assert_close(loss1, ref_loss, rtol=0, atol=1e-6)
+        for k in ref_grads:
+            torch.testing.assert_close(g1[k].full_tensor(), ref_grads[k], rtol=1e-5, atol=1e-6)
+    else:  # bf16 compute: the same loss to bf16 precision, gradients pointing the same way
+        assert abs(float(loss1) - float(ref_loss)) < 0.05
+        flat = lambda g: torch.cat([v.full_tensor().flatten() if isinstance(v, DTensor) else v.flatten()  # noqa
+                                    for v in g.values()])
+        assert float(torch.nn.functional.cosine_similarity(flat(g1), flat(ref_grads), dim=0)) > 0.99
+
+
+def test_reduce_metrics_and_all_reduce_sum_on_one_rank(device):
+    out = sharding.reduce_metrics({"train/loss": torch.tensor(2.5), "train/tokens": 7}, sum_keys=("train/tokens",))
+    assert out == {"train/loss": 2.5, "train/tokens": 7.0}
+    t = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    assert torch.equal(sharding.all_reduce_sum(t), t)

@@ -1,0 +1,178 @@
+"""Honest speed accounting: the FLOPs a train step must do, MFU against the device's peak, padding waste.
+
+MFU counts only the work the step needs (../shared/DESIGN.md "Measuring speed honestly"), never work that was
+skipped and never padding or activation recompute:
+  text    6 * P_text * T          P_text: matmul weights of the decoder layers; T: real (attention-mask) tokens
+        + 6 * P_head * N          the lm_head runs only at the N label tokens
+        + 6 * l * h * (d_qk + d_v) * sum_i s_i^2     attention (torchtitan's term, causal not halved); s_i: real
+                                                     tokens of row i; l layers, h query heads
+  vision  c * P_vis * patches     P_vis: matmul weights of the vision blocks; c = 6 when the vision tower
+                                  trains, 2 when frozen (forward only)
+        + c' * P_patch * patches  the patch embedding: c' = 4 (pixels need no gradient), 2 when frozen
+        + c * P_merge * patches / m^2
+        + c * h * (d_qk + d_v) * sum over blocks of sum(segment_len^2)   windows / frames, as attended
+Biases, norms, rotary and elementwise work are left out (a fraction of a percent at 3B).
+"""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+from typing import Mapping, Sequence
+
+import torch
+
+Batch = dict[str, torch.Tensor]
+
+TEXT_LAYERS = "model.language_model.layers."
+VISION_BLOCKS = "model.visual.blocks."
+PATCH_EMBED = "model.visual.patch_embed."
+MERGER = "model.visual.merger."
+
+FORMULA = ("MFU = (6*P_text*tokens + 6*P_head*labels + 6*l*h*(dqk+dv)*sum(s^2) + c*P_vis*patches "
+           "+ 4*P_patch*patches + c*P_merge*patches/m^2 + c*h_v*(dqk+dv)*sum(seg^2)) "
+           "/ (step_time * peak * devices); c=6 (frozen vision: c=2, patch 2)")
+
+# Dense (no sparsity) peak FLOP/s per device from the vendors' data sheets, matched by device-name substring in
+# order (more specific names first). Half precision = bf16/fp16 tensor cores; "tf32" where fp32 matmuls may use
+# TF32 tensor cores; "fp32" plain CUDA cores.
+_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"half": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    ("H100 NVL", {"half": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    ("H100", {"half": 989e12, "tf32": 494e12, "fp32": 67e12}),    # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    ("H200", {"half": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    ("H20", {"half": 148e12, "tf32": 74e12, "fp32": 44e12}),
+    ("A100", {"half": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    ("L40S", {"half": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    ("A10G", {"half": 70e12, "tf32": 35e12, "fp32": 31.2e12}),
+)
+
+
+def peak_flops_for(device_name: str, dtype: torch.dtype, *, allow_tf32: bool = False) -> float | None:
+    """Peak dense FLOP/s of one device called `device_name` computing matmuls in `dtype`; None when unknown."""
+    kind = "half" if dtype in (torch.bfloat16, torch.float16) else ("tf32" if allow_tf32 else "fp32")
+    for key, peaks in _PEAKS:
+        if key in device_name:
+            return peaks[kind]
+    return None
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s of `device` for matmuls in `dtype`; None on CPU or an unknown card (then no MFU is logged:
+    a made-up peak would make the number meaningless)."""
+    if device.type != "cuda":
+        return None
+    return peak_flops_for(torch.cuda.get_device_name(device), dtype,
+                          allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopModel:
+    """Per-unit FLOP coefficients of one Qwen2.5-VL (see the module docstring)."""
+
+    text_params: int         # matmul weights of the decoder layers
+    head_params: int         # lm_head (= embedding when tied) weights
+    text_attention: int      # l * h * (d_qk + d_v)
+    vision_params: int       # matmul weights of the vision blocks, applied per patch
+    patch_params: int        # the patch embedding's weights, applied per patch (no input gradient)
+    merger_params: int       # matmul weights applied per merged token
+    merge_unit: int          # patches per merged token (spatial_merge_size^2)
+    vision_attention: int    # h * (d_qk + d_v) of one vision block
+    window_blocks: int       # vision blocks attending within windows
+    full_blocks: int         # vision blocks attending within whole frames
+    vision_factor: int = 6   # 6 when the vision tower trains, 2 when frozen
+    patch_factor: int = 4    # the patch embedding: 4 when it trains (weight gradient only), 2 when frozen
+
+    @classmethod
+    def from_model(cls, config, shapes: Mapping[str, torch.Size | Sequence[int]], lm_head_name: str, *,
+                   vision_trainable: bool = True) -> "FlopModel":
+        """`config`: the HF Qwen2_5_VLConfig; `shapes`: param name -> (global) shape, e.g. the params pytree."""
+        def matmul(prefix: str) -> int:
+            total = 0
+            for name, shape in shapes.items():
+                shape = tuple(shape)
+                if name.startswith(prefix) and len(shape) >= 2:
+                    total += _numel(shape)
+            return total
+
+        text = config.text_config
+        vision = config.vision_config
+        head_dim = text.hidden_size // text.num_attention_heads
+        vision_head_dim = vision.hidden_size // vision.num_heads
+        full = len(vision.fullatt_block_indexes)
+        return cls(
+            text_params=matmul(TEXT_LAYERS),
+            head_params=_numel(tuple(shapes[lm_head_name])),
+            text_attention=text.num_hidden_layers * text.num_attention_heads * 2 * head_dim,
+            vision_params=matmul(VISION_BLOCKS),
+            patch_params=matmul(PATCH_EMBED),
+            merger_params=matmul(MERGER),
+            merge_unit=vision.spatial_merge_size ** 2,
+            vision_attention=vision.num_heads * 2 * vision_head_dim,
+            window_blocks=vision.depth - full,
+            full_blocks=full,
+            vision_factor=6 if vision_trainable else 2,
+            patch_factor=4 if vision_trainable else 2,
+        )
+
+    def batch_flops(self, batch: Batch) -> float:
+        """FLOPs one micro-batch needs (forward + backward). Reads host-side index tensors only."""
+        lengths = batch["attention_mask"].sum(dim=1).to(torch.float64)
+        if "label_weight" in batch:
+            labels = float(batch["label_weight"].sum())
+        else:
+            labels = float(len(batch["label_ids"]))
+        flops = 6.0 * (self.text_params * float(lengths.sum()) + self.head_params * labels
+                       + self.text_attention * float((lengths ** 2).sum()))
+        if "pixel_values" in batch:
+            patches = float(batch["pixel_values"].shape[0])
+            window = _sum_squares(batch["window_cu_seqlens"])
+            full = _sum_squares(batch["full_cu_seqlens"])
+            flops += self.vision_factor * (
+                self.vision_params * patches + self.merger_params * patches / self.merge_unit
+                + self.vision_attention * (self.window_blocks * window + self.full_blocks * full))
+            flops += self.patch_factor * self.patch_params * patches
+        return flops
+
+    def step_flops(self, micro_batches: Sequence[Batch | None]) -> float:
+        return sum(self.batch_flops(b) for b in micro_batches if b is not None)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _sum_squares(cu_seqlens: torch.Tensor) -> float:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.float64)
+    return float((lengths ** 2).sum())
+
+
+def mfu(flops: float, seconds: float, peak_flops: float | None, devices: int = 1) -> float | None:
+    """Model FLOPs utilisation: required FLOPs / (time * peak * devices); None without a known peak."""
+    if peak_flops is None or seconds <= 0:
+        return None
+    return flops / (seconds * peak_flops * devices)
+
+
+def padding_fraction(micro_batches: Sequence[Batch | None]) -> float:
+    """Share of the text positions the step computes that are padding (length buckets trade this for fewer
+    compilations)."""
+    present = [b for b in micro_batches if b is not None]
+    total = sum(b["attention_mask"].numel() for b in present)
+    real = sum(int(b["attention_mask"].sum()) for b in present)
+    return 1.0 - real / total if total else 0.0
+
+
+def real_tokens(micro_batches: Sequence[Batch | None]) -> int:
+    return sum(int(b["attention_mask"].sum()) for b in micro_batches if b is not None)
+
+
+def max_memory_gib(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)

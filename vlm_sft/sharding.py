@@ -1,0 +1,342 @@
+"""Sharding as a property of the train state's leaves: the device mesh, DTensor placements, and per-block gathers.
+
+Why not FSDP2's `fully_shard`: its hooks gather the module's OWN parameters, so `functional_call` with the params
+we pass in is silently ignored and `autograd.grad` w.r.t. them returns None (reference/torch_findings.md). We use
+the layer FSDP2 is built on instead: every param is a DTensor placed per `actor.fsdp_config.sharding_strategy`,
+
+    no_shard      mesh (dp,)               Replicate           gradients all-reduced
+    full_shard    mesh (dp,)               Shard(0)            gradients reduce-scattered
+    hybrid_shard  mesh (replicate, shard)  Replicate, Shard(0) reduce-scatter within a node, all-reduce across
+
+and each param group is gathered inside the call that uses it (`make_block_call`, plugged into model.py's
+`block_call` hook) with `redistribute(Replicate).to_local(grad_placements=[Partial("avg")])`. The Partial grad
+placement is what makes backward reduce the per-rank gradients back into the params' placement; without it the
+gradients are silently wrong. "avg" makes them the MEAN over ranks (as RLinf's FSDP), so a run on N ranks takes the
+same steps as one process on the same global batch. Adam moments are created from the sharded params, so they
+follow their param's placement; 0-dim counters stay plain tensors that every rank computes identically.
+
+Mixed precision: master params and optimizer state keep their dtype (fp32); a block's params are gathered in
+`reduce_dtype` and cast to `param_dtype` for compute, so gradients come back (and are reduced) in `reduce_dtype`:
+the backward collective runs in the dtype of the forward one. With param_dtype == reduce_dtype the cast happens
+before the gather (bf16 traffic). With bf16 compute and fp32 reduction the gather moves fp32: twice FSDP2's
+all-gather bytes, and a group's fp32 copy lives until its bf16 cast. A custom autograd.Function (gather bf16,
+reduce-scatter fp32) avoids both, but compiled it ran 1.3 s/step against 0.3 here (tiny model, CPU): it splits
+the graph. So this stays until measured on a GPU.
+
+Single process is the same code on a mesh of one (an in-process gloo/nccl group, no torchrun needed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.utils._pytree as pytree
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils.checkpoint import checkpoint
+
+from vlm_sft import model as model_lib
+from vlm_sft.config import ConfigError, parse_dtype
+
+Params = dict[str, torch.Tensor]
+
+STRATEGIES = ("no_shard", "full_shard", "hybrid_shard")
+_FIELD = "actor.fsdp_config"
+# step.make_train_step's compile mode for DTensor params (measured, torch 2.13 CPU): "split" compiles and matches
+# eager. "whole" fails: compiled autograd gives the gradient DTensors symbolic strides that _foreach_norm's
+# sharding propagation cannot hash. Compiling activation checkpointing around the gathers fails too (AOTAutograd
+# saves the DeviceMesh as a tensor), so checkpointing runs eagerly (check_config).
+COMPILE_MODE = "split"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes and mesh layout (pure: checked before any process group exists, identically on every rank).
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+    """This process's place in the job, as torchrun describes it (WORLD_SIZE, RANK, LOCAL_RANK)."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ProcessInfo":
+        env = os.environ if env is None else env
+        try:
+            info = cls(int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)))
+        except ValueError:
+            raise ValueError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (as torchrun sets them), got "
+                             f"{[env.get(k) for k in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK')]}") from None
+        if info.world_size < 1 or not 0 <= info.rank < info.world_size or info.local_rank < 0:
+            raise ValueError(f"RANK={info.rank}, LOCAL_RANK={info.local_rank} do not fit WORLD_SIZE={info.world_size}")
+        return info
+
+
+def mesh_layout(strategy: str, world_size: int, *, num_nodes: int = 1, hybrid_shard_size: int = 0
+                ) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(mesh shape, mesh dim names) for a strategy. hybrid_shard shards within groups of `hybrid_shard_size`
+    ranks (default: the ranks of one node, world_size / num_nodes) and replicates across the groups."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"{_FIELD}.sharding_strategy={strategy!r}: expected one of {list(STRATEGIES)}")
+    if not isinstance(num_nodes, int) or num_nodes < 1:
+        raise ConfigError(f"cluster.num_nodes={num_nodes!r}: expected a positive integer")
+    if strategy != "hybrid_shard":
+        return (world_size,), ("dp",)
+    if not isinstance(hybrid_shard_size, int) or hybrid_shard_size < 0:
+        raise ConfigError(f"{_FIELD}.hybrid_shard_size={hybrid_shard_size!r}: expected 0 (ranks per node) or a "
+                          "positive integer")
+    if hybrid_shard_size == 0:
+        if world_size % num_nodes:
+            raise ConfigError(f"{_FIELD}.sharding_strategy='hybrid_shard': world size {world_size} is not divisible "
+                              f"by cluster.num_nodes={num_nodes} (set {_FIELD}.hybrid_shard_size to choose the "
+                              "shard group size)")
+        hybrid_shard_size = world_size // num_nodes
+    if world_size % hybrid_shard_size:
+        raise ConfigError(f"{_FIELD}.hybrid_shard_size={hybrid_shard_size}: does not divide the world size "
+                          f"{world_size}; the hybrid mesh is (world / size) replicas x size shards")
+    return (world_size // hybrid_shard_size, hybrid_shard_size), ("replicate", "shard")
+
+
+def param_placements(strategy: str) -> tuple[Placement, ...]:
+    """Placement of every param (and its Adam moments) on the strategy's mesh (DESIGN.md's table)."""
+    return {"no_shard": (Replicate(),), "full_shard": (Shard(0),),
+            "hybrid_shard": (Replicate(), Shard(0))}[strategy]
+
+
+def check_config(config: Any, world_size: int) -> None:
+    """Every sharding/precision mistake, before any process group or heavy work (same result on every rank)."""
+    f = config.actor.fsdp_config
+    mesh_layout(f.sharding_strategy, world_size, num_nodes=config.cluster.num_nodes,
+                hybrid_shard_size=f.hybrid_shard_size)
+    if config.actor.compile and f.gradient_checkpointing:
+        raise ConfigError(f"actor.compile=True with {_FIELD}.gradient_checkpointing=True: activation checkpointing "
+                          "around the sharded gathers does not compile (torch 2.13); set one of them to False")
+    mp = f.mixed_precision
+    param = parse_dtype(mp.param_dtype, f"{_FIELD}.mixed_precision.param_dtype")
+    reduce = parse_dtype(mp.reduce_dtype, f"{_FIELD}.mixed_precision.reduce_dtype")
+    parse_dtype(mp.buffer_dtype, f"{_FIELD}.mixed_precision.buffer_dtype")
+    if reduce not in (param, torch.float32):
+        raise ConfigError(f"{_FIELD}.mixed_precision.reduce_dtype={mp.reduce_dtype!r} with param_dtype="
+                          f"{mp.param_dtype!r}: expected the param_dtype or fp32 (params are gathered in the "
+                          "reduce dtype, so a narrower one would round the compute weights)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Process group.
+
+def init_process_group(info: ProcessInfo) -> tuple[torch.device, bool]:
+    """Joins (or creates) the default process group; returns this rank's device and whether the group was created
+    here (the creator destroys it: `destroy_process_group`).
+
+    nccl when CUDA is available, else gloo. Under torchrun the ranks rendezvous through its env; one process (with
+    or without torchrun) gets an in-process group of one, so the mesh code is the same everywhere.
+    """
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        if dist.get_world_size() != info.world_size:
+            raise ValueError(f"a process group of {dist.get_world_size()} ranks exists; WORLD_SIZE says "
+                             f"{info.world_size}")
+        return device, False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if info.world_size == 1:  # nothing to rendezvous with: an in-process store
+        dist.init_process_group(backend, store=dist.HashStore(), world_size=1, rank=0)
+    elif "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        dist.init_process_group(backend, world_size=info.world_size, rank=info.rank,
+                                device_id=device if device.type == "cuda" else None)
+    else:
+        raise ValueError(f"WORLD_SIZE={info.world_size} but MASTER_ADDR/MASTER_PORT are not set: launch with "
+                         "torchrun (launch/run_vlm_sft.sh)")
+    return device, True
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sharding of the train state.
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+    """The mesh, the params' placements and the mixed-precision dtypes: all a gather or a reduction needs."""
+
+    mesh: DeviceMesh
+    placements: tuple[Placement, ...]
+    param_dtype: torch.dtype = torch.float32
+    reduce_dtype: torch.dtype = torch.float32
+    buffer_dtype: torch.dtype = torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        if self.mesh.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(self.mesh.device_type)
+
+
+def make_sharding(config: Any, device: torch.device) -> Sharding:
+    """The configured strategy's mesh over all ranks of the (initialised) default process group."""
+    f = config.actor.fsdp_config
+    world_size = dist.get_world_size()
+    shape, names = mesh_layout(f.sharding_strategy, world_size, num_nodes=config.cluster.num_nodes,
+                               hybrid_shard_size=f.hybrid_shard_size)
+    mp = f.mixed_precision
+    return Sharding(
+        mesh=init_device_mesh(device.type, shape, mesh_dim_names=names),
+        placements=param_placements(f.sharding_strategy),
+        param_dtype=parse_dtype(mp.param_dtype, f"{_FIELD}.mixed_precision.param_dtype"),
+        reduce_dtype=parse_dtype(mp.reduce_dtype, f"{_FIELD}.mixed_precision.reduce_dtype"),
+        buffer_dtype=parse_dtype(mp.buffer_dtype, f"{_FIELD}.mixed_precision.buffer_dtype"))
+
+
+def shard_params(params: Params, sharding: Sharding) -> Params:
+    """Full tensors (identical on every rank: all ranks load the same files) -> DTensors on this rank's device.
+
+    Each rank keeps only its own slice (a copy: the full tensor can be freed); nothing is communicated.
+    """
+    return {k: distribute_tensor(v.detach(), sharding.mesh, sharding.placements, src_data_rank=None)
+            for k, v in params.items()}
+
+
+def shard_model(model: model_lib.Model, params: Params, sharding: Sharding) -> Params:
+    """Shards the params and prepares the HF module skeleton for the sharded run.
+
+    The module's own parameters share storage with the loaded full params; they are never read by the functional
+    forward, so they become meta tensors (shape and dtype only), freeing the full copy. Its buffers (rotary
+    frequencies) move to the device in `buffer_dtype`.
+    """
+    sharded = shard_params(params, sharding)
+    meta: dict[int, torch.nn.Parameter] = {}  # one replacement per parameter object: tied weights stay tied
+    for sub in model.module.modules():
+        for name, p in sub._parameters.items():
+            if p is not None:
+                if id(p) not in meta:
+                    meta[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+                sub._parameters[name] = meta[id(p)]
+        for name, b in sub._buffers.items():
+            if b is not None:
+                sub._buffers[name] = b.to(sharding.device, sharding.buffer_dtype if b.is_floating_point() else None)
+    return sharded
+
+
+def gather_full(params: Params) -> Params:
+    """Plain full tensors of every param (for generation, export and comparisons): the whole model on each rank."""
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in params.items()}
+
+
+def local_bytes(tree: Any) -> int:
+    """Bytes of storage this rank holds for the tree's leaves (local shards of DTensors; shared storage once)."""
+    storages: dict[int, int] = {}
+    for leaf in pytree.tree_leaves(tree):
+        if isinstance(leaf, torch.Tensor):
+            local = leaf.to_local() if isinstance(leaf, DTensor) else leaf
+            s = local.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+def leaf_placements(tree: Any) -> dict[str, tuple[Placement, ...] | None]:
+    """Key path -> placements of every leaf (None: a plain tensor, replicated by construction), for checks/logs."""
+    paths, _ = pytree.tree_flatten_with_path(tree)
+    return {pytree.keystr(path).lstrip("."): (tuple(leaf.placements) if isinstance(leaf, DTensor) else None)
+            for path, leaf in paths}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-block gather (model.py's block_call hook).
+
+class GatherStats:
+    """Measures the gathered (full) param copies alive at once: the storages of every gathered tensor are tracked
+    by weak reference, and the live total is sampled at each gather (the live set only grows there)."""
+
+    def __init__(self) -> None:
+        self.peak_live_bytes = 0
+        self.gathered_bytes = 0  # total bytes produced by gathers (recomputation in backward included)
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def live_bytes(self) -> int:
+        self._live = {k: v for k, v in self._live.items() if not v[0].expired()}
+        return sum(n for _, n in self._live.values())
+
+    def track(self, t: torch.Tensor, shard: torch.Tensor) -> None:
+        """Counts `t` (a gathered tensor) unless it is the local `shard` itself (a mesh of one gathers nothing)."""
+        live = self.live_bytes()  # prune first: a freed storage's address may be reused
+        s = t.untyped_storage()
+        if s.data_ptr() != shard.untyped_storage().data_ptr() and s.data_ptr() not in self._live:
+            self._live[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
+            self.gathered_bytes += s.nbytes()
+            live += s.nbytes()
+        self.peak_live_bytes = max(self.peak_live_bytes, live)
+
+
+def gather(p: Params, sharding: Sharding, stats: GatherStats | None = None) -> Params:
+    """Full compute copies of a param group: gathered in reduce_dtype, cast to param_dtype. Differentiable: the
+    gradient w.r.t. each DTensor comes back in its placement, averaged over ranks (reduced in reduce_dtype)."""
+    replicate = [Replicate()] * sharding.mesh.ndim
+    average = [Partial("avg")] * sharding.mesh.ndim
+    out = {}
+    for k, v in p.items():
+        full = v.to(sharding.reduce_dtype).redistribute(sharding.mesh, replicate).to_local(grad_placements=average)
+        out[k] = full.to(sharding.param_dtype)
+        if stats is not None:
+            stats.track(full, v.to_local())
+            stats.track(out[k], v.to_local())
+    return out
+
+
+def make_block_call(sharding: Sharding, *, checkpointing: bool = False,
+                    stats: GatherStats | None = None) -> model_lib.BlockCall:
+    """model.py's block_call: gather the group's params inside the call, so the full copies live only while used.
+
+    With `checkpointing`, calls marked `remat` (decoder and vision blocks) run under non-reentrant activation
+    checkpointing with the gather INSIDE the checkpointed function: nothing of the block is kept for backward but
+    its inputs, and the params are gathered again when backward recomputes it (FSDP's reshard-after-forward).
+    The checkpointed function takes the params as explicit inputs, which keeps it exact (unlike transformers'
+    built-in checkpointing with functional params: see reference/torch_findings.md).
+    """
+
+    def block_call(fn: Callable[..., torch.Tensor], module: torch.nn.Module | None, p: Params, *args: Any,
+                   remat: bool = False) -> torch.Tensor:
+        def gathered(p: Params, *args: Any) -> torch.Tensor:
+            return fn(module, gather(p, sharding, stats), *args)
+
+        if checkpointing and remat:
+            return checkpoint(gathered, p, *args, use_reentrant=False)
+        return gathered(p, *args)
+
+    return block_call
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cross-rank reductions of host-side numbers.
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over all ranks (a new tensor on t's device); identity for one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t.clone()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    out = t.to(device, copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def reduce_metrics(metrics: Mapping[str, Any], sum_keys: tuple[str, ...] = ()) -> dict[str, float]:
+    """Python floats averaged over ranks (`sum_keys`: summed), in one collective. Every rank must pass the same
+    keys. Already-global values (grad norm, lr) are identical on every rank, so their mean is themselves."""
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    total = all_reduce_sum(values).tolist()
+    return {k: v if k in sum_keys else v / world for k, v in zip(keys, total)}
