@@ -1,5 +1,6 @@
 """Speed accounting (vlm_sft/perf.py) and the benchmark scripts' code paths on CPU."""
 import os
+import re
 import subprocess
 import sys
 
@@ -124,3 +125,6 @@ def test_bench_step_gpu_tiny_runs_on_cpu(tmp_path):
                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "vlm-sft compiled" in out.stdout and "HF eager" in out.stdout and "ratio" in out.stdout
+    # fp32 on CPU: the trainer's first loss equals the HF model's on the same weights and batch
+    diff = re.search(r"\|diff\| (\S+)", out.stdout)
+    assert diff and float(diff.group(1)) < 1e-4, out.stdout[-2000:]

@@ -134,8 +134,8 @@ def vision_attention(block: torch.nn.Module, p: Params, x: torch.Tensor, gather:
 
     The segments' layout comes precomputed (data/vision.py attention_layout): one batched sdpa over the segments
     gathered into padded rows [segments, max_len], pad keys masked. It costs segments * max_len^2 (~sum(len^2):
-    windows differ only at image borders), not the P^2 of a block-diagonal mask. `cu_seqlens` is the same layout for a varlen
-    flash attention kernel (not used yet: untested without a GPU).
+    windows differ only at image borders), not the P^2 of a block-diagonal mask. `cu_seqlens` is the same layout
+    for a varlen flash attention kernel (not used yet: untested without a GPU).
     """
     attn = block.attn
     n = x.shape[0]
