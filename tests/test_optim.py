@@ -343,6 +343,7 @@ def _sharded_worker(rank: int, world: int, store_path: str, results: str) -> Non
         if rank == 0:
             with open(results, "w") as f:
                 f.write(f"{diff} {int(s_state[0].total_notfinite)}")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (aborts otherwise)
     finally:
         dist.destroy_process_group()
 

@@ -140,7 +140,9 @@ def run(config: Any, mode: str) -> dict[str, float]:
     sharding_lib.check_config(config, proc.world_size)
     device, created = sharding_lib.init_process_group(proc)
     try:
-        return _run(config, mode, proc, device)
+        result = _run(config, mode, proc, device)
+        sharding_lib.barrier()  # no rank tears the group down while another still talks to it
+        return result
     finally:
         if created:
             sharding_lib.destroy_process_group()
