@@ -11,7 +11,7 @@ from vlm_sft import testing
 from vlm_sft.config import ConfigError
 from vlm_sft.data.robo2vlm import RowError
 from vlm_sft.model import ModelLoadError
-from configs_loader import CONFIG, load_config
+from configs_loader import CONFIG, load_config, override
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,13 +29,7 @@ def small_config(tmp_path, model_dir, data_dir, **overrides):
     c.actor.global_batch_size = 8
     c.actor.micro_batch_size = 4
     c.eval.max_new_tokens = 4
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return override(c, overrides)
 
 
 def read_metrics(run_dir):

@@ -13,7 +13,7 @@ import torch
 
 from vlm_sft import checkpoint, export
 from vlm_sft import main as main_lib
-from configs_loader import CONFIG, load_config
+from configs_loader import CONFIG, load_config, override
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,13 +117,7 @@ def small_config(tmp_path, model_dir, data_dir, name: str, **overrides):
     c.data.eval_data_paths = str(data_dir)
     c.runner.log_interval = 1
     c.eval.max_new_tokens = 8
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return override(c, overrides)
 
 
 @pytest.mark.slow
