@@ -108,3 +108,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    sharding_lib.exit_process(0)  # not interpreter finalization: gloo's threads can abort it

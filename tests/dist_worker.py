@@ -100,6 +100,7 @@ def main(argv: list[str]) -> None:
     finally:
         if created:
             sharding.destroy_process_group()
+    sharding.exit_process(0)  # not interpreter finalization: gloo's threads can abort it (see its docstring)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.utils._pytree as pytree
 
-from vlm_sft import checkpoint, optim, schedules
+from vlm_sft import checkpoint, optim, schedules, sharding
 from vlm_sft.state import TrainState, init_train_state
 
 SHAPES = {
@@ -267,6 +267,7 @@ def _two_rank_worker(rank: int, store: str, root: str, mode: str) -> None:
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    sharding.exit_process(0)  # not interpreter finalization: gloo's threads can abort it (see its docstring)
 
 
 def test_checkpoint_saved_on_two_ranks_resumes_on_one(tmp_path):

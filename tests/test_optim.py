@@ -6,7 +6,7 @@ import torch.multiprocessing as mp
 import torch.utils._pytree as pytree
 from torch import nn
 
-from vlm_sft import optim, schedules
+from vlm_sft import optim, schedules, sharding
 from vlm_sft.state import TrainState, init_train_state, leaf_names
 
 STEPS = 50
@@ -346,6 +346,7 @@ def _sharded_worker(rank: int, world: int, store_path: str, results: str) -> Non
         dist.barrier()  # no rank tears gloo down while the other still talks to it (aborts otherwise)
     finally:
         dist.destroy_process_group()
+    sharding.exit_process(0)  # not interpreter finalization: gloo's threads can abort it (see its docstring)
 
 
 def test_adamw_on_sharded_dtensors_matches_plain_tensors(tmp_path):

@@ -3,6 +3,8 @@ and their errors, the placement of every train-state leaf, exact per-block gathe
 checkpointing in fp32 and bf16, and metric reduction."""
 import functools
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -207,3 +209,25 @@ def test_reduce_metrics_and_all_reduce_sum_on_one_rank(device):
     assert out == {"train/loss": 2.5, "train/tokens": 7.0}
     t = torch.tensor([1.0, 2.0], dtype=torch.float64)
     assert torch.equal(sharding.all_reduce_sum(t), t)
+
+
+_EXIT_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from vlm_sft import sharding
+device, created = sharding.init_process_group(sharding.ProcessInfo())
+t = torch.ones(3)
+dist.all_reduce(t)  # gloo's worker threads exist and have run work
+print("stdout before exit", end="")  # piped, so block-buffered: only a flush gets it out
+sharding.destroy_process_group()
+sharding.exit_process(sys.argv[1] if sys.argv[1] != "0" else 0)
+"""
+
+
+@pytest.mark.parametrize("code, rc", [("0", 0), ("error: bad row", 1)])
+def test_exit_process_flushes_streams_and_keeps_systemexit_codes(code, rc):
+    """A finished rank leaves without interpreter finalization (where gloo's threads can abort it): its buffered
+    stdout and a SystemExit-style message still come out, with SystemExit's exit code."""
+    proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == rc, proc.stderr[-2000:]
+    assert proc.stdout == "stdout before exit"
+    assert (proc.stderr.strip().splitlines() or [""])[-1] == ("" if rc == 0 else code)

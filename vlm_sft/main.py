@@ -344,4 +344,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except SystemExit as e:  # the normal way out, success or a one-line error (a traceback exits normally)
+        sharding_lib.exit_process(e.code)

@@ -28,8 +28,10 @@ Single process is the same code on a mesh of one (an in-process gloo/nccl group,
 from __future__ import annotations
 
 import dataclasses
+import logging as std_logging
 import os
-from typing import Any, Callable, Mapping
+import sys
+from typing import Any, Callable, Mapping, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -164,6 +166,25 @@ def destroy_process_group() -> None:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def exit_process(code: int | str | None) -> NoReturn:
+    """Ends a finished rank's process with `code` (SystemExit's meaning), skipping interpreter finalization.
+
+    gloo's worker threads drop finished collectives asynchronously, and the drop can release the last reference to
+    a Python-owned tensor (one DCP or DTensor broadcast, say). If that happens while the interpreter finalizes, the
+    thread cannot take the GIL and libstdc++ aborts the process ("terminate called without an active exception",
+    SIGABRT), turning a run that succeeded into a failed rank. `destroy_process_group` cannot prevent it: it does
+    not join those threads while DTensor's internals still hold the group. So a rank whose outputs are written
+    flushes its logs and streams and leaves with `os._exit`.
+    """
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    std_logging.shutdown()  # flushes absl's handlers
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
