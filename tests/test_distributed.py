@@ -190,9 +190,15 @@ def test_multinode_script_on_two_simulated_nodes(tmp_path):
     cmd = ["bash", "launch/multinode.sh", "configs/robo2vlm.py:demo", "--config.runner.max_steps=2",
            "--config.data.demo_rows=16", "--config.runner.val_before_train=False", "--config.data.eval_max_rows=2",
            "--config.eval.max_new_tokens=2", "--config.actor.fsdp_config.sharding_strategy=hybrid_shard"]
-    nodes = [subprocess.Popen(cmd, cwd=REPO, env={**env, "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    logs = [tmp_path / f"node{r}.out" for r in range(2)]  # files: an unread pipe could fill and block a node
+    nodes = []
+    for r, log in enumerate(logs):
+        with open(log, "w") as f:
+            nodes.append(subprocess.Popen(cmd, cwd=REPO, env={**env, "NODE_RANK": str(r)}, stdout=f,
+                                          stderr=subprocess.STDOUT, text=True))
+    for n in nodes:
+        n.wait(timeout=600)
+    outputs = [log.read_text() for log in logs]
     assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "hybrid_shard on mesh (2, 1)" in "".join(outputs)
     assert (tmp_path / "logs" / "node0.log").exists() and (tmp_path / "logs" / "node1.log").exists()

@@ -80,6 +80,33 @@ def test_bad_config_fails_before_the_model_loads(tmp_path, tiny_model_dir, robo2
         main_lib.run(small_config(tmp_path, tiny_model_dir, robo2vlm_dir, **override), "train")
 
 
+def test_eager_loading_that_would_not_fit_in_memory_is_refused_before_the_model_loads(
+        tmp_path, tiny_model_dir, robo2vlm_dir, monkeypatch):
+    """RLinf's default (lazy_loading=False) holds every row in each process: on the full Robo2VLM train split
+    (~130 GB) x 8 ranks that is an OOM kill after the model has loaded. Here it is one line, up front."""
+    files = main_lib.find_files(small_config(tmp_path, tiny_model_dir, robo2vlm_dir), "train_data_paths", "train")
+    files += main_lib.find_files(small_config(tmp_path, tiny_model_dir, robo2vlm_dir), "eval_data_paths", "test")
+    need = main_lib.robo2vlm.in_memory_bytes(files, prompt_key="question", choice_key="choices",
+                                             answer_key="correct_answer", image_keys=["image"])
+    monkeypatch.setattr(main_lib, "available_memory_bytes", lambda: int(need / 0.8) - 1)  # one does not fit
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+    monkeypatch.setattr(main_lib.model_lib, "load_model", no_model)
+    with pytest.raises(ConfigError, match=rf"data.lazy_loading=False reads {len(files)} parquet file.* on each of "
+                                          r"the 1 process.*Set data.lazy_loading=True"):
+        main_lib.run(small_config(tmp_path, tiny_model_dir, robo2vlm_dir), "train")
+
+    # Every process on the machine counts (torchrun's LOCAL_WORLD_SIZE); streaming holds a row group at a time.
+    c = small_config(tmp_path, tiny_model_dir, robo2vlm_dir)
+    room_for_7 = int(need * 7.5 / 0.8)
+    main_lib.check_eager_loading_fits(c, files, local_processes=7, available=room_for_7)
+    with pytest.raises(ConfigError, match="on each of the 8 process"):
+        main_lib.check_eager_loading_fits(c, files, local_processes=8, available=room_for_7)
+    main_lib.check_eager_loading_fits(override(c, {"data.lazy_loading": True}), files, local_processes=8,
+                                      available=room_for_7)
+
+
 def test_bad_row_error_names_file_and_row(tmp_path, tiny_model_dir):
     data = testing.make_robo2vlm_dir(tmp_path / "data", n_train=16, n_test=4, train_files=1, bad_rows={5: "answer"})
     c = small_config(tmp_path, tiny_model_dir, data, **{"data.shuffle": False, "data.eval_data_paths": ""})

@@ -56,10 +56,12 @@ def test_sigkill_mid_step_then_auto_resume_is_bitwise_exact(tmp_path, tiny_model
     assert a.returncode == 0, a.stderr[-3000:]
 
     run_b = tmp_path / "b"
-    proc = subprocess.Popen(args("b"), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(tmp_path / "b_first.log", "w") as log:  # a file, not an unread pipe that could fill and block
+        proc = subprocess.Popen(args("b"), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
     while 7 not in losses(run_b):  # step 7 logged: step 8 is running
-        assert proc.poll() is None and time.monotonic() < deadline, "run B ended before step 7"
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            "run B ended before step 7: " + (tmp_path / "b_first.log").read_text()[-3000:]
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -255,3 +255,23 @@ def test_split_regex_does_not_match_lookalikes():
     assert robo2vlm._split_of("training_notes.parquet") is None
     assert robo2vlm._split_of("testing/x.parquet") is None
     assert robo2vlm._split_of("eval.parquet") == "test"
+
+
+def test_in_memory_bytes_from_footers_is_what_eager_loading_holds(tmp_path):
+    """The eager-loading memory check reads sizes from parquet footers; they match the tables pyarrow builds."""
+    data = make_robo2vlm_dir(tmp_path / "data", n_train=24, n_test=4, train_files=2, rows_per_group=5)
+    files = robo2vlm.find_parquet_files(str(data), "train")
+    source = robo2vlm.Robo2VLMSource(files)  # eager, default keys
+    held = sum(t.nbytes for t in source._tables)
+    estimate = robo2vlm.in_memory_bytes(files, prompt_key="question", choice_key="choices",
+                                        answer_key="correct_answer", image_keys=["image"])
+    assert 0.8 * held <= estimate <= 1.25 * held, (estimate, held)
+    # Columns the trainer does not read cost nothing.
+    table = pq.read_table(files[0])
+    pq.write_table(table, tmp_path / "plain.parquet", row_group_size=5)
+    pq.write_table(table.append_column("notes", pa.array(["x" * 10_000] * len(table))), tmp_path / "more.parquet",
+                   row_group_size=5)
+    sizes = [robo2vlm.in_memory_bytes([str(tmp_path / n)], prompt_key="question", choice_key="choices",
+                                      answer_key="correct_answer", image_keys=["image"])
+             for n in ("plain.parquet", "more.parquet")]
+    assert sizes[0] == sizes[1] > 0

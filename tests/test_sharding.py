@@ -104,9 +104,13 @@ def test_global_batch_must_divide_by_micro_batch_times_world_size():
 
 
 def test_process_info_reads_torchrun_env():
-    assert sharding.ProcessInfo.from_env({}) == sharding.ProcessInfo(1, 0, 0)
-    env = {"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1"}
-    assert sharding.ProcessInfo.from_env(env) == sharding.ProcessInfo(8, 5, 1)
+    assert sharding.ProcessInfo.from_env({}) == sharding.ProcessInfo(1, 0, 0, 1)
+    env = {"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+    assert sharding.ProcessInfo.from_env(env) == sharding.ProcessInfo(8, 5, 1, 4)
+    env.pop("LOCAL_WORLD_SIZE")  # not from torchrun: assume one machine
+    assert sharding.ProcessInfo.from_env(env) == sharding.ProcessInfo(8, 5, 1, 8)
+    with pytest.raises(ValueError, match="LOCAL_RANK=4, LOCAL_WORLD_SIZE=4"):
+        sharding.ProcessInfo.from_env({"WORLD_SIZE": "8", "RANK": "4", "LOCAL_RANK": "4", "LOCAL_WORLD_SIZE": "4"})
     with pytest.raises(ValueError, match="RANK=8"):
         sharding.ProcessInfo.from_env({"WORLD_SIZE": "8", "RANK": "8"})
     with pytest.raises(ValueError, match="must be integers"):

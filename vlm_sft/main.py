@@ -90,6 +90,38 @@ def find_files(config: Any, field: str, split: str) -> list[str]:
     return files
 
 
+def available_memory_bytes() -> int:
+    """Memory the OS can still give this machine's processes (MemAvailable; physical memory where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_eager_loading_fits(config: Any, files: list[str], *, local_processes: int,
+                             available: int | None = None) -> None:
+    """With data.lazy_loading=False every process reads its files' rows into memory up front (RLinf's default;
+    the full Robo2VLM train split is ~130 GB). Refuse before the model loads when the processes of this machine
+    together would not fit in 80% of its available memory, instead of swapping or being OOM-killed later."""
+    d = config.data
+    if d.lazy_loading or not files:
+        return
+    need = robo2vlm.in_memory_bytes(files, prompt_key=d.prompt_key, choice_key=d.choice_key,
+                                    answer_key=d.answer_key, image_keys=list(d.image_keys))
+    available = available_memory_bytes() if available is None else available
+    if need * local_processes > 0.8 * available:
+        gib = 2 ** 30
+        raise config_lib.ConfigError(
+            f"data.lazy_loading=False reads {len(files)} parquet file(s) into memory: {need / gib:.1f} GiB on each "
+            f"of the {local_processes} process(es) on this machine, {need * local_processes / gib:.1f} GiB in all, "
+            f"but {available / gib:.1f} GiB is available. Set data.lazy_loading=True (streams row groups; same "
+            "samples per step) or train on fewer files.")
+
+
 def _list(x: list) -> list:
     return x
 
@@ -161,6 +193,7 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     # Everything that can be checked without loading the model, first.
     train_files = find_files(config, "train_data_paths", "train") if mode == "train" else []
     eval_files = find_files(config, "eval_data_paths", "test")
+    check_eager_loading_fits(config, train_files + eval_files, local_processes=proc.local_world_size)
     model_lib.check_model_dir(config.actor.model.model_path)
     try:
         check_length_buckets(config.data.length_buckets)

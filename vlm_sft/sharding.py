@@ -60,22 +60,28 @@ COMPILE_MODE = "split"
 
 @dataclasses.dataclass(frozen=True)
 class ProcessInfo:
-    """This process's place in the job, as torchrun describes it (WORLD_SIZE, RANK, LOCAL_RANK)."""
+    """This process's place in the job, as torchrun describes it (WORLD_SIZE, RANK, LOCAL_RANK,
+    LOCAL_WORLD_SIZE: the processes on this machine)."""
 
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
+    local_world_size: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ProcessInfo":
         env = os.environ if env is None else env
+        names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
         try:
-            info = cls(int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)))
+            world_size, rank, local_rank = (int(env.get(k, d)) for k, d in zip(names, (1, 0, 0)))
+            info = cls(world_size, rank, local_rank, int(env.get("LOCAL_WORLD_SIZE", world_size)))
         except ValueError:
-            raise ValueError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (as torchrun sets them), got "
-                             f"{[env.get(k) for k in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK')]}") from None
-        if info.world_size < 1 or not 0 <= info.rank < info.world_size or info.local_rank < 0:
-            raise ValueError(f"RANK={info.rank}, LOCAL_RANK={info.local_rank} do not fit WORLD_SIZE={info.world_size}")
+            raise ValueError(f"{', '.join(names)} must be integers (as torchrun sets them), got "
+                             f"{[env.get(k) for k in names]}") from None
+        if (info.world_size < 1 or not 0 <= info.rank < info.world_size
+                or not 0 <= info.local_rank < info.local_world_size <= info.world_size):
+            raise ValueError(f"RANK={info.rank}, LOCAL_RANK={info.local_rank}, LOCAL_WORLD_SIZE="
+                             f"{info.local_world_size} do not fit WORLD_SIZE={info.world_size}")
         return info
 
 

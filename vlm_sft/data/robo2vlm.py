@@ -113,6 +113,23 @@ def check_schema(files: Sequence[str], *, prompt_key: str, choice_key: str, answ
             raise ValueError(f"{f}: missing column(s) {', '.join(missing)}; columns present: {names}")
 
 
+def in_memory_bytes(files: Sequence[str], *, prompt_key: str, choice_key: str, answer_key: str,
+                    image_keys: Sequence[str]) -> int:
+    """Bytes that eager loading holds for `files`: the uncompressed size of the columns it reads (images still
+    encoded), summed from the parquet footers without reading any data."""
+    total = 0
+    for f in files:
+        meta = pq.read_metadata(f)
+        needed = set(_needed_columns(meta.schema.names, prompt_key, choice_key, answer_key, image_keys))
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                column = group.column(c)
+                if column.path_in_schema.split(".")[0] in needed:  # "image.bytes" belongs to column "image"
+                    total += column.total_uncompressed_size
+    return total
+
+
 def _parse_choices(value: Any, source: str, key: str) -> list[str]:
     choices = value
     if isinstance(value, str):
