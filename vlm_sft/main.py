@@ -67,10 +67,15 @@ def prepare_demo(config: Any, run_dir: str) -> None:
                 config.data[key] = path
 
 
-def make_source(files: list[str], config: Any) -> robo2vlm.Robo2VLMSource:
+def column_keys(config: Any) -> dict[str, Any]:
+    """The data.*_key fields, as the robo2vlm functions take them."""
     d = config.data
-    return robo2vlm.Robo2VLMSource(files, prompt_key=d.prompt_key, choice_key=d.choice_key,
-                                   answer_key=d.answer_key, image_keys=list(d.image_keys), lazy=d.lazy_loading)
+    return dict(prompt_key=d.prompt_key, choice_key=d.choice_key, answer_key=d.answer_key,
+                image_keys=list(d.image_keys))
+
+
+def make_source(files: list[str], config: Any) -> robo2vlm.Robo2VLMSource:
+    return robo2vlm.Robo2VLMSource(files, **column_keys(config), lazy=config.data.lazy_loading)
 
 
 def find_files(config: Any, field: str, split: str) -> list[str]:
@@ -81,10 +86,8 @@ def find_files(config: Any, field: str, split: str) -> list[str]:
         files = robo2vlm.find_parquet_files(paths, split)
     except ValueError as e:
         raise config_lib.ConfigError(f"data.{field}: {e}") from None
-    d = config.data
     try:
-        robo2vlm.check_schema(files, prompt_key=d.prompt_key, choice_key=d.choice_key, answer_key=d.answer_key,
-                              image_keys=list(d.image_keys))
+        robo2vlm.check_schema(files, **column_keys(config))
     except ValueError as e:
         raise config_lib.ConfigError(f"data.{field}: {e}") from None
     return files
@@ -107,11 +110,9 @@ def check_eager_loading_fits(config: Any, files: list[str], *, local_processes: 
     """With data.lazy_loading=False every process reads its files' rows into memory up front (RLinf's default;
     the full Robo2VLM train split is ~130 GB). Refuse before the model loads when the processes of this machine
     together would not fit in 80% of its available memory, instead of swapping or being OOM-killed later."""
-    d = config.data
-    if d.lazy_loading or not files:
+    if config.data.lazy_loading or not files:
         return
-    need = robo2vlm.in_memory_bytes(files, prompt_key=d.prompt_key, choice_key=d.choice_key,
-                                    answer_key=d.answer_key, image_keys=list(d.image_keys))
+    need = robo2vlm.in_memory_bytes(files, **column_keys(config))
     available = available_memory_bytes() if available is None else available
     if need * local_processes > 0.8 * available:
         gib = 2 ** 30

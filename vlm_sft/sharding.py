@@ -73,8 +73,9 @@ class ProcessInfo:
         env = os.environ if env is None else env
         names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
         try:
-            world_size, rank, local_rank = (int(env.get(k, d)) for k, d in zip(names, (1, 0, 0)))
-            info = cls(world_size, rank, local_rank, int(env.get("LOCAL_WORLD_SIZE", world_size)))
+            world_size = int(env.get("WORLD_SIZE", 1))
+            info = cls(world_size, int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)),
+                       int(env.get("LOCAL_WORLD_SIZE", world_size)))  # not from torchrun: one machine
         except ValueError:
             raise ValueError(f"{', '.join(names)} must be integers (as torchrun sets them), got "
                              f"{[env.get(k) for k in names]}") from None
