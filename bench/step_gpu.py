@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="", help="compute dtype: bf16 (default) or fp32 (default with --tiny)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the blocks")
     parser.add_argument("--skip-hf", action="store_true", help="only the trainer's step")
+    parser.add_argument("--eager", action="store_true", help="the trainer's step without torch.compile")
     parser.add_argument("--workdir", default="", help="inductor cache lives here (default: a temp dir)")
     args = parser.parse_args()
     width, height = (int(v) for v in (args.image_size or ("112x112" if args.tiny else "640x480")).split("x"))
@@ -119,6 +120,7 @@ def main() -> None:
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_step_gpu_")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(workdir, ".inductor_cache"))
     t_start = time.perf_counter()
+    name = "vlm-sft eager" if args.eager else "vlm-sft compiled"
 
     device, created = sharding_lib.init_process_group(sharding_lib.ProcessInfo())
     config = get_config()
@@ -142,13 +144,13 @@ def main() -> None:
     n_params = sum(p.numel() for p in params.values())
     flop_model = perf.FlopModel.from_model(hf_config, {k: v.shape for k, v in params.items()}, model.lm_head_name)
     flops = lambda s: flop_model.step_flops([{k: v.cpu() for k, v in b.items()} for b in s])  # noqa: E731
-    ours = common.trainer_step_fn(model, params, sharding, compile=True, checkpointing=args.checkpointing, lr=LR,
+    ours = common.trainer_step_fn(model, params, sharding, compile=not args.eager, checkpointing=args.checkpointing, lr=LR,
                                   weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM)
     del params  # the full fp32 copy: the step holds the sharded one
     free(device)
-    results = common.run_rounds({"vlm-sft compiled": ours}, steps, warmup=args.warmup, rounds=args.rounds,
+    results = common.run_rounds({name: ours}, steps, warmup=args.warmup, rounds=args.rounds,
                                 device=device, flops=flops)
-    results["vlm-sft compiled"].peak_memory_gib = perf.max_memory_gib(device) if device.type == "cuda" else None
+    results[name].peak_memory_gib = perf.max_memory_gib(device) if device.type == "cuda" else None
     del ours, model
     free(device)
 
@@ -172,13 +174,13 @@ def main() -> None:
     print(f"MFU counts required FLOPs only: {perf.FORMULA}; peak "
           f"{f'{peak_flops:.3g} FLOP/s' if peak_flops else 'unknown'}\n")
     if "HF eager" in results:
-        ratio = common.print_table(results, "HF eager", "vlm-sft compiled", peak_flops=peak_flops)
-        first = results["HF eager"].first_loss, results["vlm-sft compiled"].first_loss
+        ratio = common.print_table(results, "HF eager", name, peak_flops=peak_flops)
+        first = results["HF eager"].first_loss, results[name].first_loss
         print(f"first-step loss (same weights, same batch): HF {first[0]:.6f}, vlm-sft {first[1]:.6f}, "
               f"|diff| {abs(first[0] - first[1]):.2e}")
         print(f"target >= 1.5x: {'met' if ratio >= 1.5 else 'NOT met'}")
     else:
-        common.print_table(results, None, "vlm-sft compiled", peak_flops=peak_flops)
+        common.print_table(results, None, name, peak_flops=peak_flops)
     print(f"total wall time {time.perf_counter() - t_start:.0f} s")
     if created:
         sharding_lib.destroy_process_group()
