@@ -1,4 +1,6 @@
 """Session-scoped fixtures shared by all tests: Hub-layout tiny model directories and Robo2VLM-format parquet."""
+import pathlib
+
 import pytest
 
 from vlm_sft import testing
@@ -16,6 +18,19 @@ def tiny_model_dir_untied(tmp_path_factory):
     """Like tiny_model_dir but with a separate lm_head.weight (as larger Qwen2.5-VL models ship)."""
     return testing.make_tiny_model_dir(tmp_path_factory.mktemp("tiny_qwen2_5_vl_untied"), tie_word_embeddings=False,
                                        seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir(tmp_path_factory):
+    """Tiny random Qwen3-VL as the Hub ships Qwen3-VL-2B-Instruct: nested config, tied embeddings, bf16 shards."""
+    return pathlib.Path(testing.make_tiny_qwen3_vl_dir(tmp_path_factory.mktemp("tiny_qwen3_vl")))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir_untied(tmp_path_factory):
+    """Like tiny_qwen3_vl_dir but with a separate lm_head.weight (as Qwen3-VL-8B ships)."""
+    return pathlib.Path(testing.make_tiny_qwen3_vl_dir(tmp_path_factory.mktemp("tiny_qwen3_vl_untied"),
+                                                       tie_word_embeddings=False, seed=1))
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ import ast
 import dataclasses
 import io
 import json
+import pathlib
 
 import numpy as np
 import PIL.Image
@@ -175,6 +176,165 @@ def test_chat_template_renders_qwen2_5_vl_format(tiny_processor):
     system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert tiny_processor.apply_chat_template(system, tokenize=False, add_generation_prompt=True) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+# Qwen3-VL ------------------------------------------------------------------------------------------------------
+
+def test_tiny_qwen3_vl_dir_has_the_hub_layout(tiny_qwen3_vl_dir):
+    names = {p.name for p in tiny_qwen3_vl_dir.iterdir()}
+    assert names == {
+        "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors", "model.safetensors.index.json", "preprocessor_config.json",
+        "video_preprocessor_config.json", "chat_template.json", "tokenizer.json", "tokenizer_config.json",
+        "vocab.json", "merges.txt",
+    }
+    config = json.loads((tiny_qwen3_vl_dir / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3VLForConditionalGeneration"]
+    assert (config["model_type"], config["transformers_version"]) == ("qwen3_vl", "4.57.0.dev0")
+    assert "rope_theta" not in config and "rope_scaling" not in config and "hidden_size" not in config
+    text, vision = config["text_config"], config["vision_config"]
+    assert (text["model_type"], text["dtype"], text["vocab_size"], text["rope_theta"]) == (
+        "qwen3_vl_text", "bfloat16", 151936, 5000000)
+    # head_dim is explicit and heads * head_dim != hidden, as in the 4B (32 x 128 vs 2560).
+    assert (text["hidden_size"], text["num_attention_heads"], text["head_dim"]) == (64, 4, 32)
+    # Interleaved M-RoPE: t/h/w sections sum to head_dim / 2, h == w, 3 * h within the half (4B: [24, 20, 20]).
+    assert text["rope_scaling"] == {"mrope_interleaved": True, "mrope_section": [6, 5, 5], "rope_type": "default"}
+    assert config["tie_word_embeddings"] is True and text["tie_word_embeddings"] is True
+    assert vision["model_type"] == "qwen3_vl"  # what the Hub file says (transformers renames it on load)
+    assert (vision["patch_size"], vision["spatial_merge_size"], vision["temporal_patch_size"]) == (16, 2, 2)
+    assert (vision["depth"], vision["deepstack_visual_indexes"], vision["num_position_embeddings"]) == (4, [0, 1, 2], 64)
+    assert (vision["hidden_act"], vision["out_hidden_size"]) == ("gelu_pytorch_tanh", text["hidden_size"])
+    preprocessor = json.loads((tiny_qwen3_vl_dir / "preprocessor_config.json").read_text())
+    assert preprocessor["processor_class"] == "Qwen3VLProcessor"
+    assert (preprocessor["patch_size"], preprocessor["merge_size"], preprocessor["temporal_patch_size"]) == (16, 2, 2)
+    assert preprocessor["image_mean"] == preprocessor["image_std"] == [0.5, 0.5, 0.5]
+    assert preprocessor["size"] == {"shortest_edge": 65536, "longest_edge": 16777216}
+    assert "min_pixels" not in preprocessor and "max_pixels" not in preprocessor
+    video = json.loads((tiny_qwen3_vl_dir / "video_preprocessor_config.json").read_text())
+    assert (video["video_processor_type"], video["patch_size"]) == ("Qwen3VLVideoProcessor", 16)
+    template = json.loads((tiny_qwen3_vl_dir / "chat_template.json").read_text())["chat_template"]
+    assert "You are a helpful assistant." not in template and "{% generation %}" not in template
+    tokenizer_config = json.loads((tiny_qwen3_vl_dir / "tokenizer_config.json").read_text())
+    assert tokenizer_config["chat_template"] == template and tokenizer_config["model_max_length"] == 262144
+
+
+def test_tiny_qwen3_vl_hub_config_keeps_the_real_structure_at_other_sizes():
+    four_b = testing.tiny_qwen3_vl_hub_config(
+        text_hidden=2560, text_layers=36, text_heads=32, text_kv_heads=8, text_head_dim=128,
+        text_intermediate=9728, vision_hidden=1024, vision_depth=24, vision_heads=16, vision_intermediate=4096,
+        num_position_embeddings=2304)
+    assert four_b["text_config"]["rope_scaling"]["mrope_section"] == [24, 20, 20]
+    assert four_b["vision_config"]["deepstack_visual_indexes"] == [5, 11, 17]
+    eight_b = testing.tiny_qwen3_vl_hub_config(tie_word_embeddings=False, vision_depth=27,
+                                               deepstack_visual_indexes=[8, 16, 24])
+    assert eight_b["vision_config"]["deepstack_visual_indexes"] == [8, 16, 24]
+    assert eight_b["tie_word_embeddings"] is False and eight_b["text_config"]["tie_word_embeddings"] is False
+    with pytest.raises(ValueError, match="deepstack_visual_indexes"):
+        testing.tiny_qwen3_vl_hub_config(vision_depth=2, deepstack_visual_indexes=[0, 2])
+    with pytest.raises(ValueError, match="num_position_embeddings 60"):
+        testing.tiny_qwen3_vl_hub_config(num_position_embeddings=60)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tiny_qwen3_vl_weights_use_hub_names_bf16_in_two_shards(tiny_qwen3_vl_dir, tiny_qwen3_vl_dir_untied, tied):
+    path = tiny_qwen3_vl_dir if tied else tiny_qwen3_vl_dir_untied
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    on_disk = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with safetensors.safe_open(str(path / shard), "pt") as f:
+            for name in f.keys():
+                on_disk[name] = f.get_tensor(name)
+                assert index["weight_map"][name] == shard
+    assert set(on_disk) == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in on_disk.values())
+    assert {t.dtype for t in on_disk.values()} == {torch.bfloat16}
+    # Qwen3-VL's Hub names are transformers' nested in-memory names (unlike Qwen2.5-VL's visual.* / model.layers.*).
+    assert on_disk["model.language_model.embed_tokens.weight"].shape == (151936, 64)
+    assert on_disk["model.visual.patch_embed.proj.weight"].shape == (32, 3, 2, 16, 16)
+    assert on_disk["model.visual.pos_embed.weight"].shape == (64, 32)
+    assert on_disk["model.language_model.layers.2.self_attn.q_proj.weight"].shape == (4 * 32, 64)
+    assert on_disk["model.language_model.layers.0.self_attn.q_norm.weight"].shape == (32,)
+    assert on_disk["model.visual.deepstack_merger_list.2.norm.weight"].shape == (4 * 32,)  # post-shuffle norm
+    assert on_disk["model.visual.merger.norm.weight"].shape == (32,)
+    assert "model.visual.blocks.3.attn.qkv.weight" in on_disk and "model.language_model.norm.weight" in on_disk
+    assert not any(n.startswith(("visual.", "model.layers.", "model.embed_tokens")) for n in on_disk)
+    assert ("lm_head.weight" in on_disk) == (not tied)
+
+
+def _qwen3_vl_inputs(path, tokenizer, sizes):
+    """Hand-built model inputs for images of `sizes` (w, h): Qwen3-VL's template, pads expanded to t*h*w/4."""
+    image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(path)
+    images = [PIL.Image.new("RGB", size, (200, 40, 40)) for size in sizes]
+    vision = image_processor(images=images, return_tensors="pt")
+    content = [{"type": "image"}] * len(images) + [{"type": "text", "text": "What colour?"}]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content},
+                                         {"role": "assistant", "content": "A. red"}], tokenize=False)
+    for t, h, w in vision["image_grid_thw"].tolist():
+        text = text.replace("<|image_pad|>", "<|placeholder|>" * (t * h * w // 4), 1)
+    input_ids = torch.tensor([tokenizer(text.replace("<|placeholder|>", "<|image_pad|>"))["input_ids"]])
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=vision["pixel_values"],
+                image_grid_thw=vision["image_grid_thw"], mm_token_type_ids=(input_ids == 151655).long(),
+                labels=input_ids)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tiny_qwen3_vl_loads_cleanly_in_transformers(tiny_qwen3_vl_dir, tiny_qwen3_vl_dir_untied, tied):
+    path = tiny_qwen3_vl_dir if tied else tiny_qwen3_vl_dir_untied
+    model, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert info["mismatched_keys"] == set() and not info["error_msgs"]
+    text, vision = model.config.text_config, model.config.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.head_dim) == (64, 3, 32)
+    assert text.rope_parameters["mrope_interleaved"] and text.rope_parameters["rope_theta"] == 5000000
+    assert (vision.depth, vision.deepstack_visual_indexes, vision.num_position_embeddings) == (4, [0, 1, 2], 64)
+    embed, head = model.get_input_embeddings().weight, model.lm_head.weight
+    assert (embed.data_ptr() == head.data_ptr()) == tied
+    with safetensors.safe_open(str(path / "model-00001-of-00002.safetensors"), "pt") as f:
+        torch.testing.assert_close(embed.detach(), f.get_tensor("model.language_model.embed_tokens.weight").float())
+
+    # Two non-square images: the vision tower must give one embedding per <|image_pad|>.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    inputs = _qwen3_vl_inputs(path, tokenizer, [(300, 220), (180, 400)])
+    assert inputs["image_grid_thw"].tolist() == [[1, 14, 20], [1, 24, 12]]  # rounded up to >= 65,536 pixels
+    out = model(**inputs)
+    assert out.logits.shape == (1, inputs["input_ids"].shape[1], 151936)
+    assert torch.isfinite(out.loss) and 9.0 < out.loss.item() < 14.0  # ~ln(151936) = 11.9 for a random model
+
+
+def test_tiny_qwen3_vl_is_deterministic_and_leaves_global_rng_alone(tiny_qwen3_vl_dir, tmp_path):
+    rng_before = torch.get_rng_state()
+    again = pathlib.Path(testing.make_tiny_qwen3_vl_dir(tmp_path / "again"))
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        assert (again / shard).read_bytes() == (tiny_qwen3_vl_dir / shard).read_bytes()
+    other = testing.make_tiny_qwen3_vl_dir(tmp_path / "other", seed=1, text_layers=1)
+    with safetensors.safe_open(str(pathlib.Path(other) / "model-00001-of-00002.safetensors"), "pt") as f:
+        assert not any(n.startswith("model.language_model.layers.1.") for n in f.keys())
+        other_embed = f.get_tensor("model.language_model.embed_tokens.weight")
+    with safetensors.safe_open(str(tiny_qwen3_vl_dir / "model-00001-of-00002.safetensors"), "pt") as f:
+        assert not torch.equal(other_embed, f.get_tensor("model.language_model.embed_tokens.weight"))
+
+
+def test_qwen3_vl_tokenizer_and_chat_template(tiny_qwen3_vl_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen3_vl_dir)
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer" and len(tokenizer) == 151669
+    for token_id, content, _ in testing.QWEN3_ADDED_TOKENS:
+        assert tokenizer.convert_tokens_to_ids(content) == token_id
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (151645, 151643)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "video"},
+                                             {"type": "text", "text": "Q?"}]},
+                {"role": "assistant", "content": "B. Yes"}]
+    # No default system turn: the conversation starts at the user.
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_vision_id=True) == (
+        "<|im_start|>user\n"
+        "Picture 1: <|vision_start|><|image_pad|><|vision_end|>Picture 2: <|vision_start|><|image_pad|><|vision_end|>"
+        "Video 1: <|vision_start|><|video_pad|><|vision_end|>Q?<|im_end|>\n<|im_start|>assistant\nB. Yes<|im_end|>\n")
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert tokenizer.apply_chat_template(system, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    config = transformers.GenerationConfig.from_pretrained(tiny_qwen3_vl_dir)
+    assert config.eos_token_id == [151645, 151643] and config.do_sample
 
 
 # Robo2VLM parquet ----------------------------------------------------------------------------------------------
