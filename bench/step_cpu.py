@@ -28,7 +28,7 @@ sys.path[:0] = [BENCH, os.path.dirname(BENCH)]  # common.py; the repo root for c
 import common  # noqa: E402
 
 from configs.robo2vlm import get_config  # noqa: E402
-from vlm_sft import model as model_lib  # noqa: E402
+from vlm_sft import models as model_lib  # noqa: E402
 from vlm_sft import perf, testing  # noqa: E402
 from vlm_sft import sharding as sharding_lib  # noqa: E402
 from vlm_sft.data import robo2vlm  # noqa: E402

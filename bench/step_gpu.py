@@ -31,7 +31,7 @@ sys.path[:0] = [BENCH, os.path.dirname(BENCH)]  # common.py; the repo root for c
 import common  # noqa: E402
 
 from configs.robo2vlm import get_config  # noqa: E402
-from vlm_sft import model as model_lib  # noqa: E402
+from vlm_sft import models as model_lib  # noqa: E402
 from vlm_sft import perf  # noqa: E402
 from vlm_sft import sharding as sharding_lib  # noqa: E402
 from vlm_sft.data.collate import collate  # noqa: E402
@@ -83,11 +83,7 @@ def build_module(config: transformers.Qwen2_5_VLConfig, device: torch.device, se
 
 def trainer_model(module: torch.nn.Module) -> tuple[model_lib.Model, dict[str, torch.Tensor]]:
     """What model_lib.load_model returns, for a module built in memory (no 7 GB round trip through disk)."""
-    module.requires_grad_(False)
-    names = [n for n, _ in module.named_parameters()]
-    params = {n: p.detach() for n, p in module.named_parameters()}
-    tied = "lm_head.weight" not in params
-    return model_lib.Model(module=module, config=module.config, tied=tied, groups=model_lib._groups(names)), params
+    return model_lib.model_from_module(module, model_lib.family_for_config(module.config))
 
 
 def free(device: torch.device) -> None:

@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from vlm_sft import model as model_lib
+from vlm_sft import models as model_lib
 from vlm_sft import optim
 from vlm_sft import sharding
 from vlm_sft import step as step_lib

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from vlm_sft import model as model_lib
+from vlm_sft import models as model_lib
+from vlm_sft.models import common as model_common
 from vlm_sft import optim
 from vlm_sft import schedules
 from vlm_sft import step as step_lib
@@ -82,15 +83,15 @@ def test_vision_attention_equals_block_diagonal_attention(tiny):
     angles = torch.randn(n, block.attn.head_dim, generator=g)
     cos, sin = angles.cos(), angles.sin()
     layout = attention_layout(lengths, "w")
-    ours = model_lib.vision_attention(block, p, x, layout["w_gather"], layout["w_mask"], layout["w_scatter"],
-                                      layout["w_cu_seqlens"], cos, sin)
+    ours = model_common.vision_attention(block, p, x, layout["w_gather"], layout["w_mask"], layout["w_scatter"],
+                                         layout["w_cu_seqlens"], cos, sin)
 
     segments = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     heads = block.attn.num_heads
     qkv = F.linear(x, p["attn.qkv.weight"], p["attn.qkv.bias"]).view(n, 3, heads, -1)
     q, k, v = qkv.unbind(1)
     c, s = cos[:, None], sin[:, None]
-    q, k = (t * c + model_lib._rotate_half(t) * s for t in (q, k))
+    q, k = (t * c + model_common._rotate_half(t) * s for t in (q, k))
     dense = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                            attn_mask=segments[:, None] == segments[None, :])
     reference = F.linear(dense.transpose(0, 1).reshape(n, -1), p["attn.proj.weight"], p["attn.proj.bias"])

@@ -10,7 +10,7 @@ import transformers
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from vlm_sft import checkpoint, export, optim, testing
-from vlm_sft import model as model_lib
+from vlm_sft import models as model_lib
 from vlm_sft.data import robo2vlm
 from vlm_sft.data.collate import collate_encoded
 from vlm_sft.data.encode import Encoder
@@ -45,12 +45,20 @@ def untied_ckpt(tiny_model_dir_untied, tmp_path_factory):
 
 
 def test_hub_names_and_shard_plan():
-    assert export.hub_name("model.language_model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
-    assert export.hub_name("model.language_model.embed_tokens.weight") == "model.embed_tokens.weight"
-    assert export.hub_name("model.visual.blocks.1.attn.qkv.bias") == "visual.blocks.1.attn.qkv.bias"
-    assert export.hub_name("lm_head.weight") == "lm_head.weight"
+    qwen2_5 = model_lib.family_named("qwen2.5_vl")
+    assert export.hub_name("model.language_model.layers.0.mlp.up_proj.weight", qwen2_5) == \
+        "model.layers.0.mlp.up_proj.weight"
+    assert export.hub_name("model.language_model.embed_tokens.weight", qwen2_5) == "model.embed_tokens.weight"
+    assert export.hub_name("model.visual.blocks.1.attn.qkv.bias", qwen2_5) == "visual.blocks.1.attn.qkv.bias"
+    assert export.hub_name("lm_head.weight", qwen2_5) == "lm_head.weight"
     with pytest.raises(export.ExportError, match="'encoder.weight': not a Qwen2.5-VL parameter name"):
-        export.hub_name("encoder.weight")
+        export.hub_name("encoder.weight", qwen2_5)
+    qwen3 = model_lib.family_named("qwen3_vl")  # Qwen3-VL ships its in-memory names
+    for name in ("model.language_model.layers.0.self_attn.q_norm.weight",
+                 "model.visual.deepstack_merger_list.0.norm.weight", "lm_head.weight"):
+        assert export.hub_name(name, qwen3) == name
+    with pytest.raises(export.ExportError, match="'visual.blocks.0.attn.qkv.bias': not a Qwen3-VL parameter name"):
+        export.hub_name("visual.blocks.0.attn.qkv.bias", qwen3)
     assert export.plan_shards([("a", 4), ("b", 4), ("c", 9), ("d", 1)], 8) == [["a", "b"], ["c"], ["d"]]
     assert export.plan_shards([("a", 4), ("b", 4)], 100) == [["a", "b"]]
 

@@ -10,7 +10,7 @@ from vlm_sft import main as main_lib
 from vlm_sft import testing
 from vlm_sft.config import ConfigError
 from vlm_sft.data.robo2vlm import RowError
-from vlm_sft.model import ModelLoadError
+from vlm_sft.models import ModelLoadError
 from configs_loader import CONFIG, load_config, override
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from vlm_sft import model as model_lib
+from vlm_sft import models as model_lib
 from vlm_sft import perf
 from vlm_sft import step as step_lib
 from vlm_sft.data.collate import collate

@@ -11,7 +11,7 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from vlm_sft import config as config_lib
-from vlm_sft import model as model_lib
+from vlm_sft import models as model_lib
 from vlm_sft import sharding
 from vlm_sft import step as step_lib
 from vlm_sft.data import robo2vlm

@@ -75,8 +75,6 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
         parse_dtype(a.fsdp_config.mixed_precision[key], f"actor.fsdp_config.mixed_precision.{key}")
     if a.model.is_lora:
         raise ConfigError("actor.model.is_lora=True: LoRA is not implemented yet; full-parameter SFT only")
-    if a.model.model_type != "qwen2.5_vl":
-        raise ConfigError(f"actor.model.model_type={a.model.model_type!r}: expected 'qwen2.5_vl'")
     _positive(d.max_prompt_length, "data.max_prompt_length")
     if d.min_pixels <= 0 or d.max_pixels < d.min_pixels:
         raise ConfigError(f"data.min_pixels={d.min_pixels}, data.max_pixels={d.max_pixels}: expected "

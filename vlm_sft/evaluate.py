@@ -16,13 +16,13 @@ from absl import logging
 from torch.func import functional_call
 
 from vlm_sft import answers
-from vlm_sft import model as model_lib
+from vlm_sft import models as model_lib
 from vlm_sft.data.collate import collate_choices
-from vlm_sft.data.vision import VisionSpec
+from vlm_sft.data.vision import Spec
 
 
 @torch.no_grad()
-def score_choices(model: model_lib.Model, params: dict, examples: Sequence[Any], spec: VisionSpec) -> list[int]:
+def score_choices(model: model_lib.Model, params: dict, examples: Sequence[Any], spec: Spec) -> list[int]:
     """Index of the most likely choice of each example."""
     batch, counts = collate_choices(examples, spec)
     device = _device_of(params)
@@ -91,7 +91,7 @@ def generate(model: model_lib.Model, params: dict, examples: Sequence[Any], toke
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
-def evaluate(model: model_lib.Model, params: dict, batches: Iterable[Any], *, spec: VisionSpec, tokenizer: Any,
+def evaluate(model: model_lib.Model, params: dict, batches: Iterable[Any], *, spec: Spec, tokenizer: Any,
              use_generation: bool, use_choice_scoring: bool, max_new_tokens: int,
              all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
              on_batch: Callable[[int], None] | None = None) -> dict[str, float]:

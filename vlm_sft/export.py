@@ -3,8 +3,8 @@
   python -m vlm_sft.export --checkpoint <run>/checkpoints/step_N --output_dir <dir> [--dtype bf16|fp32]
                            [--overwrite] [--model_path <base model dir>]
 
-The directory holds the params under their Hub names (`model.language_model.X` -> `model.X`, `model.visual.X`
--> `visual.X`, `lm_head.weight` only when untied) in safetensors shards (+ model.safetensors.index.json when
+The directory holds the params under their Hub names (the family's: Qwen2.5-VL ships `model.language_model.X` as
+`model.X` and `model.visual.X` as `visual.X`, Qwen3-VL under the in-memory names; `lm_head.weight` only when untied) in safetensors shards (+ model.safetensors.index.json when
 there is more than one), the base model's config.json and generation_config.json, and the processor files
 (tokenizer, image processor with the run's pixel budget, chat template).
 
@@ -27,6 +27,7 @@ import safetensors.torch
 import torch
 
 from vlm_sft import checkpoint
+from vlm_sft import models
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3  # the Hub's usual shard size
@@ -37,16 +38,12 @@ class ExportError(ValueError):
     """The export cannot be written as asked; the message names the flag or file."""
 
 
-def hub_name(name: str) -> str:
-    """In-memory (transformers 5) param name -> its name in the Hub's safetensors files."""
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model."):]
-    if name.startswith("model.visual."):
-        return name[len("model."):]
-    if name == "lm_head.weight":
-        return name
-    raise ExportError(f"param {name!r}: not a Qwen2.5-VL parameter name (expected model.language_model.*, "
-                      "model.visual.* or lm_head.weight)")
+def hub_name(name: str, family: models.Family) -> str:
+    """In-memory (transformers 5) param name -> its name in the Hub's safetensors files of that family."""
+    try:
+        return family.hub_name(name)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
@@ -81,16 +78,19 @@ def _base_model_dir(ckpt: str, model_path: str | None) -> tuple[str, dict]:
     return path, config.get("data", {})
 
 
-def _load_base_config(base: str, saved: dict) -> Any:
-    """The base directory's config, checked against the checkpoint: the same param names and shapes (a wrong
-    --model_path would otherwise give a directory that does not load). Names the first tensor that differs."""
+def _load_base_config(base: str, saved: dict) -> tuple[Any, models.Family]:
+    """The base directory's config and family, checked against the checkpoint: the same param names and shapes
+    (a wrong --model_path would otherwise give a directory that does not load). Names the first tensor that
+    differs."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(base, local_files_only=True)
-    if config.model_type != "qwen2_5_vl":
-        raise ExportError(f"{base}/config.json: model_type is {config.model_type!r}; expected 'qwen2_5_vl'")
+    try:
+        family = models.family_for_model_type(config.model_type, f"{base}/config.json")
+    except models.ModelLoadError as e:
+        raise ExportError(str(e)) from None
     with torch.device("meta"):  # shapes only, no memory
-        module = transformers.Qwen2_5_VLForConditionalGeneration(config)
+        module = family.hf_class()(config)
     expected = {name: tuple(p.shape) for name, p in module.named_parameters()}  # tied: no lm_head.weight
     for name, (_, entry) in saved.items():
         if name not in expected:
@@ -103,7 +103,7 @@ def _load_base_config(base: str, saved: dict) -> Any:
     if missing:
         raise ExportError(f"the checkpoint lacks {missing[0]!r}, which the model of {base}/config.json has "
                           f"(tie_word_embeddings={config.tie_word_embeddings}): wrong base model directory?")
-    return config
+    return config, family
 
 
 def _write_config(base: str, config: Any, out: str, dtype: torch.dtype) -> None:
@@ -125,11 +125,11 @@ def _write_config(base: str, config: Any, out: str, dtype: torch.dtype) -> None:
         transformers.GenerationConfig.from_model_config(config).save_pretrained(out)
 
 
-def _write_weights(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, max_shard_bytes: int
-                   ) -> torch.dtype:
+def _write_weights(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, max_shard_bytes: int,
+                   family: models.Family) -> torch.dtype:
     """Safetensors shards of the checkpoint's params (`saved`: checkpoint.saved_params), one shard in memory at a
     time. Returns the dtype written."""
-    names = {name: hub_name(name) for name in saved}
+    names = {name: hub_name(name, family) for name in saved}
     dtypes = {dtype or entry.properties.dtype for _, entry in saved.values()}
     if len(dtypes) != 1:
         raise ExportError(f"--checkpoint {ckpt!r}: params are saved in several dtypes {sorted(map(str, dtypes))}; "
@@ -172,11 +172,11 @@ def export_checkpoint(ckpt: str, output_dir: str, *, dtype: torch.dtype | None =
     saved = checkpoint.saved_params(ckpt)
     if not saved:
         raise ExportError(f"--checkpoint {ckpt!r}: the checkpoint holds no params")
-    config = _load_base_config(base, saved)
+    config, family = _load_base_config(base, saved)
     tmp = f"{os.path.normpath(output_dir)}.tmp-{uuid.uuid4().hex[:12]}"
     os.makedirs(tmp)
     try:
-        written = _write_weights(ckpt, saved, tmp, dtype, max_shard_bytes)
+        written = _write_weights(ckpt, saved, tmp, dtype, max_shard_bytes, family)
         _write_config(base, config, tmp, written)
         processor = load_processor(base, min_pixels=data.get("min_pixels"), max_pixels=data.get("max_pixels"))
         processor.save_pretrained(tmp)

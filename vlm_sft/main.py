@@ -22,7 +22,7 @@ from vlm_sft import checkpoint as checkpoint_lib
 from vlm_sft import config as config_lib
 from vlm_sft import evaluate as evaluate_lib
 from vlm_sft import export as export_lib
-from vlm_sft import model as model_lib
+from vlm_sft import models as model_lib
 from vlm_sft import perf
 from vlm_sft import sharding as sharding_lib
 from vlm_sft import step as step_lib
@@ -31,7 +31,7 @@ from vlm_sft.data import robo2vlm
 from vlm_sft.data.collate import check_length_buckets, collate_encoded
 from vlm_sft.data.encode import Encoder, PromptTooLong
 from vlm_sft.data.processor import load_processor
-from vlm_sft.data.vision import VisionSpec
+from vlm_sft.data.vision import Spec
 from vlm_sft.metrics import MetricsWriter
 from vlm_sft.state import init_train_state
 
@@ -128,7 +128,7 @@ def _list(x: list) -> list:
 
 
 def run_eval(model: model_lib.Model, params: dict, source: robo2vlm.Robo2VLMSource, encoder: Encoder,
-             tokenizer: Any, spec: VisionSpec, config: Any, *, world_size: int = 1, rank: int = 0
+             tokenizer: Any, spec: Spec, config: Any, *, world_size: int = 1, rank: int = 0
              ) -> dict[str, float]:
     """Accuracy over every eval row: each rank evaluates its own block of rows (with the full params: generation
     needs them), and the counts are summed over ranks."""
@@ -170,6 +170,7 @@ def run(config: Any, mode: str) -> dict[str, float]:
     """
     proc = sharding_lib.ProcessInfo.from_env()
     config_lib.validate(config, mode=mode, world_size=proc.world_size)
+    model_lib.check_model_type(config.actor.model.model_type)
     sharding_lib.check_config(config, proc.world_size)
     device, created = sharding_lib.init_process_group(proc)
     try:
@@ -195,7 +196,7 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     train_files = find_files(config, "train_data_paths", "train") if mode == "train" else []
     eval_files = find_files(config, "eval_data_paths", "test")
     check_eager_loading_fits(config, train_files + eval_files, local_processes=proc.local_world_size)
-    model_lib.check_model_dir(config.actor.model.model_path)
+    model_lib.check_model_dir(config.actor.model.model_path, config.actor.model.model_type)
     try:
         check_length_buckets(config.data.length_buckets)
     except ValueError as e:
@@ -221,13 +222,14 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     encoder = Encoder(processor, max_prompt_length=d.max_prompt_length, truncation=d.truncation,
                       apply_chat_template=d.apply_chat_template)
     model, params = model_lib.load_model(config.actor.model.model_path,
-                                         attn_implementation=config.actor.model.attn_implementation)
+                                         attn_implementation=config.actor.model.attn_implementation,
+                                         model_type=config.actor.model.model_type)
     precision = config_lib.parse_dtype(config.actor.model.precision, "actor.model.precision")
     params = {k: v.to(precision) for k, v in params.items()}
     sharding = sharding_lib.make_sharding(config, device)
     params = sharding_lib.shard_model(model, params, sharding)  # DTensors on `device`; the full copy is freed
     tokenizer = processor.tokenizer
-    spec = VisionSpec.from_config(model.config, pad_token_id=tokenizer.pad_token_id)
+    spec = model.vision_spec(pad_token_id=tokenizer.pad_token_id)
     eval_source = make_source(eval_files, config) if eval_files else None
     writer = MetricsWriter(run_dir, enabled=rank == 0, total_steps=0)
     last: dict[str, float] = {}

@@ -9,9 +9,12 @@ skipped and never padding or activation recompute:
   vision  c * P_vis * patches     P_vis: matmul weights of the vision blocks; c = 6 when the vision tower
                                   trains, 2 when frozen (forward only)
         + c' * P_patch * patches  the patch embedding: c' = 4 (pixels need no gradient), 2 when frozen
-        + c * P_merge * patches / m^2
+        + c * P_merge * patches / m^2     P_merge: the merger's matmul weights (Qwen3-VL: + the DeepStack mergers')
         + c * h * (d_qk + d_v) * sum over blocks of sum(segment_len^2)   windows / frames, as attended
-Biases, norms, rotary and elementwise work are left out (a fraction of a percent at 3B).
+        + c' * taps * D * patches         Qwen3-VL's learned position embeddings: `taps` (4) table rows of width D
+                                          mixed per patch (forward 2*taps*D; backward 2*taps*D into the table)
+Biases, norms, rotary and elementwise work are left out (a fraction of a percent at 3B). The family's
+architecture numbers come from models/ (FlopShape); the param counts from the params' shapes.
 """
 from __future__ import annotations
 
@@ -24,13 +27,14 @@ import torch
 
 Batch = dict[str, torch.Tensor]
 
+from vlm_sft import models
+
 TEXT_LAYERS = "model.language_model.layers."
 VISION_BLOCKS = "model.visual.blocks."
 PATCH_EMBED = "model.visual.patch_embed."
-MERGER = "model.visual.merger."
 
 FORMULA = ("MFU = (6*P_text*tokens + 6*P_head*labels + 6*l*h*(dqk+dv)*sum(s^2) + c*P_vis*patches "
-           "+ 4*P_patch*patches + c*P_merge*patches/m^2 + c*h_v*(dqk+dv)*sum(seg^2)) "
+           "+ 4*P_patch*patches + c*P_merge*patches/m^2 + c*h_v*(dqk+dv)*sum(seg^2) + 4*taps*D_v*patches) "
            "/ (step_time * peak * devices); c=6 (frozen vision: c=2, patch 2)")
 
 # Dense (no sparsity) peak FLOP/s per device from the vendors' data sheets, matched by device-name substring in
@@ -68,7 +72,7 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 @dataclasses.dataclass(frozen=True)
 class FlopModel:
-    """Per-unit FLOP coefficients of one Qwen2.5-VL (see the module docstring)."""
+    """Per-unit FLOP coefficients of one model (see the module docstring)."""
 
     text_params: int         # matmul weights of the decoder layers
     head_params: int         # lm_head (= embedding when tied) weights
@@ -80,13 +84,15 @@ class FlopModel:
     vision_attention: int    # h * (d_qk + d_v) of one vision block
     window_blocks: int       # vision blocks attending within windows
     full_blocks: int         # vision blocks attending within whole frames
+    pos_embed: int = 0       # taps * width of the learned position embeddings mixed per patch (0: none)
     vision_factor: int = 6   # 6 when the vision tower trains, 2 when frozen
     patch_factor: int = 4    # the patch embedding: 4 when it trains (weight gradient only), 2 when frozen
 
     @classmethod
     def from_model(cls, config, shapes: Mapping[str, torch.Size | Sequence[int]], lm_head_name: str, *,
                    vision_trainable: bool = True) -> "FlopModel":
-        """`config`: the HF Qwen2_5_VLConfig; `shapes`: param name -> (global) shape, e.g. the params pytree."""
+        """`config`: the HF config of a supported family; `shapes`: param name -> (global) shape, e.g. the params
+        pytree."""
         def matmul(prefix: str) -> int:
             total = 0
             for name, shape in shapes.items():
@@ -95,22 +101,19 @@ class FlopModel:
                     total += _numel(shape)
             return total
 
-        text = config.text_config
-        vision = config.vision_config
-        head_dim = text.hidden_size // text.num_attention_heads
-        vision_head_dim = vision.hidden_size // vision.num_heads
-        full = len(vision.fullatt_block_indexes)
+        arch = models.family_for_config(config).flop_shape(config)
         return cls(
             text_params=matmul(TEXT_LAYERS),
             head_params=_numel(tuple(shapes[lm_head_name])),
-            text_attention=text.num_hidden_layers * text.num_attention_heads * 2 * head_dim,
+            text_attention=arch.text_layers * arch.text_heads * 2 * arch.text_head_dim,
             vision_params=matmul(VISION_BLOCKS),
             patch_params=matmul(PATCH_EMBED),
-            merger_params=matmul(MERGER),
-            merge_unit=vision.spatial_merge_size ** 2,
-            vision_attention=vision.num_heads * 2 * vision_head_dim,
-            window_blocks=vision.depth - full,
-            full_blocks=full,
+            merger_params=sum(matmul(prefix) for prefix in arch.merger_prefixes),
+            merge_unit=arch.merge_unit,
+            vision_attention=arch.vision_heads * 2 * arch.vision_head_dim,
+            window_blocks=arch.window_blocks,
+            full_blocks=arch.full_blocks,
+            pos_embed=arch.pos_embed_taps * arch.vision_hidden,
             vision_factor=6 if vision_trainable else 2,
             patch_factor=4 if vision_trainable else 2,
         )
@@ -126,12 +129,12 @@ class FlopModel:
                        + self.text_attention * float((lengths ** 2).sum()))
         if "pixel_values" in batch:
             patches = float(batch["pixel_values"].shape[0])
-            window = _sum_squares(batch["window_cu_seqlens"])
+            window = _sum_squares(batch["window_cu_seqlens"]) if self.window_blocks else 0.0
             full = _sum_squares(batch["full_cu_seqlens"])
             flops += self.vision_factor * (
                 self.vision_params * patches + self.merger_params * patches / self.merge_unit
                 + self.vision_attention * (self.window_blocks * window + self.full_blocks * full))
-            flops += self.patch_factor * self.patch_params * patches
+            flops += self.patch_factor * (self.patch_params + self.pos_embed) * patches
         return flops
 
     def step_flops(self, micro_batches: Sequence[Batch | None]) -> float:

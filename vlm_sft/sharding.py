@@ -8,7 +8,7 @@ the layer FSDP2 is built on instead: every param is a DTensor placed per `actor.
     full_shard    mesh (dp,)               Shard(0)            gradients reduce-scattered
     hybrid_shard  mesh (replicate, shard)  Replicate, Shard(0) reduce-scatter within a node, all-reduce across
 
-and each param group is gathered inside the call that uses it (`make_block_call`, plugged into model.py's
+and each param group is gathered inside the call that uses it (`make_block_call`, plugged into the models'
 `block_call` hook) with `redistribute(Replicate).to_local(grad_placements=[Partial("avg")])`. The Partial grad
 placement is what makes backward reduce the per-rank gradients back into the params' placement; without it the
 gradients are silently wrong. "avg" makes them the MEAN over ranks (as RLinf's FSDP), so a run on N ranks takes the
@@ -41,7 +41,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.checkpoint import checkpoint
 
-from vlm_sft import model as model_lib
+from vlm_sft import models as model_lib
 from vlm_sft.config import ConfigError, parse_dtype
 
 Params = dict[str, torch.Tensor]
@@ -283,7 +283,7 @@ def leaf_placements(tree: Any) -> dict[str, tuple[Placement, ...] | None]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Per-block gather (model.py's block_call hook).
+# Per-block gather (the block_call hook of models/).
 
 class GatherStats:
     """Measures the gathered (full) param copies alive at once: the storages of every gathered tensor are tracked
@@ -326,7 +326,7 @@ def gather(p: Params, sharding: Sharding, stats: GatherStats | None = None) -> P
 
 def make_block_call(sharding: Sharding, *, checkpointing: bool = False,
                     stats: GatherStats | None = None) -> model_lib.BlockCall:
-    """model.py's block_call: gather the group's params inside the call, so the full copies live only while used.
+    """The models' block_call: gather the group's params inside the call, so the full copies live only while used.
 
     With `checkpointing`, calls marked `remat` (decoder and vision blocks) run under non-reentrant activation
     checkpointing with the gather INSIDE the checkpointed function: nothing of the block is kept for backward but

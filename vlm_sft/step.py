@@ -15,7 +15,7 @@ import torch
 import torch.utils._pytree as pytree
 from absl import logging
 
-from vlm_sft import model as model_lib
+from vlm_sft import models as model_lib
 from vlm_sft import optim
 from vlm_sft.state import TrainState
 
@@ -90,7 +90,7 @@ def _compile_config(mode: str) -> contextlib.AbstractContextManager:
 # images of any size share one graph, while the text dims stay static (length buckets, padded label count).
 VISION_DYNAMIC_DIMS = {
     "pixel_values": (0,), "image_grid_thw": (0,), "image_index": (0,), "vision_rotary_ids": (0,),
-    "window_index": (0,), "window_reverse": (0,),
+    "window_index": (0,), "window_reverse": (0,), "pos_embed_index": (0,), "pos_embed_weight": (0,),
     "full_gather": (0, 1), "full_mask": (0, 1), "full_scatter": (0,), "full_cu_seqlens": (0,),
     "window_gather": (0, 1), "window_mask": (0, 1), "window_scatter": (0,), "window_cu_seqlens": (0,),
 }

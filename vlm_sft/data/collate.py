@@ -11,8 +11,7 @@ from typing import Sequence
 
 import torch
 
-from vlm_sft.data.vision import (VisionSpec, attention_layout, mrope_position_ids, vision_rotary_ids,
-                                 window_partition)
+from vlm_sft.data.vision import Spec, mrope_position_ids
 
 Batch = dict[str, torch.Tensor]
 
@@ -47,7 +46,7 @@ def check_length_buckets(buckets: Sequence[int]) -> None:
 
 
 def collate(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel_values: Sequence[torch.Tensor],
-            grids: Sequence[torch.Tensor], spec: VisionSpec, *, pad_multiple: int = 8,
+            grids: Sequence[torch.Tensor], spec: Spec, *, pad_multiple: int = 8,
             length_buckets: Sequence[int] = (), pad_labels: bool = False) -> Batch:
     """Build a batch from (input_ids, labels) pairs and the images each sequence holds.
 
@@ -58,6 +57,7 @@ def collate(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel_values
       label_weight [N] float (only with pad_labels: 1 on real labels, 0 on the padding up to label_bucket(N);
       padded labels are -100 at position 0 of row 0, so the loss is sum(w * nll) / sum(w));
       pixel_values [P, D]; image_grid_thw [n, 3]; image_index [P/m^2] (flat positions of <|image_pad|>);
+      and the family's vision indexing, spec.image_inputs(grid) (data/vision.py), e.g. for Qwen2.5-VL
       vision_rotary_ids [P, 2]; window_index, window_reverse [P/m^2];
       {window,full}_{gather,mask,scatter,cu_seqlens}: attention_layout() of the windows / frames, in window order.
     L is bucket_length() of the longest sequence.
@@ -94,25 +94,20 @@ def collate(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel_values
     grids = [g for g in grids if len(g)]
     if grids:
         grid = torch.cat(grids).long()
-        window_index, window_lengths = window_partition(grid, spec)
-        frame_lengths = (grid[:, 1] * grid[:, 2]).repeat_interleave(grid[:, 0]).tolist()
         batch.update({
             "pixel_values": torch.cat([p for p in pixel_values if len(p)]).float(),
             "image_grid_thw": grid,
             "image_index": torch.nonzero(input_ids.flatten() == spec.image_token_id).flatten(),
-            "vision_rotary_ids": vision_rotary_ids(grid, spec),
-            "window_index": window_index,
-            "window_reverse": torch.argsort(window_index),
-            **attention_layout(frame_lengths, "full"),
-            **attention_layout(window_lengths, "window"),
+            **spec.image_inputs(grid),
         })
-        if len(batch["image_index"]) != len(window_index):
-            raise ValueError(f"{len(batch['image_index'])} <|image_pad|> tokens for {len(window_index)} image "
+        features = int(grid.prod(-1).sum()) // spec.spatial_merge_size ** 2
+        if len(batch["image_index"]) != features:
+            raise ValueError(f"{len(batch['image_index'])} <|image_pad|> tokens for {features} image "
                              "features: the image processor and the tokenizer disagree")
     return batch
 
 
-def collate_encoded(examples: Sequence, spec: VisionSpec, *, pad_multiple: int = 8,
+def collate_encoded(examples: Sequence, spec: Spec, *, pad_multiple: int = 8,
                     length_buckets: Sequence[int] = (), pad_labels: bool = False) -> Batch:
     """Collate `Encoded` examples (data/encode.py) for training: the target labels of each example.
 
@@ -122,7 +117,7 @@ def collate_encoded(examples: Sequence, spec: VisionSpec, *, pad_multiple: int =
                    length_buckets=length_buckets, pad_labels=pad_labels)
 
 
-def collate_choices(examples: Sequence, spec: VisionSpec, *, pad_multiple: int = 8) -> tuple[Batch, list[int]]:
+def collate_choices(examples: Sequence, spec: Spec, *, pad_multiple: int = 8) -> tuple[Batch, list[int]]:
     """One sequence per (example, choice): prompt + that choice's target, labelled on the target.
 
     Returns the batch and the number of choices of each example (rows are example-major), for choice scoring.

@@ -1,9 +1,11 @@
-"""Host-side precompute of everything data-dependent in a Qwen2.5-VL forward.
+"""Host-side precompute of everything data-dependent in a Qwen-VL forward (Qwen2.5-VL and Qwen3-VL).
 
-The stock forward derives mrope position ids, vision attention segments, the window permutation and the vision
-rotary ids from `image_grid_thw` with `.tolist()`, `repeat_interleave` and Python loops: graph breaks and host syncs
-inside the step. All of it depends only on token ids and image grids, so it is computed here, per example, in the
-data pipeline (DataLoader workers), and the compiled step sees plain index tensors of static meaning.
+The stock forwards derive mrope position ids, vision attention segments, the window permutation, the vision rotary
+ids and (Qwen3-VL) the position-embedding interpolation from `image_grid_thw` with `.tolist()`,
+`repeat_interleave` and Python loops: graph breaks and host syncs inside the step. All of it depends only on token
+ids and image grids, so it is computed here, per example, in the data pipeline (DataLoader workers), and the
+compiled step sees plain index tensors of static meaning. Each family has its spec (a picklable dataclass):
+collate calls its `image_inputs(grid)` for the batch's images.
 """
 from __future__ import annotations
 
@@ -34,9 +36,65 @@ class VisionSpec:
             pad_token_id=int(pad_token_id),
         )
 
+    def image_inputs(self, grid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Vision indexing of a batch's images (grid [n, 3]): rotary ids, window permutation, segment layouts."""
+        window_index, window_lengths = window_partition(grid, self)
+        return {
+            "vision_rotary_ids": vision_rotary_ids(grid, self),
+            "window_index": window_index,
+            "window_reverse": torch.argsort(window_index),
+            **attention_layout(frame_lengths(grid), "full"),
+            **attention_layout(window_lengths, "window"),
+        }
 
-def mrope_position_ids(input_ids: torch.Tensor, grids: torch.Tensor, spec: VisionSpec) -> torch.Tensor:
-    """[3, L] (temporal, height, width) rope positions for one sequence, as Qwen2.5-VL's get_rope_index.
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3VLVisionSpec:
+    """Qwen3-VL's precompute: no windows (every block attends within whole frames), and the learned position
+    embeddings' bilinear interpolation (4 table rows and weights per patch) computed here, not in the step."""
+
+    image_token_id: int
+    spatial_merge_size: int
+    patch_size: int
+    num_grid_per_side: int
+    pad_token_id: int
+
+    @classmethod
+    def from_config(cls, config: Any, pad_token_id: int) -> "Qwen3VLVisionSpec":
+        vc = config.vision_config
+        return cls(
+            image_token_id=int(config.image_token_id),
+            spatial_merge_size=int(vc.spatial_merge_size),
+            patch_size=int(vc.patch_size),
+            num_grid_per_side=int(vc.num_position_embeddings ** 0.5),
+            pad_token_id=int(pad_token_id),
+        )
+
+    def image_inputs(self, grid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rotary ids, position-embedding taps pos_embed_index/pos_embed_weight [P, 4], frame layout."""
+        from vlm_sft.data.qwen3_vl_vision import position_embedding_interpolation
+
+        index, weight = position_embedding_interpolation(grid, self.num_grid_per_side, self.spatial_merge_size)
+        return {
+            "vision_rotary_ids": vision_rotary_ids(grid, self),
+            "pos_embed_index": index.t().contiguous(),
+            "pos_embed_weight": weight.t().contiguous().float(),
+            **attention_layout(frame_lengths(grid), "full"),
+        }
+
+
+Spec = VisionSpec | Qwen3VLVisionSpec  # a family's precompute: collate needs image_token_id, spatial_merge_size,
+#                                       pad_token_id and image_inputs(grid)
+
+
+def frame_lengths(grid: torch.Tensor) -> list[int]:
+    """Patches of every frame of every image (the segments of full attention), in batch order."""
+    return (grid[:, 1] * grid[:, 2]).repeat_interleave(grid[:, 0]).tolist()
+
+
+def mrope_position_ids(input_ids: torch.Tensor, grids: torch.Tensor, spec: Spec) -> torch.Tensor:
+    """[3, L] (temporal, height, width) rope positions for one sequence, as get_rope_index of Qwen2.5-VL (and of
+    Qwen3-VL: the same rule for images).
 
     Text tokens advance all three axes together; an image block gets its (t, h, w) grid offset by the position where
     it starts, and the text after it resumes at start + max(h, w) (merged grid units).
@@ -68,7 +126,7 @@ def mrope_position_ids(input_ids: torch.Tensor, grids: torch.Tensor, spec: Visio
     return out
 
 
-def vision_rotary_ids(grids: torch.Tensor, spec: VisionSpec) -> torch.Tensor:
+def vision_rotary_ids(grids: torch.Tensor, spec: Spec) -> torch.Tensor:
     """[P, 2] (row, col) patch coordinates in the processor's patch order (merge-block major)."""
     m = spec.spatial_merge_size
     parts = []

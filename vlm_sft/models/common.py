@@ -1,0 +1,245 @@
+"""What every model family shares: the Model skeleton, the block_call hook, block application, packed vision
+attention, lm_head at labelled positions and the token NLL.
+
+A model is a pure function of a params pytree: a flat dict keyed by the HF module's parameter names. The HF module
+is kept only as a library of submodules and buffers; each family's `forward_hidden` applies them block by block
+with `torch.func.functional_call`, so the params that flow through the step are the ones passed in (never the
+module's own), and a per-block hook (`block_call`) is where sharding gathers and activation checkpointing attach.
+Every block of one kind is applied with the same function and the same template module (the first block: params
+come from `p`, the module is only structure), so identical blocks can share one compiled graph. The
+data-dependent vision indexing comes precomputed in the batch (data/vision.py), so nothing here syncs with the host.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+Params = dict[str, torch.Tensor]
+Batch = dict[str, torch.Tensor]
+BlockCall = Callable[..., Any]
+
+VISUAL = "model.visual."
+TEXT = "model.language_model."
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopShape:
+    """What the FLOP model (perf.py) needs to know of a family's architecture beyond its params' shapes."""
+
+    text_layers: int
+    text_heads: int
+    text_head_dim: int
+    vision_heads: int
+    vision_head_dim: int
+    window_blocks: int        # vision blocks attending within windows
+    full_blocks: int          # vision blocks attending within whole frames
+    merge_unit: int           # patches per merged token (spatial_merge_size^2)
+    merger_prefixes: tuple[str, ...]  # param prefixes applied once per merged token (merger, DeepStack mergers)
+    pos_embed_taps: int = 0   # learned position-embedding rows mixed into each patch (0: none)
+    vision_hidden: int = 0    # width of those rows
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Family:
+    """One model family behind the small interface the trainer uses (one module each under models/)."""
+
+    name: str                 # actor.model.model_type (RLinf's spelling)
+    model_type: str           # config.json's model_type
+    hf_class: Callable[[], type]  # -> the transformers class (imported lazily)
+    block_pattern: str        # regex of the per-block param prefixes (decoder layers, vision blocks, ...)
+    top_prefixes: tuple[str, ...]  # single param groups (embedding, patch embedding, mergers, norms, lm_head)
+    forward_hidden: Callable[..., torch.Tensor]   # (model, params, batch, block_call) -> [B, L, H]
+    vision_spec: Callable[[Any, int], Any]        # (hf config, pad id) -> picklable host precompute for collate
+    flop_shape: Callable[[Any], FlopShape]
+    hub_name: Callable[[str], str]                # in-memory param name -> its name in the Hub's safetensors
+    check_config: Callable[[dict, str], None] = lambda raw, path: None  # config.json features it does not support
+
+
+@dataclasses.dataclass(eq=False)
+class Model:
+    """The HF module (structure and buffers only) and what the functional forward needs to know about it."""
+
+    module: torch.nn.Module
+    config: Any
+    tied: bool
+    groups: dict[str, list[str]]  # module prefix -> the param names under it, for per-block application
+    family: Family
+
+    @property
+    def lm_head_name(self) -> str:
+        return TEXT + "embed_tokens.weight" if self.tied else "lm_head.weight"
+
+    def block_params(self, params: Params, prefix: str) -> Params:
+        """The params of one block, keyed relative to it (what functional_call on the block expects)."""
+        return {name[len(prefix):]: params[name] for name in self.groups[prefix]}
+
+    def vision_spec(self, pad_token_id: int) -> Any:
+        """The family's host-side vision precompute (collate calls its `image_inputs`)."""
+        return self.family.vision_spec(self.config, pad_token_id)
+
+
+def param_groups(names: list[str], family: Family) -> dict[str, list[str]]:
+    """Param names grouped by the block (or top-level module) that applies them."""
+    block = re.compile(family.block_pattern)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        m = block.match(name)
+        if m:
+            prefix = m.group(1)
+        else:
+            prefix = name.rsplit(".", 1)[0] + "."
+            for top in family.top_prefixes:
+                if name.startswith(top):
+                    prefix = top
+        groups.setdefault(prefix, []).append(name)
+    return groups
+
+
+def model_from_module(module: torch.nn.Module, family: Family) -> tuple[Model, Params]:
+    """Model skeleton and params of an HF module already in memory. The params share storage with the module's
+    parameters (no second copy); the functional forward never reads the module's values, so updating the params
+    in place is harmless."""
+    module.train()
+    module.requires_grad_(False)
+    params = {n: p.detach() for n, p in module.named_parameters()}
+    tied = "lm_head.weight" not in params
+    return Model(module=module, config=module.config, tied=tied, groups=param_groups(list(params), family),
+                 family=family), params
+
+
+def _call(module: torch.nn.Module, params: Params, *args: Any, **kwargs: Any) -> Any:
+    return functional_call(module, params, args, kwargs, tie_weights=False, strict=True)
+
+
+def vision_rotary(inv_freq: torch.Tensor, rotary_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [P, head_dim] of a vision tower's 2D rope for (row, col) patch coordinates (both families)."""
+    freqs = rotary_ids[..., None].float() * inv_freq.float()     # [P, 2, head_dim / 4]
+    freqs = freqs.flatten(1)                                     # [P, head_dim / 2]: rows then cols
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def vision_attention(block: torch.nn.Module, p: Params, x: torch.Tensor, gather: torch.Tensor,
+                     mask: torch.Tensor, scatter: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
+    """Attention within each segment (window or frame) of the packed patches x [P, D], no loop over images.
+
+    The segments' layout comes precomputed (data/vision.py attention_layout): one batched sdpa over the segments
+    gathered into padded rows [segments, max_len], pad keys masked. It costs segments * max_len^2 (~sum(len^2):
+    windows differ only at image borders), not the P^2 of a block-diagonal mask. `cu_seqlens` is the same layout
+    for a varlen flash attention kernel (not used yet: untested without a GPU).
+    """
+    attn = block.attn
+    n = x.shape[0]
+    qkv = F.linear(x, p["attn.qkv.weight"], p["attn.qkv.bias"]).view(n, 3, attn.num_heads, -1)
+    q, k, v = qkv.unbind(1)                                        # [P, heads, head_dim]
+    c, s = cos[:, None, :], sin[:, None, :]
+    q = (q.float() * c + _rotate_half(q.float()) * s).to(v.dtype)
+    k = (k.float() * c + _rotate_half(k.float()) * s).to(v.dtype)
+    rows, width = gather.shape
+    q, k, v = (t[gather].transpose(1, 2) for t in (q, k, v))   # [segments, heads, max_len, head_dim]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    out = out.transpose(1, 2).reshape(rows * width, -1)[scatter]
+    return F.linear(out.reshape(n, -1), p["attn.proj.weight"], p["attn.proj.bias"])
+
+
+def vision_block(block: torch.nn.Module, p: Params, x: torch.Tensor, gather: torch.Tensor, mask: torch.Tensor,
+                 scatter: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> torch.Tensor:
+    """A pre-norm vision transformer block (norm1, attn, norm2, mlp) of either family."""
+    sub = lambda prefix: {k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)}
+    h = _call(block.norm1, sub("norm1."), x)
+    x = x + vision_attention(block, p, h, gather, mask, scatter, cu_seqlens, cos, sin)
+    return x + _call(block.mlp, sub("mlp."), _call(block.norm2, sub("norm2."), x))
+
+
+def decoder_block(layer: torch.nn.Module, p: Params, h: torch.Tensor,
+                  position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    # attention_mask=None -> causal sdpa: exact for right-padded batches (see data/collate.py). The layer's own
+    # layer_idx (KV cache only) and attention type (the mask we do not build) play no part here, so one template
+    # layer serves every layer.
+    out = _call(layer, p, h, attention_mask=None, position_embeddings=position_embeddings)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def plain_block_call(fn: Callable[..., torch.Tensor], module: torch.nn.Module | None, p: Params, *args: Any,
+                     remat: bool = False) -> torch.Tensor:
+    """Default hook through which every param group is applied: `fn(module, p, *args)` with p as given.
+
+    The sharding layer replaces it with one that gathers `p` first (and frees it after), and re-runs the block in
+    backward when `remat` (activation checkpointing; True for decoder and vision blocks).
+    """
+    return fn(module, p, *args)
+
+
+def apply_module(module: torch.nn.Module, p: Params, *args: Any) -> torch.Tensor:
+    return _call(module, p, *args)
+
+
+def embed(module: None, p: Params, input_ids: torch.Tensor) -> torch.Tensor:
+    return F.embedding(input_ids, p["weight"])
+
+
+def _lm_head(module: None, p: Params, hidden: torch.Tensor) -> torch.Tensor:
+    return F.linear(hidden, p["weight"])
+
+
+def scatter_rows(h: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, *, add: bool = False) -> torch.Tensor:
+    """h [B, L, D] with the flat positions `index` replaced by (or, with `add`, increased by) `rows` [N, D]."""
+    b, l, d = h.shape
+    return h.reshape(b * l, d).index_put((index,), rows.to(h.dtype), accumulate=add).view(b, l, d)
+
+
+def decoder_stack(model: Model, params: Params, h: torch.Tensor, position_ids: torch.Tensor,
+                  block_call: BlockCall, after_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+    """The text decoder layers and final norm on input embeddings h [B, L, D]; `after_layer(i, h)` may change
+    the hidden states between layers (DeepStack)."""
+    text = model.module.model.language_model
+    position_embeddings = text.rotary_emb(h, position_ids)
+    template = text.layers[0]
+    for i in range(len(text.layers)):
+        h = block_call(decoder_block, template, model.block_params(params, f"{TEXT}layers.{i}."), h,
+                       position_embeddings, remat=True)
+        if after_layer is not None:
+            h = after_layer(i, h)
+    return block_call(apply_module, text.norm, model.block_params(params, TEXT + "norm."), h)
+
+
+def embed_tokens(model: Model, params: Params, input_ids: torch.Tensor, block_call: BlockCall) -> torch.Tensor:
+    return block_call(embed, None, {"weight": params[TEXT + "embed_tokens.weight"]}, input_ids)
+
+
+def forward_hidden(model: Model, params: Params, batch: Batch, block_call: BlockCall = plain_block_call
+                   ) -> torch.Tensor:
+    """Final-norm hidden states [B, L, H] of the text model for the batch (images in their tokens)."""
+    return model.family.forward_hidden(model, params, batch, block_call)
+
+
+def label_logits(model: Model, params: Params, hidden: torch.Tensor, index: torch.Tensor,
+                 block_call: BlockCall = plain_block_call) -> torch.Tensor:
+    """lm_head applied only at the flat positions `index` of `hidden` [B, L, H] -> [N, vocab]."""
+    selected = hidden.reshape(-1, hidden.shape[-1])[index]
+    return block_call(_lm_head, None, {"weight": params[model.lm_head_name]}, selected)
+
+
+def token_nll(model: Model, params: Params, batch: Batch, block_call: BlockCall = plain_block_call
+              ) -> torch.Tensor:
+    """Negative log-likelihood [N] (fp32) of every label token of the batch."""
+    hidden = forward_hidden(model, params, batch, block_call)
+    logits = label_logits(model, params, hidden, batch["label_index"], block_call)
+    return F.cross_entropy(logits.float(), batch["label_ids"], reduction="none")
