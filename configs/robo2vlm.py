@@ -1,4 +1,4 @@
-"""Full-parameter SFT of Qwen2.5-VL on Robo2VLM multiple-choice VQA.
+"""Full-parameter SFT of Qwen2.5-VL or Qwen3-VL on Robo2VLM multiple-choice VQA.
 
 The seed's YAML (RLinf examples/sft/config/custom_sft_vlm.yaml) as an ml_collections ConfigDict: same field
 names and nesting, so an RLinf config ports by reading it. Fields RLinf lacks are marked "new".
@@ -7,10 +7,16 @@ Variants after the colon (comma separated):
   demo   tiny random Qwen2.5-VL + generated Robo2VLM-format parquet, built once under the run dir; ~2 min on a
          laptop CPU, loss falls and accuracy rises.
   eval   eval-only: no training data (set data.eval_data_paths and actor.model.model_path).
+  qwen3  Qwen3-VL (actor.model.model_type=qwen3_vl); with demo, the tiny random model is a Qwen3-VL shaped as the
+         Hub ships Qwen3-VL-2B-Instruct.
 
   python -m vlm_sft.main --config configs/robo2vlm.py:demo
+  python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3
   python -m vlm_sft.main --config configs/robo2vlm.py \
       --config.actor.model.model_path=/models/Qwen2.5-VL-3B-Instruct \
+      --config.data.train_data_paths=/data/Robo2VLM-1/data --config.data.eval_data_paths=/data/Robo2VLM-1/data
+  python -m vlm_sft.main --config configs/robo2vlm.py:qwen3 \
+      --config.actor.model.model_path=/models/Qwen3-VL-4B-Instruct \
       --config.data.train_data_paths=/data/Robo2VLM-1/data --config.data.eval_data_paths=/data/Robo2VLM-1/data
 """
 import ml_collections
@@ -18,9 +24,9 @@ import ml_collections
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
-    unknown = variants - {"demo", "eval"}
+    unknown = variants - {"demo", "eval", "qwen3"}
     if unknown:
-        raise ValueError(f"configs/robo2vlm.py: unknown variant(s) {sorted(unknown)}; known: demo, eval")
+        raise ValueError(f"configs/robo2vlm.py: unknown variant(s) {sorted(unknown)}; known: demo, eval, qwen3")
 
     c = ml_collections.ConfigDict()
 
@@ -65,8 +71,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.bad_rows = "error"        # new: undecodable row -> "error" (stop, naming file and row) or "skip" (count)
     c.data.lazy_loading = False      # True: stream parquet row groups instead of reading all rows up front
     c.data.num_workers = 4
-    c.data.min_pixels = 3136         # new: image processor pixel budget (Qwen2.5-VL defaults)
-    c.data.max_pixels = 12845056
+    # new: image processor pixel budget per image; unset (None) takes the model directory's own
+    # (preprocessor_config.json: Qwen2.5-VL 3136..12845056, Qwen3-VL 65536..16777216); set, it overrides.
+    c.data.min_pixels = ml_collections.config_dict.placeholder(int)
+    c.data.max_pixels = ml_collections.config_dict.placeholder(int)
     # new: padded sequence lengths for a compiled step (each bucket in use is one compilation; longer sequences
     # pad to a multiple of the last). A 640x480 image is 391 tokens, so Robo2VLM rows land in 512 or 640.
     c.data.length_buckets = [128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048]
@@ -87,7 +95,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.compile_cache_dir = ""
 
     c.actor.model = ml_collections.ConfigDict()
-    c.actor.model.model_type = "qwen2.5_vl"
+    c.actor.model.model_type = "qwen2.5_vl"  # qwen2.5_vl | qwen3_vl; must agree with the directory's config.json
     c.actor.model.precision = "fp32"   # master weights and optimizer state
     c.actor.model.model_path = ""
     c.actor.model.is_lora = False
@@ -145,6 +153,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.actor.optim.lr_warmup_steps = 10
         c.actor.optim.weight_decay = 0.0
         c.eval.max_new_tokens = 16
+
+    if "qwen3" in variants:
+        c.actor.model.model_type = "qwen3_vl"
+        c.runner.logger.experiment_name = "qwen3_vl_sft_robo2vlm"
+        if "demo" in variants:
+            c.runner.logger.experiment_name = "demo_qwen3"  # its own run dir: own demo assets and checkpoints
+            c.data.min_pixels = 64 * 64  # patch 16, merge 2: a 64x48 demo image -> 4x4 patches -> 4 image tokens
+            c.data.max_pixels = 64 * 64
 
     if "eval" in variants:
         c.data.train_data_paths = ""

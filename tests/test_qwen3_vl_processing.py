@@ -1,12 +1,21 @@
 """Qwen3-VL's host-side vision precompute and processing, checked against transformers' own Qwen3-VL code."""
+import dataclasses
+import json
+import pickle
+import shutil
 import types
 
+import jinja2.sandbox
 import PIL.Image
 import pytest
 import torch
 import transformers
 from transformers import vision_utils
+from transformers.utils import is_torchvision_available
 
+from vlm_sft import testing
+from vlm_sft.data import encode as encode_lib
+from vlm_sft.data import processor as processor_lib
 from vlm_sft.data import qwen3_vl_vision
 from vlm_sft.data import vision as vision_lib
 
@@ -112,3 +121,145 @@ def test_mrope_positions_equal_qwen3_vl_get_rope_index(hf_model, texts):
 def test_precompute_rejects_bad_grids(grids, match):
     with pytest.raises(ValueError, match=match):
         qwen3_vl_vision.position_embedding_interpolation(grids, 8, 2)
+
+
+# Processing: load_processor on a Qwen3-VL directory, without torchvision -------------------------------------
+
+@dataclasses.dataclass
+class Example:  # the fields of vlm_sft.data.robo2vlm.Example
+    source: str
+    id: str
+    question: str
+    choices: list[str]
+    answer_index: int
+    images: list[PIL.Image.Image]
+
+
+def _example(sizes, source="train-00000.parquet:3"):
+    images = [PIL.Image.new("RGB", size, (40, 70, 200)) for size in sizes]
+    return Example(source, "id3", "Which colour is the block?", ["red", "blue", "green"], 1, images)
+
+
+@pytest.fixture(scope="module")
+def qwen3_processor(tiny_qwen3_vl_dir):
+    return processor_lib.load_processor(tiny_qwen3_vl_dir)
+
+
+def _grid(processor, size):
+    image = PIL.Image.new("RGB", size, (40, 70, 200))
+    return processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"].tolist()
+
+
+def test_load_processor_builds_qwen3_vl_text_and_image_path(qwen3_processor):
+    assert not is_torchvision_available()  # this test is about the CPU path; the stock one needs torchvision
+    assert isinstance(qwen3_processor, transformers.Qwen3VLProcessor)
+    assert isinstance(qwen3_processor, processor_lib.ImageOnlyQwen3VLProcessor)
+    assert type(qwen3_processor.tokenizer).__name__ == "Qwen2Tokenizer" and len(qwen3_processor.tokenizer) == 151669
+    assert qwen3_processor.chat_template == testing.QWEN3_VL_CHAT_TEMPLATE
+    image_processor = qwen3_processor.image_processor
+    assert (image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size) == (16, 2, 2)
+    assert tuple(image_processor.image_mean) == tuple(image_processor.image_std) == (0.5, 0.5, 0.5)
+    # The directory's budget: 100x150 is below 65,536 pixels, so it is scaled up to 224x320 (14 x 20 patches of 16).
+    assert _grid(qwen3_processor, (100, 150)) == [[1, 20, 14]]
+    out = image_processor(images=[PIL.Image.new("RGB", (100, 150))], return_tensors="pt")
+    assert out["pixel_values"].shape == (20 * 14, 3 * 2 * 16 * 16)
+    clone = pickle.loads(pickle.dumps(qwen3_processor))  # DataLoader workers
+    assert type(clone) is type(qwen3_processor) and _grid(clone, (100, 150)) == [[1, 20, 14]]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_pixel_budget_unset_takes_the_directorys_own_and_set_overrides(
+        family, tiny_model_dir, tiny_qwen3_vl_dir, tiny_processor, qwen3_processor):
+    path, own, default = ((tiny_model_dir, (3136, 12845056), tiny_processor) if family == "qwen2_5_vl" else
+                          (tiny_qwen3_vl_dir, (65536, 16777216), qwen3_processor))
+    # `default` is load_processor(path): min_pixels=None, max_pixels=None, as data.* leaves them unset.
+    assert (default.image_processor.size.shortest_edge, default.image_processor.size.longest_edge) == own
+    small = processor_lib.load_processor(path, min_pixels=64 * 64, max_pixels=64 * 64)
+    assert (small.image_processor.size.shortest_edge, small.image_processor.size.longest_edge) == (4096, 4096)
+    (t, h, w), = _grid(small, (300, 200))
+    assert h * w * small.image_processor.patch_size ** 2 <= 4096
+
+
+def _render(template: str, messages: list, **kwargs) -> str:
+    """The chat template rendered by plain jinja2 the way chat templates are run (trim/lstrip blocks)."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=messages, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_prompts_are_exactly_what_the_directorys_template_renders(
+        family, tiny_model_dir, tiny_qwen3_vl_dir, tiny_processor, qwen3_processor):
+    path, processor = ((tiny_model_dir, tiny_processor) if family == "qwen2_5_vl" else
+                       (tiny_qwen3_vl_dir, qwen3_processor))
+    template = json.loads((path / "chat_template.json").read_text())["chat_template"]
+    example = _example([(100, 150), (300, 120)])
+    enc = encode_lib.Encoder(processor, max_prompt_length=1024)(example)
+
+    content = [{"type": "image"}, {"type": "image"},
+               {"type": "text", "text": encode_lib.user_text(example.question, example.choices)}]
+    user = [{"role": "user", "content": content}]
+    prompt = _render(template, user, add_generation_prompt=True)
+    full = _render(template, user + [{"role": "assistant", "content": "B. blue"}])
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                             if family == "qwen2_5_vl" else "<|im_start|>user\n<|vision_start|>")
+    assert full == prompt + "B. blue<|im_end|>\n"
+
+    def ids(text):  # the rendering tokenized, each image's single pad expanded to its merged patches
+        for t, h, w in enc.image_grid_thw.tolist():
+            text = text.replace("<|image_pad|>", "<|placeholder|>" * (t * h * w // 4), 1)
+        return processor.tokenizer(text.replace("<|placeholder|>", "<|image_pad|>"))["input_ids"]
+
+    assert enc.input_ids[:enc.prompt_length].tolist() == ids(prompt)
+    assert enc.input_ids.tolist() == ids(full)[:-1]  # all but the template's trailing "\n"
+    assert (enc.labels != encode_lib.IGNORE_INDEX).sum() == len(enc.input_ids) - enc.prompt_length
+    assert processor.tokenizer.decode(enc.labels[enc.prompt_length:]) == "B. blue<|im_end|>"
+
+
+def test_save_pretrained_writes_the_hubs_qwen3_vl_files(tiny_qwen3_vl_dir, tmp_path):
+    processor = processor_lib.load_processor(tiny_qwen3_vl_dir, min_pixels=64 * 64, max_pixels=128 * 128)
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    hub = testing.QWEN3_VL_PREPROCESSOR_CONFIG
+    assert config == {**hub, "size": {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}}  # the Hub's keys only
+    assert json.loads((tmp_path / "video_preprocessor_config.json").read_text()) == (
+        testing.QWEN3_VL_VIDEO_PREPROCESSOR_CONFIG)
+    assert json.loads((tmp_path / "chat_template.json").read_text())["chat_template"] == testing.QWEN3_VL_CHAT_TEMPLATE
+    reloaded = processor_lib.load_processor(tmp_path)
+    assert type(reloaded) is processor_lib.ImageOnlyQwen3VLProcessor
+    assert _grid(reloaded, (100, 150)) == _grid(processor, (100, 150)) == [[1, 10, 6]]  # 96x160 <= 128*128
+    text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Colour?<think></think><|im_end|>\n"
+    assert reloaded.tokenizer.encode(text) == processor.tokenizer.encode(text)
+
+
+def test_falls_back_to_the_image_only_qwen3_vl_processor_when_the_stock_one_fails(tiny_qwen3_vl_dir, monkeypatch):
+    # Pretend torchvision is importable: the stock Qwen3VLProcessor is tried (its video processor fails without it).
+    monkeypatch.setattr(processor_lib, "is_torchvision_available", lambda: True)
+    processor = processor_lib.load_processor(tiny_qwen3_vl_dir)
+    assert type(processor) is processor_lib.ImageOnlyQwen3VLProcessor
+
+
+def test_bad_qwen3_vl_directories_are_named(tiny_qwen3_vl_dir, tmp_path):
+    broken = tmp_path / "no_preprocessor"
+    shutil.copytree(tiny_qwen3_vl_dir, broken)
+    (broken / "preprocessor_config.json").unlink()
+    with pytest.raises(ValueError, match=r"no_preprocessor'?: no preprocessor_config.json"):
+        processor_lib.load_processor(broken)
+    other = tmp_path / "other_processor"
+    shutil.copytree(tiny_qwen3_vl_dir, other)
+    config = {**testing.QWEN3_VL_PREPROCESSOR_CONFIG, "processor_class": "LlavaProcessor"}
+    (other / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="processor_class 'LlavaProcessor' is not supported .*Qwen3VLProcessor"):
+        processor_lib.load_processor(other)
+
+
+def test_tiny_images_are_resized_up_and_impossible_ones_name_the_row(tiny_qwen3_vl_dir, qwen3_processor):
+    encoder = encode_lib.Encoder(qwen3_processor, max_prompt_length=4096)
+    # Smaller than one merged patch (32 x 32 pixels) or very thin: scaled up into the budget, as the processor does.
+    enc = encoder(_example([(1, 1), (5, 300), (20, 20)]))
+    assert enc.image_grid_thw.tolist() == [[1, 16, 16], [1, 124, 4], [1, 16, 16]]
+    assert (enc.input_ids == IMAGE_PAD).sum() == (16 * 16 + 124 * 4 + 16 * 16) // 4
+    small_budget = processor_lib.load_processor(tiny_qwen3_vl_dir, min_pixels=1, max_pixels=64 * 64)
+    enc = encode_lib.Encoder(small_budget, max_prompt_length=4096)(_example([(1, 1), (3, 40)]))
+    assert all(h >= 2 and w >= 2 and h % 2 == 0 and w % 2 == 0 for _, h, w in enc.image_grid_thw.tolist())
+    with pytest.raises(ValueError, match=r"train-00000.parquet:3: image\(s\) of 2000x8 pixels .* aspect ratio"):
+        encoder(_example([(2000, 8)]))

@@ -76,7 +76,11 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
     if a.model.is_lora:
         raise ConfigError("actor.model.is_lora=True: LoRA is not implemented yet; full-parameter SFT only")
     _positive(d.max_prompt_length, "data.max_prompt_length")
-    if d.min_pixels <= 0 or d.max_pixels < d.min_pixels:
+    for key in ("min_pixels", "max_pixels"):  # None: the model directory's own budget
+        if d[key] is not None and d[key] <= 0:
+            raise ConfigError(f"data.{key}={d[key]}: expected a positive pixel count, or unset for the model "
+                              "directory's own")
+    if d.min_pixels is not None and d.max_pixels is not None and d.max_pixels < d.min_pixels:
         raise ConfigError(f"data.min_pixels={d.min_pixels}, data.max_pixels={d.max_pixels}: expected "
                           "0 < min_pixels <= max_pixels")
     if d.num_workers < 0:

@@ -50,8 +50,9 @@ def prepare_demo(config: Any, run_dir: str) -> None:
     if config.actor.model.model_path == DEMO:
         path = os.path.join(root, "model")
         if not os.path.isfile(os.path.join(path, "config.json")):
-            logging.info("demo: building a tiny random Qwen2.5-VL in %s", path)
-            testing.make_tiny_model_dir(path + ".tmp", seed=0)
+            model_type = config.actor.model.model_type
+            logging.info("demo: building a tiny random %s model in %s", model_type, path)
+            testing.make_tiny_model_dir_for(model_type, path + ".tmp", seed=0)
             os.replace(path + ".tmp", path)
         config.actor.model.model_path = path
     if DEMO in (config.data.train_data_paths, config.data.eval_data_paths):

@@ -692,6 +692,21 @@ def make_tiny_qwen3_vl_dir(path: str | os.PathLike, *, seed: int = 0, tie_word_e
     return str(path)
 
 
+# actor.model.model_type -> the builder of its tiny random Hub-layout directory (the :demo config's model).
+TINY_MODEL_BUILDERS = {
+    "qwen2.5_vl": make_tiny_model_dir,
+    "qwen3_vl": make_tiny_qwen3_vl_dir,
+}
+
+
+def make_tiny_model_dir_for(model_type: str, path: str | os.PathLike, *, seed: int = 0) -> str:
+    """A tiny random directory of the family `model_type` names, laid out as the Hub ships that family."""
+    if model_type not in TINY_MODEL_BUILDERS:
+        raise ValueError(f"actor.model.model_type={model_type!r}: no tiny model builder (expected one of "
+                         f"{', '.join(TINY_MODEL_BUILDERS)})")
+    return str(TINY_MODEL_BUILDERS[model_type](path, seed=seed))
+
+
 # Robo2VLM-format parquet ---------------------------------------------------------------------------------------
 
 COLOURS: dict[str, tuple[int, int, int]] = {

@@ -1,7 +1,8 @@
 """One Robo2VLM example -> token ids, answer-only labels and image patches, in RLinf's prompt format.
 
-Prompt (rlinf_facts.md): the chat template's default system turn, then a user turn holding the image(s) first and
-the text "{question}\nChoices:\nA. ...\nB. ...\n"; the target is the assistant's "B. Yes". Labels cover exactly
+Prompt (rlinf_facts.md): exactly what the model directory's own chat template renders for a user turn holding the
+image(s) first and the text "{question}\nChoices:\nA. ...\nB. ...\n" (Qwen2.5-VL's template puts its default
+system turn first, Qwen3-VL's adds none); the target is the assistant's "B. Yes". Labels cover exactly
 the target and its closing <|im_end|> (RLinf also trains on a stray trailing "<|im_start|>assistant\n": we don't).
 The real Hub chat template has no {% generation %} markers, so the label boundary is the length of the prompt
 rendered with add_generation_prompt=True, checked to be a prefix of the rendered full conversation.
@@ -146,10 +147,22 @@ class Encoder:
                              f"even without the question it is {len(empty_ids)} tokens (images and choices); "
                              "raise data.max_prompt_length or lower data.max_pixels")
 
+    def _process_images(self, example):
+        """Patches and grids of the row's images. The processor resizes every image into its pixel budget (tiny
+        images are scaled up to at least one merged patch); one it cannot take (an aspect ratio over 200) is
+        named here with its size."""
+        try:
+            return self.processor.image_processor(images=list(example.images), return_tensors="pt")
+        except ValueError as e:
+            sizes = ", ".join(f"{getattr(image, 'width', '?')}x{getattr(image, 'height', '?')}"
+                              for image in example.images)
+            raise ValueError(f"{example.source}: image(s) of {sizes} pixels (width x height) cannot be processed: "
+                             f"{e}") from None
+
     def __call__(self, example) -> Encoded:
         _check_example(example)
         choices = list(example.choices)
-        vision = self.processor.image_processor(images=list(example.images), return_tensors="pt")
+        vision = self._process_images(example)
         image_grid_thw = torch.as_tensor(vision["image_grid_thw"], dtype=torch.long)
         pixel_values = torch.as_tensor(vision["pixel_values"], dtype=torch.float32)
         n_pads = [int(t * h * w) // self._merge_length for t, h, w in image_grid_thw.tolist()]

@@ -1,9 +1,13 @@
-"""Load the image + text processor of a Qwen2.5-VL directory as the Hub ships it, with or without torchvision.
+"""Load the image + text processor of a Qwen-VL directory (Qwen2.5-VL, Qwen3-VL) as the Hub ships it, with or
+without torchvision.
 
-The directory names the stock `Qwen2_5_VLProcessor`, whose video processor needs torchvision. Where torchvision is
-missing or broken (CPU machines), `AutoProcessor` raises or, worse, silently returns a bare tokenizer. We then build
-an image-only processor from the same files: the directory's tokenizer, its PIL image processor and chat template.
-Either way the result is checked to really process images before training starts.
+The directory names the stock `Qwen2_5_VLProcessor` / `Qwen3VLProcessor`, whose video processor needs torchvision.
+Where torchvision is missing or broken (CPU machines), `AutoProcessor` raises or, worse, silently returns a bare
+tokenizer. We then build an image-only processor from the same files: the directory's tokenizer, its PIL image
+processor configured from preprocessor_config.json (patch size, merge size, mean/std, pixel budget), and its own
+chat template (Qwen3-VL's adds no default system turn; prompts come out exactly as that template renders them).
+Either way the result is checked to really process images before training starts, and the log says which path
+was taken: pixel values of the two paths differ slightly where images are upscaled (PIL vs torchvision bicubic).
 """
 import json
 import logging
@@ -16,42 +20,81 @@ from transformers.utils import is_torchvision_available
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+_VIDEO_PROCESSOR_FILE = "video_preprocessor_config.json"
 
 
-class ImageOnlyQwen2_5_VLProcessor(transformers.Qwen2_5_VLProcessor):
-    """The stock Qwen2.5-VL processor without its video processor (which needs torchvision); images only.
+class _ImageOnly:
+    """The stock processor's text + image path without its video processor (which needs torchvision).
 
-    Saves in the Hub's layout naming the stock class, so a machine with torchvision loads the stock processor.
+    Keeps the directory's preprocessor (and video preprocessor) config as read, so that save_pretrained writes the
+    Hub's files naming the stock classes: a machine with torchvision then loads the stock processor from an export.
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+    hub_processor_class: str  # the stock class the Hub's files name
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, hub_files=None, **kwargs):
         self.image_token = "<|image_pad|>"
         self.video_token = "<|video_pad|>"
+        self.vision_start_token = "<|vision_start|>"
+        self.vision_end_token = "<|vision_end|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+        self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
+        # {file name: JSON dict} of the source directory's preprocessor configs, written back by save_pretrained.
+        self.hub_files = dict(hub_files or {})
         transformers.ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
+    def _preprocessor_config(self) -> dict:
+        """The source preprocessor_config.json (the Hub's keys, classes and format) with the current pixel budget."""
+        current = json.loads(json.dumps(self.image_processor.to_dict(), default=int))  # PIL enums -> ints
+        config = dict(self.hub_files.get("preprocessor_config.json") or current)
+        size = current["size"]
+        config["size"] = {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}
+        if "min_pixels" in config or "max_pixels" in config:  # Qwen2.5-VL's files state the budget twice
+            config.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+        config.setdefault("image_processor_type", "Qwen2VLImageProcessor")
+        config["processor_class"] = self.hub_processor_class
+        return config
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> list[str]:
-        """Writes tokenizer files, preprocessor_config.json and chat_template.json like a Hub model directory."""
+        """Writes tokenizer files, preprocessor_config.json (+ video_preprocessor_config.json where the source had
+        one) and chat_template.json like a Hub model directory."""
         save_directory = pathlib.Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         files = [str(f) for f in self.tokenizer.save_pretrained(str(save_directory))]
-        config = self.image_processor.to_dict()
-        size = config.get("size") or {}
-        config.update(
-            min_pixels=size.get("shortest_edge"),
-            max_pixels=size.get("longest_edge"),
-            image_processor_type="Qwen2VLImageProcessor",
-            processor_class="Qwen2_5_VLProcessor",
-        )
-        config = json.loads(json.dumps(config, default=int))  # PIL resampling enums -> ints
-        (save_directory / "preprocessor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        files.append(str(save_directory / "preprocessor_config.json"))
+        configs = {"preprocessor_config.json": self._preprocessor_config()}
+        if _VIDEO_PROCESSOR_FILE in self.hub_files:
+            configs[_VIDEO_PROCESSOR_FILE] = self.hub_files[_VIDEO_PROCESSOR_FILE]
+        for name, config in configs.items():
+            (save_directory / name).write_text(json.dumps(config, indent=2, sort_keys=True))
+            files.append(str(save_directory / name))
         if self.chat_template is not None:
             (save_directory / "chat_template.json").write_text(
                 json.dumps({"chat_template": self.chat_template}, indent=2))
             files.append(str(save_directory / "chat_template.json"))
         return files
+
+
+class ImageOnlyQwen2_5_VLProcessor(_ImageOnly, transformers.Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor, images only (no torchvision needed)."""
+
+    hub_processor_class = "Qwen2_5_VLProcessor"
+
+
+class ImageOnlyQwen3VLProcessor(_ImageOnly, transformers.Qwen3VLProcessor):
+    """Qwen3VLProcessor, images only (no torchvision needed)."""
+
+    hub_processor_class = "Qwen3VLProcessor"
+
+
+# processor_class named by a directory -> the image-only stand-in; a directory naming none is taken as Qwen2.5-VL
+# (older exports), and its image processor is still checked to be a Qwen2-VL one.
+_IMAGE_ONLY_PROCESSORS = {
+    "Qwen2_5_VLProcessor": ImageOnlyQwen2_5_VLProcessor,
+    "Qwen2VLProcessor": ImageOnlyQwen2_5_VLProcessor,
+    "Qwen3VLProcessor": ImageOnlyQwen3VLProcessor,
+}
 
 
 def _check_model_dir(model_path: str | os.PathLike) -> pathlib.Path:
@@ -90,13 +133,44 @@ def _read_chat_template(path: pathlib.Path, tokenizer) -> str | None:
     return getattr(tokenizer, "chat_template", None)
 
 
-def _image_only_processor(path: pathlib.Path) -> ImageOnlyQwen2_5_VLProcessor:
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _hub_files(path: pathlib.Path) -> dict[str, dict]:
+    return {name: _read_json(path / name) for name in ("preprocessor_config.json", _VIDEO_PROCESSOR_FILE)
+            if (path / name).is_file()}
+
+
+def _processor_class(path: pathlib.Path, hub_files: dict[str, dict]) -> type[_ImageOnly]:
+    """The image-only stand-in for the stock processor class the directory names."""
+    name = hub_files.get("preprocessor_config.json", {}).get("processor_class")
+    if name is None and (path / "processor_config.json").is_file():
+        name = _read_json(path / "processor_config.json").get("processor_class")
+    if name is None:
+        return ImageOnlyQwen2_5_VLProcessor
+    if name not in _IMAGE_ONLY_PROCESSORS:
+        raise ValueError(f"{path}: processor_class {name!r} is not supported (expected one of "
+                         f"{', '.join(sorted(_IMAGE_ONLY_PROCESSORS))})")
+    return _IMAGE_ONLY_PROCESSORS[name]
+
+
+def _image_only_processor(path: pathlib.Path) -> _ImageOnly:
+    hub_files = _hub_files(path)
+    processor_class = _processor_class(path, hub_files)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     image_processor = transformers.AutoImageProcessor.from_pretrained(str(path))
     if not hasattr(image_processor, "merge_size"):
         raise ValueError(f"{path}: image processor {type(image_processor).__name__} is not a Qwen2-VL image "
                          "processor (expected image_processor_type 'Qwen2VLImageProcessor')")
-    return ImageOnlyQwen2_5_VLProcessor(image_processor, tokenizer, chat_template=_read_chat_template(path, tokenizer))
+    return processor_class(image_processor, tokenizer, chat_template=_read_chat_template(path, tokenizer),
+                           hub_files=hub_files)
 
 
 def _with_pixel_budget(image_processor, min_pixels: int | None, max_pixels: int | None):
@@ -108,7 +182,8 @@ def _with_pixel_budget(image_processor, min_pixels: int | None, max_pixels: int 
     if max_pixels is not None:
         size["longest_edge"] = max_pixels
     if size["shortest_edge"] > size["longest_edge"]:
-        raise ValueError(f"min_pixels {size['shortest_edge']} > max_pixels {size['longest_edge']}")
+        raise ValueError(f"min_pixels {size['shortest_edge']} > max_pixels {size['longest_edge']} (data.min_pixels / "
+                         "data.max_pixels; where one is unset, the directory's own size.shortest_edge / longest_edge)")
     config.update(size=size, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
     return type(image_processor).from_dict(config)
 
@@ -127,21 +202,27 @@ def _check_processes_images(processor, path: pathlib.Path) -> None:
     for token in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"):
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == tokenizer.unk_token_id:
-            raise ValueError(f"{path}: tokenizer has no {token} token (not a Qwen2.5-VL tokenizer)")
+            raise ValueError(f"{path}: tokenizer has no {token} token (not a Qwen-VL tokenizer)")
 
 
 def load_processor(model_path: str | os.PathLike, *, min_pixels: int | None = None,
                    max_pixels: int | None = None) -> transformers.ProcessorMixin:
-    """Processor (tokenizer + image processor + chat template) for a Qwen2.5-VL directory as the Hub ships it.
+    """Processor (tokenizer + image processor + chat template) for a Qwen2.5-VL or Qwen3-VL directory as the Hub
+    ships it.
 
-    min_pixels / max_pixels override the image processor's pixel budget (`data.min_pixels` / `data.max_pixels`).
+    min_pixels / max_pixels override the image processor's pixel budget (`data.min_pixels` / `data.max_pixels`);
+    None keeps the directory's own (Qwen2.5-VL: 3136..12845056, Qwen3-VL: 65536..16777216 pixels).
     The result is picklable (DataLoader workers) and `save_pretrained` writes a directory this loads again.
     """
     path = _check_model_dir(model_path)
-    # Qwen2_5_VLProcessor's video processor cannot exist without torchvision; don't pay for a doomed attempt.
+    # The stock processors' video processors cannot exist without torchvision; don't pay for a doomed attempt.
     processor = _stock_processor(path) if is_torchvision_available() else None
-    if processor is None:
+    if processor is not None:
+        logging.info("Processor for %s: the stock %s (torchvision image path)", path, type(processor).__name__)
+    else:
         processor = _image_only_processor(path)
+        logging.info("Processor for %s: %s (PIL image path; the stock one needs torchvision)", path,
+                     type(processor).__name__)
     if min_pixels is not None or max_pixels is not None:
         processor.image_processor = _with_pixel_budget(processor.image_processor, min_pixels, max_pixels)
     _check_processes_images(processor, path)
