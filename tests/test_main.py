@@ -70,6 +70,10 @@ def test_eval_only_counts_every_row(tmp_path, tiny_model_dir):
     ({"actor.global_batch_size": 6}, ConfigError, "global_batch_size=6 is not divisible"),
     ({"actor.fsdp_config.sharding_strategy": "zero3"}, ConfigError, "sharding_strategy='zero3'"),
     ({"actor.optim.lr_scheduler": "warmup_cosine"}, ConfigError, "lr_scheduler='warmup_cosine'"),
+    ({"actor.model.model_type": "llava"}, ModelLoadError,
+     "actor.model.model_type='llava': unsupported; vlm-sft supports 'qwen2.5_vl' .*'qwen3_vl'"),
+    ({"actor.model.model_type": "qwen3_vl"}, ModelLoadError,
+     "actor.model.model_type='qwen3_vl' but .*config.json has model_type 'qwen2_5_vl'"),
 ])
 def test_bad_config_fails_before_the_model_loads(tmp_path, tiny_model_dir, robo2vlm_dir, monkeypatch,
                                                   override, error, match):
