@@ -56,21 +56,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.type = "vlm"
     c.data.dataset_name = "robo2vlmsft"
-    # A file, a folder, or a comma-separated list. One folder holding both train-*.parquet and test-*.parquet
-    # (the Robo2VLM download as is) works for both: train reads train-*, eval reads test-*.
+    # A file, a folder, or a comma-separated list of .parquet, or of .jsonl / .json files (not both kinds). One
+    # folder holding both train-* and test-* files (the Robo2VLM download as is) works for both: train reads
+    # train-*, eval reads test-*. JSON rows name images by path (relative to the file) or {"bytes": base64}.
     c.data.train_data_paths = ""     # empty -> eval-only
     c.data.eval_data_paths = ""      # empty -> no evaluation
     c.data.prompt_key = "question"
     c.data.choice_key = "choices"
     c.data.answer_key = "correct_answer"
-    c.data.image_keys = ["image"]
+    c.data.image_keys = ["image"]    # several keys, or a list in one key: several images per row, in this order
     c.data.apply_chat_template = True
     c.data.use_chat_template = True
     c.data.max_prompt_length = 1024  # prompt tokens, image tokens included
     c.data.truncation = "text"       # new: over-long prompt -> "text" (cut the question text) or "error" (reject)
     c.data.bad_rows = "error"        # new: undecodable row -> "error" (stop, naming file and row) or "skip" (count)
-    c.data.lazy_loading = False      # True: stream parquet row groups instead of reading all rows up front
-    c.data.num_workers = 4
+    c.data.lazy_loading = False      # True: stream parquet row groups / JSONL lines instead of reading all rows
+    #                                  up front (a .json file is always read whole)
+    c.data.num_workers = 4           # data worker processes (also the parallelism of --mode=check)
     # new: image processor pixel budget per image; unset (None) takes the model directory's own
     # (preprocessor_config.json: Qwen2.5-VL 3136..12845056, Qwen3-VL 65536..16777216); set, it overrides.
     c.data.min_pixels = ml_collections.config_dict.placeholder(int)

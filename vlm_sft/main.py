@@ -24,10 +24,11 @@ from vlm_sft import evaluate as evaluate_lib
 from vlm_sft import export as export_lib
 from vlm_sft import models as model_lib
 from vlm_sft import perf
+from vlm_sft import preflight
 from vlm_sft import sharding as sharding_lib
 from vlm_sft import step as step_lib
 from vlm_sft.data import loader as loader_lib
-from vlm_sft.data import robo2vlm
+from vlm_sft.data import robo2vlm, sources
 from vlm_sft.data.collate import check_length_buckets, collate_encoded
 from vlm_sft.data.encode import Encoder, PromptTooLong
 from vlm_sft.data.processor import load_processor
@@ -37,7 +38,8 @@ from vlm_sft.state import init_train_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/robo2vlm.py:demo",
                                           lock_config=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (then evaluate) or evaluate only")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "check"],
+                          "train (then evaluate), evaluate only, or check every data row (no weights read)")
 
 DEMO = "demo"
 
@@ -75,23 +77,56 @@ def column_keys(config: Any) -> dict[str, Any]:
                 image_keys=list(d.image_keys))
 
 
-def make_source(files: list[str], config: Any) -> robo2vlm.Robo2VLMSource:
-    return robo2vlm.Robo2VLMSource(files, **column_keys(config), lazy=config.data.lazy_loading)
+def make_source(files: list[str], config: Any, *, lazy: bool | None = None) -> robo2vlm.Robo2VLMSource:
+    lazy = config.data.lazy_loading if lazy is None else lazy
+    return sources.make_source(files, **column_keys(config), lazy=lazy)
 
 
 def find_files(config: Any, field: str, split: str) -> list[str]:
+    """The split's .parquet / .jsonl / .json files under data.<field>, their keys checked (no rows read)."""
     paths = config_lib.split_paths(config.data[field])
     if not paths:
         return []
     try:
-        files = robo2vlm.find_parquet_files(paths, split)
+        files = sources.find_data_files(paths, split)
     except ValueError as e:
         raise config_lib.ConfigError(f"data.{field}: {e}") from None
     try:
-        robo2vlm.check_schema(files, **column_keys(config))
+        sources.check_files(files, **column_keys(config))
     except ValueError as e:
         raise config_lib.ConfigError(f"data.{field}: {e}") from None
     return files
+
+
+def make_encoder(config: Any) -> Encoder:
+    """The configured processor (tokenizer, image processor, chat template; no weights) and prompt encoder."""
+    d = config.data
+    try:
+        processor = load_processor(config.actor.model.model_path, min_pixels=d.min_pixels,
+                                   max_pixels=d.max_pixels)
+    except ValueError as e:
+        raise model_lib.ModelLoadError(f"actor.model.model_path: {e}") from None
+    return Encoder(processor, max_prompt_length=d.max_prompt_length, truncation=d.truncation,
+                   apply_chat_template=d.apply_chat_template)
+
+
+def check_data(config: Any) -> dict[str, Any]:
+    """--mode=check: every train and eval row through the configured reader, processor and encoder, reported
+    (vlm_sft/preflight.py) and written to <run dir>/preflight.json. Never reads the model's weights."""
+    run_dir = config_lib.run_dir(config)
+    os.makedirs(run_dir, exist_ok=True)
+    prepare_demo(config, run_dir)
+    splits = {}
+    for field, split in (("train_data_paths", "train"), ("eval_data_paths", "test")):
+        files = find_files(config, field, split)
+        if files:  # streamed: the check reads each row once, in order
+            splits[split] = (files, make_source(files, config, lazy=True))
+    try:
+        check_length_buckets(config.data.length_buckets)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    return preflight.check(config, splits, make_encoder(config),
+                           out_path=os.path.join(run_dir, "preflight.json"))
 
 
 def available_memory_bytes() -> int:
@@ -113,14 +148,14 @@ def check_eager_loading_fits(config: Any, files: list[str], *, local_processes: 
     together would not fit in 80% of its available memory, instead of swapping or being OOM-killed later."""
     if config.data.lazy_loading or not files:
         return
-    need = robo2vlm.in_memory_bytes(files, **column_keys(config))
+    need = sources.in_memory_bytes(files, **column_keys(config))
     available = available_memory_bytes() if available is None else available
     if need * local_processes > 0.8 * available:
         gib = 2 ** 30
         raise config_lib.ConfigError(
-            f"data.lazy_loading=False reads {len(files)} parquet file(s) into memory: {need / gib:.1f} GiB on each "
+            f"data.lazy_loading=False reads {len(files)} {sources.format_name(files)} file(s) into memory: {need / gib:.1f} GiB on each "
             f"of the {local_processes} process(es) on this machine, {need * local_processes / gib:.1f} GiB in all, "
-            f"but {available / gib:.1f} GiB is available. Set data.lazy_loading=True (streams row groups; same "
+            f"but {available / gib:.1f} GiB is available. Set data.lazy_loading=True (streams rows; same "
             "samples per step) or train on fewer files.")
 
 
@@ -163,8 +198,9 @@ def total_steps(config: Any, steps_per_epoch: int) -> int:
     return config.runner.max_epochs * steps_per_epoch
 
 
-def run(config: Any, mode: str) -> dict[str, float]:
+def run(config: Any, mode: str) -> dict[str, Any]:
     """Train and/or evaluate as configured; returns the last metrics written (rank 0; other ranks: theirs).
+    --mode=check: checks the data (check_data) and returns its report.
 
     One process per device under torchrun (WORLD_SIZE/RANK from its env), or a plain single process. Every rank
     checks the config before any heavy work (the checks are deterministic, so they fail on all ranks alike).
@@ -172,6 +208,11 @@ def run(config: Any, mode: str) -> dict[str, float]:
     proc = sharding_lib.ProcessInfo.from_env()
     config_lib.validate(config, mode=mode, world_size=proc.world_size)
     model_lib.check_model_type(config.actor.model.model_type)
+    if mode == "check":
+        if proc.world_size > 1:
+            raise config_lib.ConfigError("--mode=check runs as one process (its workers are data.num_workers); "
+                                         "run it without torchrun")
+        return check_data(config)
     sharding_lib.check_config(config, proc.world_size)
     device, created = sharding_lib.init_process_group(proc)
     try:
@@ -215,13 +256,8 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
             f.write(config_json)
     torch.manual_seed(config.actor.seed)
     d = config.data
-    try:
-        processor = load_processor(config.actor.model.model_path, min_pixels=d.min_pixels,
-                                   max_pixels=d.max_pixels)
-    except ValueError as e:
-        raise model_lib.ModelLoadError(f"actor.model.model_path: {e}") from None
-    encoder = Encoder(processor, max_prompt_length=d.max_prompt_length, truncation=d.truncation,
-                      apply_chat_template=d.apply_chat_template)
+    encoder = make_encoder(config)
+    processor = encoder.processor
     model, params = model_lib.load_model(config.actor.model.model_path,
                                          attn_implementation=config.actor.model.attn_implementation,
                                          model_type=config.actor.model.model_type)
@@ -360,7 +396,7 @@ def main(argv: list[str]) -> None:
     try:
         run(_CONFIG.value, _MODE.value)
     except (config_lib.ConfigError, model_lib.ModelLoadError, checkpoint_lib.CheckpointError,
-            export_lib.ExportError) as e:
+            export_lib.ExportError, preflight.DataCheckFailed) as e:
         # Config and model-directory errors are the same on every rank: rank 0 says it once, all exit.
         raise SystemExit(f"error: {e}" if rank == 0 else 1) from None
     except (robo2vlm.RowError, PromptTooLong) as e:  # data errors may hit one rank only

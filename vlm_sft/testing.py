@@ -5,6 +5,7 @@ builders write a model directory in the Hub's own layout (flat config.json, bflo
 tensor names, Qwen's real 152k tokenizer, the real chat template and image processor config), and parquet files
 shaped like the Robo2VLM-1 download, not like anything our own code writes. The `:demo` config uses them too.
 """
+import base64
 import copy
 import functools
 import io
@@ -13,6 +14,7 @@ import os
 import pathlib
 import random
 import tempfile
+from typing import Sequence
 
 import numpy as np
 import PIL.Image
@@ -849,3 +851,92 @@ def make_robo2vlm_dir(
             pq.write_table(table, path / f"{split}-{f:05d}-of-{n_files:05d}.parquet", row_group_size=rows_per_group)
     return path
 
+
+
+# Your own data: JSONL / JSON with image files ---------------------------------------------------------------------
+
+JSON_BAD_ROW_KINDS = ("image", "answer", "choices", "missing_image", "no_image", "json", "long")
+
+
+def make_json_dir(
+    path: str | os.PathLike,
+    *,
+    file_format: str = "jsonl",
+    images: str = "paths",
+    n_train: int = 64,
+    n_test: int = 16,
+    train_files: int = 2,
+    test_files: int = 1,
+    image_size: tuple[int, int] = (64, 48),
+    seed: int = 0,
+    bad_rows: dict[int, str] | None = None,
+    fixed_choices: bool = False,
+    images_per_row: Sequence[int] = (1,),
+) -> pathlib.Path:
+    """Writes a folder as users lay out their own data: train-*.jsonl / test-*.jsonl (or .json lists) with the
+    Robo2VLM keys, images as PNG files under images/ named by relative paths (`images="paths"`) or inline as
+    {"bytes": <base64>, "path": ...} (`images="base64"`).
+
+    With the same seed and sizes the rows are exactly make_robo2vlm_dir's (PNG images): the same questions,
+    choices (as JSON lists), answers and image bytes, so the formats can be held against each other.
+    `images_per_row` cycles over rows: a row with k > 1 images holds a list under "image" whose first image is
+    the answer's colour and the others other colours (so image order matters). `bad_rows` maps a train row to
+    "image" (undecodable), "answer" (out of range), "choices" (unparsable), "missing_image" (a path that does not
+    exist), "no_image" (an empty image list), "json" (a line that is not JSON; JSONL only) or "long" (a question
+    of ~2,000 tokens).
+    """
+    if file_format not in ("jsonl", "json") or images not in ("paths", "base64"):
+        raise ValueError(f"file_format={file_format!r}, images={images!r}: expected 'jsonl' or 'json', and "
+                         "'paths' or 'base64'")
+    bad_rows = dict(bad_rows or {})
+    for row, kind in bad_rows.items():
+        if kind not in JSON_BAD_ROW_KINDS or not 0 <= row < n_train or (kind == "json" and file_format == "json"):
+            raise ValueError(f"bad_rows[{row}]={kind!r}: expected a train row in [0, {n_train}) mapped to one of "
+                             f"{JSON_BAD_ROW_KINDS} ('json' only with file_format='jsonl')")
+    if not images_per_row or min(images_per_row) < 1:
+        raise ValueError(f"images_per_row={images_per_row!r}: expected positive counts")
+    path = pathlib.Path(path)
+    (path / "images").mkdir(parents=True, exist_ok=True)
+    rng, nprng = random.Random(seed), np.random.default_rng(seed)
+    extra_rng, extra_nprng = random.Random(seed + 1), np.random.default_rng(seed + 1)  # never shift the base rows
+    base_bad = {i: k for i, k in bad_rows.items() if k in BAD_ROW_KINDS}
+    for split, n, n_files in (("train", n_train, train_files), ("test", n_test, test_files)):
+        rows = _robo2vlm_rows(split, n, image_format="PNG", choices_as_string=False, fixed_choices=fixed_choices,
+                              image_size=image_size, rng=rng, nprng=nprng, bad_rows=base_bad)
+        records = []
+        for i, row in enumerate(rows):
+            kind = bad_rows.get(i) if split == "train" else None
+            image_bytes = [row["image"]["bytes"]]
+            answer_colour = row["choices"][row["correct_answer"]] if kind not in ("answer", "choices") else None
+            for _ in range(images_per_row[i % len(images_per_row)] - 1):
+                colour = extra_rng.choice([c for c in sorted(COLOURS) if c != answer_colour])
+                image_bytes.append(_encode_image(_colour_image(extra_rng, extra_nprng, colour, image_size), "PNG"))
+            names = [f"images/{split}-{i:05d}-{k}.png" for k in range(len(image_bytes))]
+            if images == "paths":
+                for name, data in zip(names, image_bytes):
+                    (path / name).write_bytes(data)
+                values = list(names)
+            else:
+                values = [{"bytes": base64.b64encode(data).decode("ascii"), "path": name}
+                          for name, data in zip(names, image_bytes)]
+            if kind == "missing_image":
+                values[0] = f"images/missing-{i:05d}.png" if images == "paths" else {
+                    "bytes": None, "path": f"images/missing-{i:05d}.png"}
+            record = {"id": row["id"], "question": row["question"], "choices": row["choices"],
+                      "correct_answer": row["correct_answer"],
+                      "image": values if len(values) > 1 or kind == "no_image" else values[0]}
+            if kind == "no_image":
+                record["image"] = []
+            elif kind == "long":
+                record["question"] = (row["question"] + " ") * 150
+            records.append((record, kind))
+        bounds = np.linspace(0, n, n_files + 1).round().astype(int)
+        for f in range(n_files):
+            part = records[bounds[f]:bounds[f + 1]]
+            target = path / f"{split}-{f:05d}-of-{n_files:05d}.{file_format}"
+            if file_format == "json":
+                target.write_text(json.dumps([r for r, _ in part], indent=1))
+            else:
+                lines = [json.dumps(r)[:-7] if kind == "json" else json.dumps(r) for r, kind in part]
+                target.write_text("\n".join(lines) + "\n")
+    return path

@@ -34,6 +34,7 @@ class Encoded:
     choice_targets: list[torch.Tensor]  # per choice: ids of f"{letter}. {choice}" + <|im_end|> (for scoring)
     target_text: str  # e.g. "B. Yes"
     source: str  # example.source, for error messages downstream
+    truncated: bool = False  # the question was cut to fit max_prompt_length (data.truncation="text")
 
 
 def user_text(question: str, choices: list[str]) -> str:
@@ -188,4 +189,5 @@ class Encoder:
             choice_targets=choice_targets,
             target_text=target,
             source=example.source,
+            truncated=question != example.question,
         )

@@ -13,7 +13,7 @@ import dataclasses
 import io
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import PIL.Image
 import pyarrow as pa
@@ -38,7 +38,17 @@ class Example:
 
 
 class RowError(ValueError):
-    """A row that cannot be used; the message names the file, the row and what is wrong."""
+    """A row that cannot be used; the message names the file, the row and what is wrong.
+
+    `reason` is a short category ("image", "answer", "choices", "question", "json", ...) for counting bad rows
+    (the preflight check reports them by reason)."""
+
+    def __init__(self, message: str, reason: str = "row"):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # keep `reason` when a DataLoader worker sends the error back pickled
+        return type(self), (str(self), self.reason)
 
 
 def _split_of(relpath: str) -> str | None:
@@ -62,22 +72,29 @@ def find_parquet_files(paths: str | Sequence[str], split: str) -> list[str]:
     validation-*, eval-*, ... or under such a folder), only the files of `split` are taken; a folder with no
     split-named file was split by hand and gives all its files to either split. A named file is always taken.
     """
+    return find_files(paths, split, (".parquet",))
+
+
+def find_files(paths: str | Sequence[str], split: str, suffixes: Sequence[str]) -> list[str]:
+    """Files ending in one of `suffixes` of `split`, found as find_parquet_files describes."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     path_list = _as_path_list(paths)
     if not path_list:
         raise ValueError(f"no data path given for split {split!r}")
+    suffixes = tuple(suffixes)
+    kinds = ", ".join(s.lstrip(".") for s in suffixes)
     files: dict[str, None] = {}  # ordered set: a file named twice is read once
     for path in path_list:
         if os.path.isfile(path):
-            if not path.endswith(".parquet"):
-                raise ValueError(f"{path}: only .parquet files are supported")
+            if not path.endswith(suffixes):
+                raise ValueError(f"{path}: only {' / '.join(suffixes)} files are supported")
             files[path] = None
         elif os.path.isdir(path):
             found = []
             for root, dirs, names in os.walk(path):
                 dirs.sort()
-                found += [os.path.join(root, n) for n in sorted(names) if n.endswith(".parquet")]
+                found += [os.path.join(root, n) for n in sorted(names) if n.endswith(suffixes)]
             splits = [_split_of(os.path.relpath(f, path)) for f in found]
             if any(s is not None for s in splits):
                 found = [f for f, s in zip(found, splits) if s == split]
@@ -85,8 +102,9 @@ def find_parquet_files(paths: str | Sequence[str], split: str) -> list[str]:
         else:
             raise ValueError(f"{path}: no such file or folder (split {split!r})")
     if not files:
-        raise ValueError(f"no {split!r} parquet files found in {', '.join(path_list)} "
-                         f"(a folder with split-named files gives {split}-*.parquet to split {split!r})")
+        example = f"{split}-*.{suffixes[0].lstrip('.')}"
+        raise ValueError(f"no {split!r} {kinds} files found in {', '.join(path_list)} "
+                         f"(a folder with split-named files gives {example} to split {split!r})")
     return list(files)
 
 
@@ -137,12 +155,12 @@ def _parse_choices(value: Any, source: str, key: str) -> list[str]:
             choices = ast.literal_eval(value)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             raise RowError(f"{source}: unparsable choices in column {key!r}: {value!r:.200} "
-                           f"(expected a list of strings or its Python literal)") from None
+                           f"(expected a list of strings or its Python literal)", "choices") from None
     if isinstance(choices, tuple):
         choices = list(choices)
     if not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
         raise RowError(f"{source}: unparsable choices in column {key!r}: {value!r:.200} "
-                       f"(expected a non-empty list of strings)")
+                       f"(expected a non-empty list of strings)", "choices")
     return choices
 
 
@@ -157,13 +175,15 @@ def _parse_answer(value: Any, num_choices: int, source: str, key: str) -> int:
         m = _ANSWER_LETTER_RE.match(value.strip())
         if m is None:
             raise RowError(f"{source}: unparsable answer {value!r} in column {key!r} "
-                           f"(expected a 0-based index or a letter A-{chr(64 + min(num_choices, 26))})")
+                           f"(expected a 0-based index or a letter A-{chr(64 + min(num_choices, 26))})",
+                           "answer")
         index = ord(m.group(1).upper()) - ord("A")
     if index is None:
         raise RowError(f"{source}: unparsable answer {value!r} in column {key!r} "
-                       f"(expected a 0-based index or a letter)")
+                       f"(expected a 0-based index or a letter)", "answer")
     if not 0 <= index < num_choices:
-        raise RowError(f"{source}: answer {value!r} in column {key!r} is out of range for {num_choices} choices")
+        raise RowError(f"{source}: answer {value!r} in column {key!r} is out of range for {num_choices} choices",
+                       "answer")
     return index
 
 
@@ -173,25 +193,37 @@ def _decode_image(value: Any, source: str, key: str) -> PIL.Image.Image:
         data = value.get("bytes")
         if data is None:
             raise RowError(f"{source}: image in column {key!r} has no bytes (path={value.get('path')!r}); "
-                           f"images must be embedded in the parquet file")
+                           f"images must be embedded in the parquet file", "image")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise RowError(f"{source}: image in column {key!r} is {type(data).__name__}, "
-                       f"expected {{bytes, path}} or raw image bytes")
+                       f"expected {{bytes, path}} or raw image bytes", "image")
+    return image_from_bytes(data, source, f"in column {key!r}")
+
+
+def image_from_bytes(data: bytes | bytearray | memoryview, source: str, where: str) -> PIL.Image.Image:
+    """Encoded image bytes -> RGB image; a RowError naming the row and `where` ("in column 'image'") if not."""
     try:
         img = PIL.Image.open(io.BytesIO(data))
         img.load()
         return img.convert("RGB")
+    except PIL.UnidentifiedImageError:
+        raise RowError(f"{source}: undecodable image {where} ({len(data)} bytes): not an image format PIL reads",
+                       "image") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        raise RowError(f"{source}: undecodable image in column {key!r} "
-                       f"({len(data)} bytes): {type(e).__name__}: {e}") from None
+        raise RowError(f"{source}: undecodable image {where} ({len(data)} bytes): {type(e).__name__}: {e}",
+                       "image") from None
 
 
 def decode_row(record: dict, source: str, *, prompt_key: str = "question", choice_key: str = "choices",
-               answer_key: str = "correct_answer", image_keys: Sequence[str] = ("image",)) -> Example:
-    """One parquet row (as a dict) -> a validated Example with decoded RGB images."""
+               answer_key: str = "correct_answer", image_keys: Sequence[str] = ("image",),
+               decode_image: Callable[[Any, str, str], PIL.Image.Image] = _decode_image) -> Example:
+    """One row (as a dict) -> a validated Example with decoded RGB images, in image_keys order (a key may hold a
+    list of images). `decode_image(value, source, key)` turns one image value into an image: parquet's
+    {bytes, path} by default; the JSON sources pass one that also reads files and base64."""
     question = record.get(prompt_key)
     if not isinstance(question, str):
-        raise RowError(f"{source}: question in column {prompt_key!r} is {question!r:.100}, expected a string")
+        raise RowError(f"{source}: question in column {prompt_key!r} is {question!r:.100}, expected a string",
+                       "question")
     choices = _parse_choices(record.get(choice_key), source, choice_key)
     answer_index = _parse_answer(record.get(answer_key), len(choices), source, answer_key)
     images = []
@@ -199,11 +231,11 @@ def decode_row(record: dict, source: str, *, prompt_key: str = "question", choic
         value = record.get(key)
         values = value if isinstance(value, list) else [value]
         if value is None or not values:
-            raise RowError(f"{source}: missing image in column {key!r}")
+            raise RowError(f"{source}: missing image in column {key!r}", "image")
         for v in values:
             if v is None:
-                raise RowError(f"{source}: missing image in column {key!r}")
-            images.append(_decode_image(v, source, key))
+                raise RowError(f"{source}: missing image in column {key!r}", "image")
+            images.append(decode_image(v, source, key))
     row_id = record.get("id")
     return Example(source=source, id=source if row_id is None else str(row_id), question=question,
                    choices=choices, answer_index=answer_index, images=images)
