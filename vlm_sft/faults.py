@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any
 
+import torch
+import torch.distributed
 from absl import logging
 
 # Exit codes of `python -m vlm_sft.main` (README "Long jobs and faults"). Under torchrun each worker exits with its
@@ -114,6 +116,15 @@ class DivergenceGuard:
         checkpoint taken mid-run of skips resumes into the same failure)."""
         if self.first_skipped is None:
             self.good_checkpoint = path
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """A collective failed because a peer died or timed out. torch raises DistError subclasses for most backends,
+    but gloo's timeouts and closed connections arrive as a RuntimeError naming gloo's source file."""
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("gloo/transport" in text or "gloo/" in text and "Timed out" in text)
 
 
 # Test-only: VLM_SFT_TEST_STALL="<rank>:<step>:<seconds>" makes that rank sleep before that step, as a stalled

@@ -423,7 +423,10 @@ def main(argv: list[str]) -> None:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(faults.EXIT_DIVERGED) from None
-    except torch.distributed.DistError as e:  # a peer died or stalled: its own error is the first one shown
+    except (torch.distributed.DistError, RuntimeError) as e:
+        if not faults.is_collective_failure(e):
+            raise
+        # A peer died or stalled: its own error (if it could print one) is the first one shown.
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SystemExit(f"error (rank {rank}): a collective with the other ranks failed ({type(e).__name__}: "
                          f"{first}); another rank failed or stopped answering (runner.collective_timeout_s="
