@@ -52,6 +52,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.runner.keep_last_n = 3         # new: checkpoints kept (older ones removed after each good save); 0 keeps all
     c.runner.export_hf = False       # new: at the end, write a Hugging Face directory to <run dir>/hf_export
     c.runner.async_save = False      # new: write checkpoints in a background thread while training goes on
+    # new: seconds any collective may wait for the other ranks before the job fails (a dead or stalled rank);
+    # covers the slowest rank's checkpoint write, eval share and rank 0's export, so generous on GPUs.
+    c.runner.collective_timeout_s = 1800.0
+    # new: stop (exit 3) after this many updates in a row were skipped for a non-finite loss/gradient; 0 = never
+    c.runner.max_consecutive_skipped_steps = 20
 
     c.data = ml_collections.ConfigDict()
     c.data.type = "vlm"

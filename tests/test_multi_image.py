@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from vlm_sft import model as model_lib
+from vlm_sft import models as model_lib
 from vlm_sft import step as step_lib
 from vlm_sft import testing
 from vlm_sft.data import sources

@@ -9,17 +9,23 @@ A checkpoint is the directory `<run>/checkpoints/step_<N>/`:
     .metadata, __<rank>_<i>.distcp   DCP index and shards of every TrainState leaf
     rng_rank<r>.pt                   rank r's torch RNG states (CPU, and CUDA where present)
     config.json                      the run's config at save time (export reads the base model path from it)
-    meta.json                        step, data position, world size; written LAST
+    meta.json                        step, data position, world size, every file's size and crc32; written LAST
 
 Atomic: all ranks write into `step_<N>.tmp-<token>`; once DCP's save has returned (its final all-reduce means
 every rank's shards are on disk) rank 0 writes meta.json and renames the directory to `step_<N>`. So a directory
 named `step_<N>` is complete by construction; a crash mid-save leaves only a `.tmp-` directory, which resume
 ignores and the next good save removes, and the previous checkpoint is never touched.
+
+Damage after the fact (a truncated shard, a disk error) is caught on resume: each rank sums the files it wrote
+(integrity.file_record) into files_rank<r>.json, which rank 0 merges into meta.json at commit; `verify` compares
+them again, each rank checking its share of the files. Nothing non-finite is ever saved: `save` refuses a state
+with a NaN or Inf anywhere (one all-reduced flag; the pass over the state costs far less than writing it).
 """
 from __future__ import annotations
 
 import ast
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -37,6 +43,7 @@ import torch.utils._pytree as pytree
 from absl import logging
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from vlm_sft import integrity
 from vlm_sft.state import TrainState, leaf_names
 
 CHECKPOINTS = "checkpoints"
@@ -99,6 +106,10 @@ def _rng_file(rank: int) -> str:
     return f"rng_rank{rank}.pt"
 
 
+def _records_file(rank: int) -> str:
+    return f"files_rank{rank}.json"
+
+
 def read_meta(path: str) -> dict:
     """meta.json of a checkpoint directory (no completeness check beyond it)."""
     file = os.path.join(path, META)
@@ -150,6 +161,28 @@ def check_complete(path: str) -> dict:
     return meta
 
 
+def verify(path: str, meta: dict | None = None) -> None:
+    """Every file recorded in meta.json still has its size and crc32 (collective when distributed: each rank reads
+    its share of the files, the first damage found anywhere is raised on every rank). Checkpoints written before
+    checksums were recorded get the size checks of check_complete only."""
+    meta = read_meta(path) if meta is None else meta
+    records = meta.get("files") or {}
+    rank, world = _rank_and_world()
+    damage = None
+    for name in sorted(records)[rank::world]:
+        try:
+            integrity.verify_file(os.path.join(path, name), records[name])
+        except integrity.DamagedFileError as e:
+            damage = str(e)
+            break
+    if _distributed():
+        found = [None] * world
+        dist.all_gather_object(found, damage)
+        damage = next((d for d in found if d), None)
+    if damage:
+        raise CheckpointError(f"{path}: damaged checkpoint: {damage}")
+
+
 def list_checkpoints(root: str) -> list[tuple[int, str]]:
     """(step, path) of every `step_<N>` directory under root, newest first (completeness not checked)."""
     if not os.path.isdir(root):
@@ -160,12 +193,13 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
 
 
 def latest(root: str) -> str | None:
-    """The newest complete checkpoint under root, or None. Incomplete ones are skipped with a warning."""
+    """The newest complete, undamaged checkpoint under root, or None. Others are skipped with a warning naming the
+    file (every rank walks the same list, so the collective checksum checks line up)."""
     for _, path in list_checkpoints(root):
         try:
-            check_complete(path)
+            verify(path, check_complete(path))
         except CheckpointError as e:
-            logging.warning("skipping checkpoint: %s", e)
+            logging.warning("SKIPPING CHECKPOINT %s: %s; trying the previous one", path, e)
             continue
         return path
     return None
@@ -179,7 +213,7 @@ def resolve_resume(resume: str, root: str) -> str | None:
     if resume == "auto":
         return latest(root)
     try:
-        check_complete(resume)
+        verify(resume, check_complete(resume))
     except CheckpointError as e:
         raise CheckpointError(f"runner.resume: {e}") from None
     return resume
@@ -266,47 +300,104 @@ def _remove_dir(path: str, token: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def nonfinite_leaf(flat: dict[str, torch.Tensor]) -> str | None:
+    """The first floating leaf (this rank's shard of it) holding a NaN or Inf, or None. One host sync in all."""
+    names = [k for k, v in flat.items() if torch.is_floating_point(v)]
+    if not names:
+        return None
+    local = [flat[k].to_local() if hasattr(flat[k], "to_local") else flat[k] for k in names]
+    finite = torch.stack([torch.isfinite(t).all() for t in local]).tolist()
+    return next((name for name, ok in zip(names, finite) if not ok), None)
+
+
+def _write_own_records(tmp: str, rank: int) -> None:
+    """This rank's files (its DCP shards and RNG state) with size and crc32, as files_rank<r>.json (atomic)."""
+    names = sorted(n for n in os.listdir(tmp) if n.startswith(f"__{rank}_") or n == _rng_file(rank))
+    records = {n: integrity.file_record(os.path.join(tmp, n)) for n in names}
+    target = os.path.join(tmp, _records_file(rank))
+    with open(target + ".tmp", "w") as f:
+        json.dump(records, f)
+    os.replace(target + ".tmp", target)
+
+
+def _save_failed(step: int, root: str, e: BaseException) -> CheckpointError:
+    newest = next((p for _, p in list_checkpoints(root)), None)
+    kept = f"the previous checkpoints are intact (newest: {newest})" if newest else "no earlier checkpoint exists"
+    text = str(e).strip()
+    reason = getattr(e, "strerror", None) or (text.splitlines()[0] if text else "no message")
+    return CheckpointError(f"saving checkpoint step_{step} under {root} failed ({type(e).__name__}: {reason}); "
+                           f"{kept}")
+
+
 class Checkpointer:
     """Saves TrainStates under `root` (every rank calls `save` at the same steps), keeping the newest `keep_last_n`
     (0 keeps all). With `async_save` the shards are written by a background thread while training goes on: the
     state is copied to host memory before `save` returns (the step may then overwrite it in place), and the
-    checkpoint is committed (renamed to step_<N>) by `poll`/`wait` once every rank's shards are on disk."""
+    checkpoint is committed (renamed to step_<N>) by `poll`/`wait` once every rank's shards are on disk.
 
-    def __init__(self, root: str, *, keep_last_n: int = 3, async_save: bool = False):
+    A save that fails (disk full, permissions) raises CheckpointError saying so; the previous checkpoints are
+    untouched (the failed one never got its final name). `timeout_s` bounds the async group's collectives and
+    rank 0's wait for the other ranks' file records (runner.collective_timeout_s)."""
+
+    def __init__(self, root: str, *, keep_last_n: int = 3, async_save: bool = False, timeout_s: float = 1800):
         if keep_last_n < 0:
             raise ValueError(f"runner.keep_last_n={keep_last_n}: expected >= 0 (0 keeps every checkpoint)")
         self.root, self.keep_last_n, self.async_save = root, keep_last_n, async_save
+        self.timeout_s = timeout_s
         self._pending: tuple[Future, str, str, dict, str] | None = None
         # Async writes run collectives from a background thread: give them their own (gloo) group so they never
         # interleave with the training step's collectives on the default group.
-        self._group = dist.new_group(backend="gloo") if async_save and _distributed() else None
+        self._group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+                       if async_save and _distributed() else None)
 
     def save(self, state: TrainState, *, data_position: dict, config_json: str, extra: dict | None = None) -> str:
         """Writes `state` as checkpoint step_<state.step>; returns its final path (committed already unless
-        async). `data_position` is the loader position after the step's batch; `extra` goes into meta.json."""
+        async). `data_position` is the loader position after the step's batch; `extra` goes into meta.json.
+        Raises CheckpointError, writing nothing, if any rank's state holds a non-finite value."""
         self.wait()
         rank, world = _rank_and_world()
         step = int(state.step)
+        flat = flatten(state)
+        bad = nonfinite_leaf(flat)
+        flags = torch.tensor([0.0 if bad is None else 1.0])
+        if _distributed():
+            if dist.get_backend() == "nccl":
+                flags = flags.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(flags)
+        if flags.item():
+            raise CheckpointError(f"refusing to save checkpoint step_{step}: the train state holds non-finite values "
+                                  f"({bad or 'on another rank'}); nothing non-finite is ever written")
         token = [uuid.uuid4().hex[:12]]
         if _distributed():
             dist.broadcast_object_list(token, src=0)
         final = os.path.join(self.root, f"step_{step}")
         tmp = f"{final}.tmp-{token[0]}"
-        os.makedirs(tmp, exist_ok=True)
-        torch.save(rng_state(), os.path.join(tmp, _rng_file(rank)))
         meta = {"format": FORMAT, "step": step, "world_size": world, "data_position": dict(data_position),
                 "extra": dict(extra or {}), "time": time.time()}
-        flat = flatten(state)
-        with _quiet_single_process():
-            if self.async_save:
-                future = dcp.async_save(flat, checkpoint_id=tmp, process_group=self._group,
-                                        no_dist=not _distributed())
-                self._pending = (future, tmp, final, meta, config_json)
-            else:
+        try:
+            os.makedirs(tmp, exist_ok=True)
+            torch.save(rng_state(), os.path.join(tmp, _rng_file(rank)))
+            with _quiet_single_process():
+                if self.async_save:
+                    future = dcp.async_save(flat, checkpoint_id=tmp, process_group=self._group,
+                                            no_dist=not _distributed())
+                    # Each rank's records are written by its own background thread as soon as its shards are: rank
+                    # 0's commit waits for them without any rank's main thread taking part.
+                    future.add_done_callback(
+                        lambda f: f.exception() is None and _write_own_records(tmp, rank))
+                    self._pending = (future, tmp, final, meta, config_json)
+                    return final
                 dcp.save(flat, checkpoint_id=tmp, no_dist=not _distributed())
-                self._commit(tmp, final, meta, config_json, token[0])
-                if _distributed():
-                    dist.barrier()  # once save returns anywhere, step_<N> exists for everyone
+            _write_own_records(tmp, rank)
+        except Exception as e:  # disk full, permissions, a failed rank: DCP raises on every rank
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # free the space; the final name was never taken
+            raise _save_failed(step, self.root, e) from None
+        if _distributed():
+            dist.barrier()  # every rank's records are written
+        self._commit(tmp, final, meta, config_json, token[0])
+        if _distributed():
+            dist.barrier()  # once save returns anywhere, step_<N> exists for everyone
         return final
 
     def poll(self) -> None:
@@ -320,23 +411,51 @@ class Checkpointer:
             return
         future, tmp, final, meta, config_json = self._pending
         self._pending = None
-        future.result()
+        try:
+            future.result()
+        except Exception as e:
+            raise _save_failed(meta["step"], self.root, e) from None
         self._commit(tmp, final, meta, config_json, uuid.uuid4().hex[:12])
 
+    def _gather_records(self, tmp: str, world: int) -> dict[str, dict[str, int]]:
+        """Rank 0: the per-rank file records merged (waiting up to timeout_s for ranks still summing, async)."""
+        deadline = time.monotonic() + self.timeout_s
+        files = [os.path.join(tmp, _records_file(r)) for r in range(world)]
+        while not all(os.path.isfile(f) for f in files):
+            if time.monotonic() > deadline:
+                missing = [f for f in files if not os.path.isfile(f)]
+                raise CheckpointError(f"{missing[0]}: not written within {self.timeout_s:.0f} s (a rank failed to "
+                                      "finish its part of the save)")
+            time.sleep(0.05)
+        records: dict[str, dict[str, int]] = {}
+        for f in files:
+            with open(f) as fh:
+                records.update(json.load(fh))
+        return records
+
     def _commit(self, tmp: str, final: str, meta: dict, config_json: str, token: str) -> None:
-        """Rank 0: config.json and meta.json into the finished directory, rename it into place, prune."""
+        """Rank 0: config.json, the file records and meta.json into the finished directory, rename, prune."""
         if _rank_and_world()[0] != 0:
             return
-        with open(os.path.join(tmp, CONFIG), "w") as f:
-            f.write(config_json)
-        with open(os.path.join(tmp, META + ".tmp"), "w") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(os.path.join(tmp, META + ".tmp"), os.path.join(tmp, META))
-        if os.path.exists(final):  # re-saving a step (a run resumed from an older checkpoint)
-            _remove_dir(final, token)
-        os.replace(tmp, final)
+        try:
+            with open(os.path.join(tmp, CONFIG), "w") as f:
+                f.write(config_json)
+            records = self._gather_records(tmp, meta["world_size"])
+            for name in (".metadata", CONFIG):
+                records[name] = integrity.file_record(os.path.join(tmp, name))
+            meta = {**meta, "files": dict(sorted(records.items()))}
+            with open(os.path.join(tmp, META + ".tmp"), "w") as f:
+                json.dump(meta, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(os.path.join(tmp, META + ".tmp"), os.path.join(tmp, META))
+            for r in range(meta["world_size"]):
+                os.remove(os.path.join(tmp, _records_file(r)))
+            if os.path.exists(final):  # re-saving a step (a run resumed from an older checkpoint)
+                _remove_dir(final, token)
+            os.replace(tmp, final)
+        except OSError as e:
+            raise _save_failed(meta["step"], self.root, e) from None
         self._prune(token)
         logging.info("saved checkpoint %s", final)
 

@@ -99,6 +99,18 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
         raise ConfigError("actor.optim.lr and actor.optim.lr_warmup_steps must be >= 0")
     if not config.eval.generate and not config.eval.choice_scoring and evals:
         raise ConfigError("eval.generate and eval.choice_scoring are both False but data.eval_data_paths is set")
+    validate_runner(r)
+
+
+def validate_runner(r: Any) -> None:
+    """The loop's intervals, checkpointing and fault limits (runner.*)."""
+    _positive(r.log_interval, "runner.log_interval")
+    for key in ("save_interval", "val_check_interval", "keep_last_n", "max_consecutive_skipped_steps"):
+        if not isinstance(r[key], int) or r[key] < 0:
+            raise ConfigError(f"runner.{key}={r[key]!r}: expected an integer >= 0")
+    t = r.collective_timeout_s
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+        raise ConfigError(f"runner.collective_timeout_s={t!r}: expected a positive number of seconds")
 
 
 def run_dir(config: Any) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
+import sys
 import time
 from typing import Any
 
@@ -22,6 +24,8 @@ from vlm_sft import checkpoint as checkpoint_lib
 from vlm_sft import config as config_lib
 from vlm_sft import evaluate as evaluate_lib
 from vlm_sft import export as export_lib
+from vlm_sft import faults
+from vlm_sft import integrity
 from vlm_sft import models as model_lib
 from vlm_sft import perf
 from vlm_sft import preflight
@@ -182,6 +186,7 @@ def run_eval(model: model_lib.Model, params: dict, source: robo2vlm.Robo2VLMSour
     return metrics
 
 
+SIGNALLED = "stop/signalled"  # ranks that received a stop signal; summed, never logged
 # Summed over ranks; the rest averaged.
 SUM_METRICS = ("train/tokens", "train/label_tokens", "data/skipped_rows", "perf/flops", "perf/padded_tokens")
 
@@ -214,20 +219,41 @@ def run(config: Any, mode: str) -> dict[str, Any]:
                                          "run it without torchrun")
         return check_data(config)
     sharding_lib.check_config(config, proc.world_size)
-    device, created = sharding_lib.init_process_group(proc)
+    device, created = sharding_lib.init_process_group(proc, timeout_s=config.runner.collective_timeout_s)
+    preemption = faults.Preemption()
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        preemption.install()
     try:
-        result = _run(config, mode, proc, device)
+        result = _run(config, mode, proc, device, preemption)
         sharding_lib.barrier()  # no rank tears the group down while another still talks to it
         return result
     finally:
+        preemption.restore()
         if created:
             sharding_lib.destroy_process_group()
 
 
-def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.device) -> dict[str, float]:
+def check_model_files(path: str, model_type: str | None = None) -> None:
+    """Truncated or corrupted weights, unparsable JSON, a broken chat template: one line naming the file."""
+    model_lib.check_model_dir(path, model_type)
+    try:
+        integrity.check_model_files(path)
+    except integrity.DamagedFileError as e:
+        raise model_lib.ModelLoadError(f"actor.model.model_path: {e}") from None
+
+
+def check_writable(path: str, field: str) -> None:
+    try:
+        integrity.check_writable_dir(path, field)
+    except integrity.DamagedFileError as e:
+        raise config_lib.ConfigError(str(e)) from None
+
+
+def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.device,
+         preemption: faults.Preemption) -> dict[str, float]:
     world_size, rank = proc.world_size, proc.rank
     run_dir = config_lib.run_dir(config)
-    os.makedirs(run_dir, exist_ok=True)
+    check_writable(run_dir, "runner.logger.log_path")
     if rank == 0:  # builds the demo assets once; the other ranks wait, then only point the config at them
         prepare_demo(config, run_dir)
     sharding_lib.barrier()
@@ -238,7 +264,7 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     train_files = find_files(config, "train_data_paths", "train") if mode == "train" else []
     eval_files = find_files(config, "eval_data_paths", "test")
     check_eager_loading_fits(config, train_files + eval_files, local_processes=proc.local_world_size)
-    model_lib.check_model_dir(config.actor.model.model_path, config.actor.model.model_type)
+    check_model_files(config.actor.model.model_path, config.actor.model.model_type)
     try:
         check_length_buckets(config.data.length_buckets)
     except ValueError as e:
@@ -247,8 +273,11 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     # "auto" continues a training run; eval-only reads a checkpoint only when given its path.
     resume = "" if r.resume == "auto" and not train_files else r.resume
     ckpt_root = checkpoint_lib.checkpoint_root(run_dir)
-    resume_from = checkpoint_lib.resolve_resume(resume, ckpt_root)  # an explicit path must be complete
-    saver = checkpoint_lib.Checkpointer(ckpt_root, keep_last_n=r.keep_last_n, async_save=r.async_save)
+    if train_files:
+        check_writable(ckpt_root, "runner.logger.log_path (its checkpoints/ directory)")
+    resume_from = checkpoint_lib.resolve_resume(resume, ckpt_root)  # an explicit path must be complete and intact
+    saver = checkpoint_lib.Checkpointer(ckpt_root, keep_last_n=r.keep_last_n, async_save=r.async_save,
+                                        timeout_s=r.collective_timeout_s)
 
     config_json = config.to_json_best_effort(indent=2)
     if rank == 0:
@@ -256,11 +285,24 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
             f.write(config_json)
     torch.manual_seed(config.actor.seed)
     d = config.data
-    encoder = make_encoder(config)
+    try:
+        encoder = make_encoder(config)
+    except model_lib.ModelLoadError:
+        raise
+    except Exception as e:  # the tokenizer libraries raise their own types for damaged files
+        raise model_lib.ModelLoadError(f"actor.model.model_path={config.actor.model.model_path!r}: the tokenizer "
+                                       f"or image processor does not load ({type(e).__name__}: {e})") from None
     processor = encoder.processor
-    model, params = model_lib.load_model(config.actor.model.model_path,
-                                         attn_implementation=config.actor.model.attn_implementation,
-                                         model_type=config.actor.model.model_type)
+    logging.info("loading model weights from %s", config.actor.model.model_path)
+    try:
+        model, params = model_lib.load_model(config.actor.model.model_path,
+                                             attn_implementation=config.actor.model.attn_implementation,
+                                             model_type=config.actor.model.model_type)
+    except model_lib.ModelLoadError:
+        raise
+    except Exception as e:  # damage the header checks cannot see (e.g. a corrupted tensor record)
+        raise model_lib.ModelLoadError(f"actor.model.model_path={config.actor.model.model_path!r}: the weights do "
+                                       f"not load ({type(e).__name__}: {e})") from None
     precision = config_lib.parse_dtype(config.actor.model.precision, "actor.model.precision")
     params = {k: v.to(precision) for k, v in params.items()}
     sharding = sharding_lib.make_sharding(config, device)
@@ -307,6 +349,7 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     tx, schedule = step_lib.make_optimizer(config, steps)
     state = init_train_state(params, tx)
     last_ckpt, skipped_rows = resume_from, 0
+    divergence = faults.DivergenceGuard(r.max_consecutive_skipped_steps, good_checkpoint=resume_from)
     if resume_from:  # params, optimizer, step (hence lr schedule), data position (above) and RNG
         state = checkpoint_lib.restore(resume_from, state)
         checkpoint_lib.restore_rng(resume_from)
@@ -345,6 +388,7 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         skipped_rows += batch.num_skipped
         for source_name in batch.skipped_sources:
             logging.warning("skipped bad row %s", source_name)
+        faults.stall_for_tests(rank, step)
         state, metrics = train_step(state, micro_batches)
         # Fetch the next batch while the device still runs this step (reading the metrics below waits for it).
         upcoming = fetch() if step < steps else None
@@ -352,8 +396,12 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         host = [b for b in batch.micro_batches if b is not None]
         metrics.update({"perf/flops": flop_model.step_flops(host),
                         "perf/padded_tokens": sum(b["attention_mask"].numel() for b in host)})
-        # Across ranks: losses averaged, counts summed (grad norm and lr are already global).
-        scalars = sharding_lib.reduce_metrics({**metrics, "data/skipped_rows": skipped_rows}, sum_keys=SUM_METRICS)
+        # Across ranks: losses averaged, counts summed (grad norm and lr are already global). The preemption flags
+        # ride along, so every rank learns in this one collective whether any rank was signalled.
+        scalars = sharding_lib.reduce_metrics(
+            {**metrics, "data/skipped_rows": skipped_rows, SIGNALLED: float(preemption.requested)},
+            sum_keys=SUM_METRICS + (SIGNALLED,))
+        stop = faults.Preemption.agreed(scalars.pop(SIGNALLED))
         now = time.perf_counter()
         step_time, t_last = now - t_last, now
         scalars.update({"time/step": step_time, "perf/tokens_per_sec": scalars["train/tokens"] / step_time,
@@ -367,10 +415,18 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
             writer.write(step, scalars)
             writer.console(step, scalars)
             last.update(scalars)
-        if step == steps or (r.save_interval > 0 and step % r.save_interval == 0):
+        divergence.update(step, scalars["train/skipped_update"] > 0)  # raises Diverged after too many in a row
+        if stop or step == steps or (r.save_interval > 0 and step % r.save_interval == 0):
             last_ckpt = saver.save(state, data_position=batch.position, config_json=config_json,
                                    extra={"skipped_rows": int(scalars["data/skipped_rows"])})
+            divergence.saved(last_ckpt)
             t_last = time.perf_counter()
+        if stop:
+            saver.wait()
+            writer.close()
+            signalled = preemption.signal_name or "a signal to another rank"
+            raise faults.Preempted(f"stopped after step {step} on {signalled}: checkpoint {last_ckpt} saved; run the "
+                                   "same command again to continue from it (runner.resume=auto)")
         saver.poll()
         if r.val_check_interval > 0 and step % r.val_check_interval == 0 and step != steps:
             evaluate(step, state.params)
@@ -401,6 +457,22 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"error: {e}" if rank == 0 else 1) from None
     except (robo2vlm.RowError, PromptTooLong) as e:  # data errors may hit one rank only
         raise SystemExit(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}") from None
+    except faults.Preempted as e:  # every rank stops after the same step
+        if rank == 0:
+            print(f"vlm-sft: {e}", file=sys.stderr)
+        raise SystemExit(faults.EXIT_PREEMPTED) from None
+    except faults.Diverged as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(faults.EXIT_DIVERGED) from None
+    except (torch.distributed.DistError, RuntimeError) as e:
+        if not faults.is_collective_failure(e):
+            raise
+        # A peer died or stalled: its own error (if it could print one) is the first one shown.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error (rank {rank}): a collective with the other ranks failed ({type(e).__name__}: "
+                         f"{first}); another rank failed or stopped answering (runner.collective_timeout_s="
+                         f"{_CONFIG.value.runner.collective_timeout_s:g}): see its error above") from None
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -28,6 +28,7 @@ Single process is the same code on a mesh of one (an in-process gloo/nccl group,
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging as std_logging
 import os
 import sys
@@ -138,12 +139,17 @@ def check_config(config: Any, world_size: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Process group.
 
-def init_process_group(info: ProcessInfo) -> tuple[torch.device, bool]:
+def init_process_group(info: ProcessInfo, timeout_s: float | None = None) -> tuple[torch.device, bool]:
     """Joins (or creates) the default process group; returns this rank's device and whether the group was created
     here (the creator destroys it: `destroy_process_group`).
 
     nccl when CUDA is available, else gloo. Under torchrun the ranks rendezvous through its env; one process (with
     or without torchrun) gets an in-process group of one, so the mesh code is the same everywhere.
+
+    `timeout_s` (runner.collective_timeout_s) bounds every collective: a rank that died or stalls makes the others
+    fail after it instead of waiting for the backend's default. gloo raises in the waiting rank; for nccl the
+    watchdog aborts the communicator and ends the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=1, set unless the user
+    set it), so torchrun sees the failure and stops the job.
     """
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -154,10 +160,13 @@ def init_process_group(info: ProcessInfo) -> tuple[torch.device, bool]:
                              f"{info.world_size}")
         return device, False
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
     if info.world_size == 1:  # nothing to rendezvous with: an in-process store
-        dist.init_process_group(backend, store=dist.HashStore(), world_size=1, rank=0)
+        dist.init_process_group(backend, store=dist.HashStore(), world_size=1, rank=0, timeout=timeout)
     elif "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-        dist.init_process_group(backend, world_size=info.world_size, rank=info.rank,
+        dist.init_process_group(backend, world_size=info.world_size, rank=info.rank, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     else:
         raise ValueError(f"WORLD_SIZE={info.world_size} but MASTER_ADDR/MASTER_PORT are not set: launch with "
