@@ -151,7 +151,8 @@ def test_missing_image_file_names_row_and_path(tmp_path):
 def test_a_row_without_images_is_named(tmp_path, value):
     record = row(0, image=value)
     path = write_jsonl(tmp_path / "rows.jsonl", [record])
-    with pytest.raises(RowError, match=rf"^{path}:1: (missing image in column 'image'|image in key 'image' is '', expected a file path)"):
+    with pytest.raises(RowError, match=rf"^{path}:1: (missing image in column 'image'|"
+                                       r"image in key 'image' is '', expected a file path)"):
         jsonl.JsonlSource([path], **KEYS)[0]
 
 

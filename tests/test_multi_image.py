@@ -172,7 +172,8 @@ def test_cli_trains_jsonl_to_the_parquet_losses(tmp_path, tiny_model_dir):
             "jsonl": testing.make_json_dir(tmp_path / "jsonl", images="base64", **kw)}
     for name, path in data.items():
         args = [sys.executable, "-m", "vlm_sft.main", f"--config={CONFIG}:demo",
-                f"--config.runner.logger.log_path={tmp_path / 'runs'}", f"--config.runner.logger.experiment_name={name}",
+                f"--config.runner.logger.log_path={tmp_path / 'runs'}",
+                f"--config.runner.logger.experiment_name={name}",
                 f"--config.actor.model.model_path={tiny_model_dir}", f"--config.data.train_data_paths={path}",
                 "--config.data.eval_data_paths=", "--config.runner.max_steps=3", "--config.actor.global_batch_size=4",
                 "--config.actor.micro_batch_size=2", "--config.runner.val_before_train=False",

@@ -105,6 +105,20 @@ def test_skip_policy_passes_and_text_truncation_cuts_instead(tmp_path, model_wit
         assert serial["splits"][split] == report["splits"][split]
 
 
+def test_parquet_rows_are_checked_by_row_group(tmp_path, model_without_weights, no_model_load):
+    data = testing.make_robo2vlm_dir(tmp_path / "data", n_train=24, n_test=3, rows_per_group=5,
+                                     bad_rows={3: "image", 17: "choices"})
+    c = check_config(tmp_path, model_without_weights, data, **{"data.bad_rows": "skip", "data.num_workers": 2})
+    assert [len(chunk) for chunk in preflight._chunks(main_lib.make_source(
+        main_lib.find_files(c, "train_data_paths", "train"), c, lazy=True))] == [5, 5, 2, 5, 5, 2]
+    train = main_lib.run(c, "check")["splits"]["train"]
+    assert (train["files"], train["rows"], train["bad_rows"]) == (2, 24, 2)
+    assert train["bad_rows_by_reason"]["image"]["first"][0].startswith(
+        f"{data}/train-00000-of-00002.parquet:3: undecodable image in column 'image'")
+    assert train["bad_rows_by_reason"]["choices"]["first"][0].startswith(
+        f"{data}/train-00001-of-00002.parquet:5: unparsable choices")
+
+
 def test_too_few_rows_for_one_batch_would_stop(tmp_path, model_without_weights, planted, no_model_load):
     c = check_config(tmp_path, model_without_weights, planted, **{"data.bad_rows": "skip",
                                                                   "actor.global_batch_size": 32})

@@ -76,7 +76,7 @@ def column_keys(config: Any) -> dict[str, Any]:
                 image_keys=list(d.image_keys))
 
 
-def make_source(files: list[str], config: Any, *, lazy: bool | None = None) -> robo2vlm.Robo2VLMSource:
+def make_source(files: list[str], config: Any, *, lazy: bool | None = None) -> sources.Source:
     lazy = config.data.lazy_loading if lazy is None else lazy
     return sources.make_source(files, **column_keys(config), lazy=lazy)
 
@@ -152,8 +152,9 @@ def check_eager_loading_fits(config: Any, files: list[str], *, local_processes: 
     if need * local_processes > 0.8 * available:
         gib = 2 ** 30
         raise config_lib.ConfigError(
-            f"data.lazy_loading=False reads {len(files)} {sources.format_name(files)} file(s) into memory: {need / gib:.1f} GiB on each "
-            f"of the {local_processes} process(es) on this machine, {need * local_processes / gib:.1f} GiB in all, "
+            f"data.lazy_loading=False reads {len(files)} {sources.format_name(files)} file(s) into memory: "
+            f"{need / gib:.1f} GiB on each of the {local_processes} process(es) on this machine, "
+            f"{need * local_processes / gib:.1f} GiB in all, "
             f"but {available / gib:.1f} GiB is available. Set data.lazy_loading=True (streams rows; same "
             "samples per step) or train on fewer files.")
 

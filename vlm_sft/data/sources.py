@@ -11,6 +11,7 @@ from vlm_sft.data import jsonl, robo2vlm
 
 PARQUET = ".parquet"
 SUFFIXES = (PARQUET, *jsonl.SUFFIXES)
+Source = robo2vlm.Robo2VLMSource | jsonl.JsonlSource  # len(s), s[i] -> Example, s.source_of(i), s.row_groups()
 
 
 def is_parquet(files: Sequence[str]) -> bool:
@@ -41,7 +42,7 @@ def check_files(files: Sequence[str], **keys: Any) -> None:
         jsonl.check_keys(files, **keys)
 
 
-def make_source(files: Sequence[str], *, lazy: bool, **keys: Any) -> robo2vlm.Robo2VLMSource | jsonl.JsonlSource:
+def make_source(files: Sequence[str], *, lazy: bool, **keys: Any) -> Source:
     """Random access to the rows of `files` (len, [i] -> Example, source_of(i), row_groups())."""
     if is_parquet(files):
         return robo2vlm.Robo2VLMSource(files, **keys, lazy=lazy)
