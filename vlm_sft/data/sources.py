@@ -49,6 +49,12 @@ def make_source(files: Sequence[str], *, lazy: bool, **keys: Any) -> Source:
     return jsonl.JsonlSource(files, **keys, lazy=lazy)
 
 
+def held_in_memory(files: Sequence[str], *, lazy: bool) -> list[str]:
+    """The files whose rows a process holds in memory: all when eager; when lazy, the .json lists (no line
+    offsets to seek; see jsonl.py)."""
+    return [f for f in files if not lazy or f.endswith(".json")]
+
+
 def in_memory_bytes(files: Sequence[str], **keys: Any) -> int:
     """Bytes that eager loading of `files` (train and eval may differ in format) holds in each process."""
     parquet = [f for f in files if f.endswith(PARQUET)]
