@@ -178,10 +178,14 @@ def test_cli_trains_jsonl_to_the_parquet_losses(tmp_path, tiny_model_dir):
                 "--config.data.eval_data_paths=", "--config.runner.max_steps=3", "--config.actor.global_batch_size=4",
                 "--config.actor.micro_batch_size=2", "--config.runner.val_before_train=False",
                 "--config.runner.log_interval=1"]
-        if name == "jsonl":
-            args += ["--config.data.lazy_loading=True", "--config.data.num_workers=2"]
+        if name == "jsonl":  # streamed, in worker processes, and evaluated (choice scoring) at the end
+            args += ["--config.data.lazy_loading=True", "--config.data.num_workers=2",
+                     f"--config.data.eval_data_paths={path}", "--config.eval.generate=False"]
         with open(tmp_path / f"{name}.err", "w") as err:
             code = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=err, timeout=600).returncode
         assert code == 0, (tmp_path / f"{name}.err").read_text()[-3000:]
     parquet, jsonl = read_losses(tmp_path / "runs" / "parquet"), read_losses(tmp_path / "runs" / "jsonl")
     assert len(parquet) == 3 and jsonl == parquet
+    with open(tmp_path / "runs" / "jsonl" / "metrics.jsonl") as f:
+        evals = [line for line in map(json.loads, f) if "eval/choice_accuracy" in line]
+    assert [(e["step"], e["eval/rows"]) for e in evals] == [(3, 2)]
