@@ -126,10 +126,15 @@ def test_too_few_rows_for_one_batch_would_stop(tmp_path, model_without_weights, 
         main_lib.run(c, "check")
 
 
-def test_check_refuses_bad_paths_before_reading_rows(tmp_path, model_without_weights):
+def test_check_refuses_bad_paths_and_torchrun_before_reading_rows(tmp_path, model_without_weights, planted,
+                                                                  monkeypatch):
     c = check_config(tmp_path, model_without_weights, tmp_path / "nope")
     with pytest.raises(ConfigError, match="data.train_data_paths: .*nope: no such file or folder"):
         main_lib.run(c, "check")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="--mode=check runs as one process"):
+        main_lib.run(check_config(tmp_path, model_without_weights, planted), "check")
 
 
 def test_cli_check_exits_nonzero_with_one_line(tmp_path, model_without_weights, planted):
