@@ -147,7 +147,7 @@ def test_parquet_jsonl_base64_and_json_train_to_the_same_losses(tmp_path, tiny_m
     losses = {}
     for (name, path), lazy in zip(dirs.items(), (False, True, False, True)):
         source = sources.make_source(sources.find_data_files(str(path), "train"), lazy=lazy, **KEYS)
-        loader = TrainLoader(source, encoder, functools.partial(collate_encoded, spec=spec), global_batch_size=4,
+        loader = TrainLoader(source, encoder, functools.partial(collate_encoded, spec=spec), global_batch_size=2,
                              micro_batch_size=2, seed=3, lazy=lazy)
         state = init_train_state({k: v.clone() for k, v in params.items()}, tx)
         losses[name] = []
