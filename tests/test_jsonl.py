@@ -9,10 +9,13 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from vlm_sft import main as main_lib
 from vlm_sft import testing
+from vlm_sft.config import ConfigError
 from vlm_sft.data import jsonl, sources
 from vlm_sft.data.loader import TrainLoader
 from vlm_sft.data.robo2vlm import Robo2VLMSource, RowError, find_parquet_files
+from configs_loader import load_config, override
 
 KEYS = dict(prompt_key="question", choice_key="choices", answer_key="correct_answer", image_keys=["image"])
 
@@ -151,7 +154,8 @@ def test_missing_image_file_names_row_and_path(tmp_path):
 def test_a_row_without_images_is_named(tmp_path, value):
     record = row(0, image=value)
     path = write_jsonl(tmp_path / "rows.jsonl", [record])
-    with pytest.raises(RowError, match=rf"^{path}:1: (missing image in column 'image'|image in key 'image' is '', expected a file path)"):
+    with pytest.raises(RowError, match=rf"^{path}:1: (missing image in column 'image'|"
+                                       r"image in key 'image' is '', expected a file path)"):
         jsonl.JsonlSource([path], **KEYS)[0]
 
 
@@ -213,3 +217,19 @@ def test_generator_plants_each_bad_row_kind(tmp_path):
     assert len(source[7].question) > 5000
     with pytest.raises(ValueError, match="'json' only with file_format='jsonl'"):
         testing.make_json_dir(tmp_path / "e", file_format="json", bad_rows={0: "json"})
+
+
+def test_json_lists_too_big_for_memory_are_refused_even_when_lazy(same_rows):
+    c = load_config()
+    files = sources.find_data_files(str(same_rows["json"]), "train")
+    need = sum(os.path.getsize(f) for f in files)
+    for lazy in (False, True):
+        config = override(load_config(), {"data.lazy_loading": lazy})
+        match = (r"2 .json file\(s\) are read whole even with data.lazy_loading=True: .* Convert them to .jsonl"
+                 if lazy else r"data.lazy_loading=False reads 2 JSON file\(s\) into memory: .*Set data.lazy_loading")
+        with pytest.raises(ConfigError, match=match):
+            main_lib.check_eager_loading_fits(config, files, local_processes=2, available=int(need / 0.8))
+        main_lib.check_eager_loading_fits(config, files, local_processes=1, available=int(need / 0.8) + 8)
+    jsonl_files = sources.find_data_files(str(same_rows["jsonl"]), "train")
+    main_lib.check_eager_loading_fits(override(c, {"data.lazy_loading": True}), jsonl_files, local_processes=8,
+                                      available=1)  # streamed: nothing held

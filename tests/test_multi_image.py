@@ -147,7 +147,7 @@ def test_parquet_jsonl_base64_and_json_train_to_the_same_losses(tmp_path, tiny_m
     losses = {}
     for (name, path), lazy in zip(dirs.items(), (False, True, False, True)):
         source = sources.make_source(sources.find_data_files(str(path), "train"), lazy=lazy, **KEYS)
-        loader = TrainLoader(source, encoder, functools.partial(collate_encoded, spec=spec), global_batch_size=4,
+        loader = TrainLoader(source, encoder, functools.partial(collate_encoded, spec=spec), global_batch_size=2,
                              micro_batch_size=2, seed=3, lazy=lazy)
         state = init_train_state({k: v.clone() for k, v in params.items()}, tx)
         losses[name] = []
@@ -172,15 +172,20 @@ def test_cli_trains_jsonl_to_the_parquet_losses(tmp_path, tiny_model_dir):
             "jsonl": testing.make_json_dir(tmp_path / "jsonl", images="base64", **kw)}
     for name, path in data.items():
         args = [sys.executable, "-m", "vlm_sft.main", f"--config={CONFIG}:demo",
-                f"--config.runner.logger.log_path={tmp_path / 'runs'}", f"--config.runner.logger.experiment_name={name}",
+                f"--config.runner.logger.log_path={tmp_path / 'runs'}",
+                f"--config.runner.logger.experiment_name={name}",
                 f"--config.actor.model.model_path={tiny_model_dir}", f"--config.data.train_data_paths={path}",
                 "--config.data.eval_data_paths=", "--config.runner.max_steps=3", "--config.actor.global_batch_size=4",
                 "--config.actor.micro_batch_size=2", "--config.runner.val_before_train=False",
                 "--config.runner.log_interval=1"]
-        if name == "jsonl":
-            args += ["--config.data.lazy_loading=True", "--config.data.num_workers=2"]
+        if name == "jsonl":  # streamed, in worker processes, and evaluated (choice scoring) at the end
+            args += ["--config.data.lazy_loading=True", "--config.data.num_workers=2",
+                     f"--config.data.eval_data_paths={path}", "--config.eval.generate=False"]
         with open(tmp_path / f"{name}.err", "w") as err:
             code = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=err, timeout=600).returncode
         assert code == 0, (tmp_path / f"{name}.err").read_text()[-3000:]
     parquet, jsonl = read_losses(tmp_path / "runs" / "parquet"), read_losses(tmp_path / "runs" / "jsonl")
     assert len(parquet) == 3 and jsonl == parquet
+    with open(tmp_path / "runs" / "jsonl" / "metrics.jsonl") as f:
+        evals = [line for line in map(json.loads, f) if "eval/choice_accuracy" in line]
+    assert [(e["step"], e["eval/rows"]) for e in evals] == [(3, 2)]

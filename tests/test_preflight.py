@@ -105,6 +105,20 @@ def test_skip_policy_passes_and_text_truncation_cuts_instead(tmp_path, model_wit
         assert serial["splits"][split] == report["splits"][split]
 
 
+def test_parquet_rows_are_checked_by_row_group(tmp_path, model_without_weights, no_model_load):
+    data = testing.make_robo2vlm_dir(tmp_path / "data", n_train=24, n_test=3, rows_per_group=5,
+                                     bad_rows={3: "image", 17: "choices"})
+    c = check_config(tmp_path, model_without_weights, data, **{"data.bad_rows": "skip", "data.num_workers": 2})
+    assert [len(chunk) for chunk in preflight._chunks(main_lib.make_source(
+        main_lib.find_files(c, "train_data_paths", "train"), c, lazy=True))] == [5, 5, 2, 5, 5, 2]
+    train = main_lib.run(c, "check")["splits"]["train"]
+    assert (train["files"], train["rows"], train["bad_rows"]) == (2, 24, 2)
+    assert train["bad_rows_by_reason"]["image"]["first"][0].startswith(
+        f"{data}/train-00000-of-00002.parquet:3: undecodable image in column 'image'")
+    assert train["bad_rows_by_reason"]["choices"]["first"][0].startswith(
+        f"{data}/train-00001-of-00002.parquet:5: unparsable choices")
+
+
 def test_too_few_rows_for_one_batch_would_stop(tmp_path, model_without_weights, planted, no_model_load):
     c = check_config(tmp_path, model_without_weights, planted, **{"data.bad_rows": "skip",
                                                                   "actor.global_batch_size": 32})
@@ -112,10 +126,15 @@ def test_too_few_rows_for_one_batch_would_stop(tmp_path, model_without_weights, 
         main_lib.run(c, "check")
 
 
-def test_check_refuses_bad_paths_before_reading_rows(tmp_path, model_without_weights):
+def test_check_refuses_bad_paths_and_torchrun_before_reading_rows(tmp_path, model_without_weights, planted,
+                                                                  monkeypatch):
     c = check_config(tmp_path, model_without_weights, tmp_path / "nope")
     with pytest.raises(ConfigError, match="data.train_data_paths: .*nope: no such file or folder"):
         main_lib.run(c, "check")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="--mode=check runs as one process"):
+        main_lib.run(check_config(tmp_path, model_without_weights, planted), "check")
 
 
 def test_cli_check_exits_nonzero_with_one_line(tmp_path, model_without_weights, planted):

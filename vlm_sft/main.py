@@ -81,7 +81,7 @@ def column_keys(config: Any) -> dict[str, Any]:
                 image_keys=list(d.image_keys))
 
 
-def make_source(files: list[str], config: Any, *, lazy: bool | None = None) -> robo2vlm.Robo2VLMSource:
+def make_source(files: list[str], config: Any, *, lazy: bool | None = None) -> sources.Source:
     lazy = config.data.lazy_loading if lazy is None else lazy
     return sources.make_source(files, **column_keys(config), lazy=lazy)
 
@@ -148,19 +148,26 @@ def available_memory_bytes() -> int:
 def check_eager_loading_fits(config: Any, files: list[str], *, local_processes: int,
                              available: int | None = None) -> None:
     """With data.lazy_loading=False every process reads its files' rows into memory up front (RLinf's default;
-    the full Robo2VLM train split is ~130 GB). Refuse before the model loads when the processes of this machine
-    together would not fit in 80% of its available memory, instead of swapping or being OOM-killed later."""
-    if config.data.lazy_loading or not files:
+    the full Robo2VLM train split is ~130 GB); a .json list is read whole even when lazy. Refuse before the model
+    loads when the processes of this machine together would not fit in 80% of its available memory, instead of
+    swapping or being OOM-killed later."""
+    lazy = config.data.lazy_loading
+    held = sources.held_in_memory(files, lazy=lazy)
+    if not held:
         return
-    need = sources.in_memory_bytes(files, **column_keys(config))
+    need = sources.in_memory_bytes(held, **column_keys(config))
     available = available_memory_bytes() if available is None else available
     if need * local_processes > 0.8 * available:
         gib = 2 ** 30
+        what, fix = (
+            (f"{len(held)} .json file(s) are read whole even with data.lazy_loading=True",
+             "Convert them to .jsonl (one object per line), which streams,") if lazy else
+            (f"data.lazy_loading=False reads {len(held)} {sources.format_name(held)} file(s) into memory",
+             "Set data.lazy_loading=True (streams rows; same samples per step)"))
         raise config_lib.ConfigError(
-            f"data.lazy_loading=False reads {len(files)} {sources.format_name(files)} file(s) into memory: {need / gib:.1f} GiB on each "
-            f"of the {local_processes} process(es) on this machine, {need * local_processes / gib:.1f} GiB in all, "
-            f"but {available / gib:.1f} GiB is available. Set data.lazy_loading=True (streams rows; same "
-            "samples per step) or train on fewer files.")
+            f"{what}: {need / gib:.1f} GiB on each of the {local_processes} process(es) on this machine, "
+            f"{need * local_processes / gib:.1f} GiB in all, but {available / gib:.1f} GiB is available. "
+            f"{fix} or train on fewer files.")
 
 
 def _list(x: list) -> list:

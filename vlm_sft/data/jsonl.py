@@ -38,8 +38,8 @@ def read_json_list(path: str) -> list[dict]:
         with open(path, "rb") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); a .json data file holds one list of "
-                         "objects (for one object per line, name the file .jsonl)") from None
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); a .json data "
+                         "file holds one list of objects (for one object per line, name the file .jsonl)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read ({e})") from None
     if not isinstance(data, list):

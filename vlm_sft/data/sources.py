@@ -11,6 +11,7 @@ from vlm_sft.data import jsonl, robo2vlm
 
 PARQUET = ".parquet"
 SUFFIXES = (PARQUET, *jsonl.SUFFIXES)
+Source = robo2vlm.Robo2VLMSource | jsonl.JsonlSource  # len(s), s[i] -> Example, s.source_of(i), s.row_groups()
 
 
 def is_parquet(files: Sequence[str]) -> bool:
@@ -41,11 +42,17 @@ def check_files(files: Sequence[str], **keys: Any) -> None:
         jsonl.check_keys(files, **keys)
 
 
-def make_source(files: Sequence[str], *, lazy: bool, **keys: Any) -> robo2vlm.Robo2VLMSource | jsonl.JsonlSource:
+def make_source(files: Sequence[str], *, lazy: bool, **keys: Any) -> Source:
     """Random access to the rows of `files` (len, [i] -> Example, source_of(i), row_groups())."""
     if is_parquet(files):
         return robo2vlm.Robo2VLMSource(files, **keys, lazy=lazy)
     return jsonl.JsonlSource(files, **keys, lazy=lazy)
+
+
+def held_in_memory(files: Sequence[str], *, lazy: bool) -> list[str]:
+    """The files whose rows a process holds in memory: all when eager; when lazy, the .json lists (no line
+    offsets to seek; see jsonl.py)."""
+    return [f for f in files if not lazy or f.endswith(".json")]
 
 
 def in_memory_bytes(files: Sequence[str], **keys: Any) -> int:
