@@ -157,3 +157,29 @@ def environ(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/environ", "rb") as f:
         items = [kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv]
     return {k.decode(): v.decode(errors="replace") for k, v in items}
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_launch_scripts_job_reaches_only_the_workers(tmp_path, tiny_model_dir, robo2vlm_dir):
+    """As launch/slurm.sbatch passes Slurm's --signal on: SIGUSR1 to every process of launch/run_vlm_sft.sh's
+    2-rank job. The shell, torchrun and tee ignore it (torchrun would die of it); both workers save the same step
+    and exit 75."""
+    logs = tmp_path / "logs"
+    cmd = ["bash", "launch/run_vlm_sft.sh", cli_args(tmp_path, tiny_model_dir, robo2vlm_dir)[3].split("=", 1)[1],
+           *cli_args(tmp_path, tiny_model_dir, robo2vlm_dir, "--config.runner.max_steps=200",
+                     "--config.runner.save_interval=0")[5:]]
+    log = tmp_path / "job.log"
+    proc = start(cmd, log, NPROC_PER_NODE="2", LOG_DIR=str(logs))
+    wait_for(lambda: 2 in losses(logs / "demo"), proc, log, "step 2")
+    os.killpg(proc.pid, signal.SIGUSR1)
+    proc.wait(timeout=300)
+    output = log.read_text()
+    stopped = max(losses(logs / "demo"))
+    assert proc.returncode != 0
+    assert output.count("SIGUSR1 received") == 2 and output.count(f"exitcode  : {faults.EXIT_PREEMPTED}") == 2, \
+        output[-3000:]
+    assert os.listdir(logs / "demo" / "checkpoints") == [f"step_{stopped}"]
+    meta = checkpoint.read_meta(str(logs / "demo" / "checkpoints" / f"step_{stopped}"))
+    assert meta["world_size"] == 2  # and each rank's files were summed by it and recorded
+    assert {"__0_0.distcp", "__1_0.distcp", "rng_rank0.pt", "rng_rank1.pt", ".metadata"} <= set(meta["files"])
+    assert not group_alive(proc.pid)
