@@ -201,7 +201,7 @@ def latest(root: str) -> str | None:
         try:
             verify(path, check_complete(path))
         except CheckpointError as e:
-            logging.warning("SKIPPING CHECKPOINT %s: %s; trying the previous one", path, e)
+            logging.warning("SKIPPING CHECKPOINT %s; trying the previous one", e)  # e starts with the path
             continue
         return path
     return None
