@@ -36,6 +36,10 @@ else
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}"
 fi
 
+# SIGUSR1 asks the ranks to checkpoint and stop (launch/slurm.sbatch). This shell, torchrun and tee ignore it (torchrun
+# would die of it); the workers inherit the ignored disposition and replace it with their own handler.
+trap '' USR1
+
 LOG_DIR="${LOG_DIR:-$REPO/logs/$RUN_ID}"
 mkdir -p "$LOG_DIR"
 LOG="$LOG_DIR/node$NODE_RANK.log"

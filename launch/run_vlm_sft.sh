@@ -34,6 +34,10 @@ else
     DEVICE="$NPROC CPU process(es) x $OMP_NUM_THREADS thread(s), gloo"
 fi
 
+# SIGUSR1 (e.g. `kill -USR1 -<process group>`) asks the ranks to checkpoint and stop: this shell, torchrun and tee
+# ignore it (torchrun would die of it); the workers inherit that and replace it with their own handler.
+trap '' USR1
+
 LOG_DIR="${LOG_DIR:-$REPO/logs/$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$LOG_DIR"
 echo "vlm-sft: $CONFIG on $DEVICE; logs in $LOG_DIR" | tee "$LOG_DIR/run.log"

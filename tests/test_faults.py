@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from vlm_sft import checkpoint, faults, integrity
+from vlm_sft import checkpoint, export, faults, integrity
 from vlm_sft import main as main_lib
 from vlm_sft.models import ModelLoadError
 from configs_loader import load_config, override
@@ -104,6 +104,15 @@ def test_a_diverging_run_stops_naming_the_steps_and_its_checkpoints_are_finite(t
         flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in index.items()}
         checkpoint.load_flat(str(ckpts / name), flat, partial=False, no_dist=True)
         assert checkpoint.nonfinite_leaf(flat) is None, name
+
+    # Nor into an export: weights blown up to ~1e7 overflow fp16. And a damaged checkpoint is not exported.
+    with pytest.raises(export.ExportError, match=r"holds non-finite values in torch.float16; nothing exported"):
+        export.export_checkpoint(str(ckpts / "step_1"), str(tmp_path / "fp16"), dtype=torch.float16)
+    assert not (tmp_path / "fp16").exists()
+    shard = ckpts / "step_2" / shard_of(ckpts / "step_2")
+    os.truncate(shard, os.path.getsize(shard) - 1)
+    with pytest.raises(export.ExportError, match=rf"--checkpoint: .*{shard.name} is truncated"):
+        export.export_checkpoint(str(ckpts / "step_2"), str(tmp_path / "out"))
 
 
 def test_damaged_model_files_are_named_before_the_weights_load(tmp_path, tiny_model_dir, robo2vlm_dir,

@@ -72,7 +72,8 @@ def test_sigterm_saves_that_step_and_auto_resume_is_bitwise_exact(tmp_path, tiny
     run_b, log = tmp_path / "b", tmp_path / "b_first.log"
     proc = start(args("b"), log)
     wait_for(lambda: 3 in losses(run_b), proc, log, "step 3")  # step 4 is running
-    os.killpg(proc.pid, signal.SIGTERM)  # as Slurm and Kubernetes do: every process of the job
+    job = descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGTERM)  # the job's process group; torchrun passes it on to its workers
     proc.wait(timeout=120)
     output = log.read_text()
     stopped = max(losses(run_b))
@@ -84,7 +85,7 @@ def test_sigterm_saves_that_step_and_auto_resume_is_bitwise_exact(tmp_path, tiny
     else:  # each worker exits 75 after the save; torchrun, signalled too, waits for them and fails with exit 1
         assert proc.returncode != 0
         assert checkpoint.read_meta(str(run_b / "checkpoints" / f"step_{stopped}"))["world_size"] == 2
-    assert not group_alive(proc.pid)
+    assert not group_alive(proc.pid) and not alive(job)
 
     b = subprocess.run(args("b"), cwd=REPO, env=CPU_ONLY, capture_output=True, text=True, timeout=900)
     assert b.returncode == 0, b.stderr[-3000:]
@@ -96,9 +97,9 @@ def test_sigterm_saves_that_step_and_auto_resume_is_bitwise_exact(tmp_path, tiny
 
 @pytest.fixture(scope="module")
 def rank1_bad_row_data(tmp_path_factory):
-    """Unshuffled, global batch 16 over 2 ranks: rank 1 reads rows 40..47 at step 3; row 44 is broken."""
+    """Unshuffled, global batch 16 over 2 ranks: rank 1 reads rows 56..63 at step 4; row 60 is broken."""
     return testing.make_robo2vlm_dir(tmp_path_factory.mktemp("bad_on_rank1"), n_train=64, n_test=4, train_files=1,
-                                     bad_rows={44: "answer"})
+                                     bad_rows={60: "answer"})
 
 
 @pytest.mark.slow
@@ -114,8 +115,9 @@ def test_a_failing_rank_brings_the_job_down_in_bounded_time(tmp_path, tiny_model
     env = {"VLM_SFT_TEST_STALL": "1:3:3600"} if fault == "stalls" else {}
     proc = start(cmd, log, **env)
     run_dir = tmp_path / "demo"
+    wait_for(lambda: 2 in losses(run_dir), proc, log, "step 2")
+    job = descendants(proc.pid)
     if fault == "killed":
-        wait_for(lambda: 2 in losses(run_dir), proc, log, "step 2")
         rank1 = [p for p in worker_pids(proc.pid) if environ(p).get("RANK") == "1"]
         assert len(rank1) == 1
         os.kill(rank1[0], signal.SIGKILL)
@@ -129,14 +131,32 @@ def test_a_failing_rank_brings_the_job_down_in_bounded_time(tmp_path, tiny_model
     output = log.read_text()
     assert proc.returncode != 0, output[-3000:]
     assert elapsed < TIMEOUT_S + MARGIN_S, (elapsed, output[-3000:])
-    assert not group_alive(proc.pid), "processes left behind"
+    assert not group_alive(proc.pid) and not alive(job), "processes left behind"
     assert "]: Traceback" not in output, output[-3000:]  # a worker's uncaught error prints "[rank<r>]: Traceback"
     if fault == "raises":  # the failing rank's error comes first
         first = next(l for l in output.splitlines() if l.startswith("error"))
-        assert first.startswith("error (rank 1): ") and "train-00000-of-00001.parquet:44" in first, output[-3000:]
+        assert first.startswith("error (rank 1): ") and "train-00000-of-00001.parquet:60" in first, output[-3000:]
     if fault == "stalls":  # the rank that waited says why, naming the setting
         assert (f"error (rank 0): a collective with the other ranks failed" in output
                 and f"runner.collective_timeout_s={TIMEOUT_S}" in output), output[-3000:]
+
+
+def descendants(pid: int) -> list[int]:
+    children = worker_pids(pid)
+    return children + [d for c in children for d in descendants(c)]
+
+
+def alive(pids) -> list[int]:
+    """Those of pids still running (torchrun gives each worker its own process group: check them one by one)."""
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
 
 
 def worker_pids(parent: int) -> list[int]:
@@ -157,3 +177,32 @@ def environ(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/environ", "rb") as f:
         items = [kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv]
     return {k.decode(): v.decode(errors="replace") for k, v in items}
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_launch_scripts_job_reaches_only_the_workers(tmp_path, tiny_model_dir, robo2vlm_dir):
+    """As launch/slurm.sbatch passes Slurm's --signal on (`scancel --signal`, which signals every process of the
+    job step: its cgroup): SIGUSR1 to every process of launch/run_vlm_sft.sh's 2-rank job. The shell, torchrun and
+    tee ignore it (torchrun would die of it); both workers save the same step and exit 75. (torchrun puts each
+    worker in its own process group, so signalling the script's group would not reach them.)"""
+    logs = tmp_path / "logs"
+    cmd = ["bash", "launch/run_vlm_sft.sh", cli_args(tmp_path, tiny_model_dir, robo2vlm_dir)[3].split("=", 1)[1],
+           *cli_args(tmp_path, tiny_model_dir, robo2vlm_dir, "--config.runner.max_steps=200",
+                     "--config.runner.save_interval=0")[5:]]
+    log = tmp_path / "job.log"
+    proc = start(cmd, log, NPROC_PER_NODE="2", LOG_DIR=str(logs))
+    wait_for(lambda: 2 in losses(logs / "demo"), proc, log, "step 2")
+    job = [proc.pid, *descendants(proc.pid)]
+    for pid in job:
+        os.kill(pid, signal.SIGUSR1)
+    proc.wait(timeout=300)
+    output = log.read_text()
+    stopped = max(losses(logs / "demo"))
+    assert proc.returncode != 0
+    assert output.count("SIGUSR1 received") == 2 and output.count(f"exitcode  : {faults.EXIT_PREEMPTED}") == 2, \
+        output[-3000:]
+    assert os.listdir(logs / "demo" / "checkpoints") == [f"step_{stopped}"]
+    meta = checkpoint.read_meta(str(logs / "demo" / "checkpoints" / f"step_{stopped}"))
+    assert meta["world_size"] == 2  # and each rank's files were summed by it and recorded
+    assert {"__0_0.distcp", "__1_0.distcp", "rng_rank0.pt", "rng_rank1.pt", ".metadata"} <= set(meta["files"])
+    assert not group_alive(proc.pid) and not alive(job)

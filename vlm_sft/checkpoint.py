@@ -161,13 +161,15 @@ def check_complete(path: str) -> dict:
     return meta
 
 
-def verify(path: str, meta: dict | None = None) -> None:
-    """Every file recorded in meta.json still has its size and crc32 (collective when distributed: each rank reads
-    its share of the files, the first damage found anywhere is raised on every rank). Checkpoints written before
-    checksums were recorded get the size checks of check_complete only."""
+def verify(path: str, meta: dict | None = None, *, collective: bool = True) -> None:
+    """Every file recorded in meta.json still has its size and crc32. Collective when distributed (unless
+    collective=False: this process reads every file): each rank reads its share of the files, and the first damage
+    found anywhere is raised on every rank. Checkpoints written before checksums were recorded get the size checks
+    of check_complete only."""
     meta = read_meta(path) if meta is None else meta
     records = meta.get("files") or {}
-    rank, world = _rank_and_world()
+    collective = collective and _distributed()
+    rank, world = _rank_and_world() if collective else (0, 1)
     damage = None
     for name in sorted(records)[rank::world]:
         try:
@@ -175,7 +177,7 @@ def verify(path: str, meta: dict | None = None) -> None:
         except integrity.DamagedFileError as e:
             damage = str(e)
             break
-    if _distributed():
+    if collective:
         found = [None] * world
         dist.all_gather_object(found, damage)
         damage = next((d for d in found if d), None)
@@ -199,7 +201,7 @@ def latest(root: str) -> str | None:
         try:
             verify(path, check_complete(path))
         except CheckpointError as e:
-            logging.warning("SKIPPING CHECKPOINT %s: %s; trying the previous one", path, e)
+            logging.warning("SKIPPING CHECKPOINT %s; trying the previous one", e)  # e starts with the path
             continue
         return path
     return None

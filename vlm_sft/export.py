@@ -144,6 +144,10 @@ def _write_weights(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, 
                 for name in shard}
         checkpoint.load_flat(ckpt, flat, partial=True, no_dist=True)  # reads only this shard's tensors
         tensors = {names[name]: flat[saved[name][0]].to(out_dtype).contiguous() for name in shard}
+        bad = checkpoint.nonfinite_leaf(tensors)  # e.g. fp32 weights beyond fp16's range
+        if bad:
+            raise ExportError(f"--checkpoint {ckpt!r}: {bad} holds non-finite values in {out_dtype}; nothing "
+                              "exported")
         safetensors.torch.save_file(tensors, os.path.join(out, file), metadata={"format": "pt"})
         weight_map.update({hub: file for hub in tensors})
         del flat, tensors
@@ -164,7 +168,7 @@ def export_checkpoint(ckpt: str, output_dir: str, *, dtype: torch.dtype | None =
     from vlm_sft.data.processor import load_processor
 
     try:
-        checkpoint.check_complete(ckpt)
+        checkpoint.verify(ckpt, checkpoint.check_complete(ckpt), collective=False)  # rank 0 alone, in main
     except checkpoint.CheckpointError as e:
         raise ExportError(f"--checkpoint: {e}") from None
     _check_output_dir(output_dir, overwrite)

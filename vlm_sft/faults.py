@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import sys
 import time
 from typing import Any
 
@@ -23,10 +22,8 @@ import torch
 import torch.distributed
 from absl import logging
 
-# Exit codes of `python -m vlm_sft.main` (README "Long jobs and faults"). Under torchrun each worker exits with its
-# code and torchrun reports it ("exitcode: 75") and exits 1.
-EXIT_OK = 0
-EXIT_ERROR = 1          # a bad input or a failure; one line on stderr says which
+# Exit codes of `python -m vlm_sft.main` besides 0 (done) and 1 (a bad input or failure, named on the last line);
+# README "Long jobs and faults". Under torchrun each worker exits with its code; torchrun reports it and exits 1.
 EXIT_DIVERGED = 3       # max_consecutive_skipped_steps non-finite steps in a row
 EXIT_PREEMPTED = 75     # signalled: the current step's checkpoint is saved; rerun the same command to continue
 EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, nothing saved
@@ -65,14 +62,13 @@ class Preemption:
         now = time.monotonic()
         if signum == signal.SIGINT:
             if self._first_sigint is not None and now - self._first_sigint > _SECOND_SIGINT_AFTER_S:
-                print("vlm-sft: second interrupt: stopping now, without a checkpoint", file=sys.stderr, flush=True)
+                _say("vlm-sft: second interrupt: stopping now, without a checkpoint")
                 os._exit(EXIT_INTERRUPTED)
             self._first_sigint = self._first_sigint or now
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
-            # A signal handler must not log (the logging lock may be held by the interrupted frame): print.
-            print(f"vlm-sft: {self.signal_name} received: finishing this step, then saving a checkpoint and "
-                  f"exiting with code {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
+            _say(f"vlm-sft: {self.signal_name} received: finishing this step, then saving a checkpoint and exiting "
+                 f"with code {EXIT_PREEMPTED}")
 
     @property
     def requested(self) -> bool:
@@ -83,6 +79,11 @@ class Preemption:
     def agreed(any_rank_signalled: float) -> bool:
         """The all-reduced (summed) `requested` flags: True on every rank if any rank was signalled."""
         return any_rank_signalled > 0
+
+
+def _say(line: str) -> None:
+    """From a signal handler: no logging and no buffered stream (the interrupted frame may hold their locks)."""
+    os.write(2, (line + "\n").encode())
 
 
 @dataclasses.dataclass
@@ -123,8 +124,7 @@ def is_collective_failure(e: BaseException) -> bool:
     but gloo's timeouts and closed connections arrive as a RuntimeError naming gloo's source file."""
     if isinstance(e, torch.distributed.DistError):
         return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("gloo/transport" in text or "gloo/" in text and "Timed out" in text)
+    return isinstance(e, RuntimeError) and "gloo/transport" in str(e)
 
 
 # Test-only: VLM_SFT_TEST_STALL="<rank>:<step>:<seconds>" makes that rank sleep before that step, as a stalled

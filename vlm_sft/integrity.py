@@ -1,9 +1,11 @@
 """Damaged files, found before they cost anything: file checksums, safetensors headers, model-directory text
 files, and writable output directories.
 
-Checksums are zlib.crc32 streamed in 8 MiB blocks: 3.8 GB/s on one core here against 0.74 GB/s for blake2b
-(bench/checksum.py), and a checkpoint file is usually still in the page cache when it is summed. A crc detects
-truncation, torn writes and flipped bits; it is not a defence against tampering, which is not the threat here.
+Checksums are zlib.crc32 streamed in 8 MiB blocks: 3.8 GB/s on one core in memory (idle machine), and in
+bench/checksum.py on a 384 MiB file 3.4x faster than blake2b and 1.3x faster than adler32; summing a file just
+written costs about as much as writing it to the page cache (shared 2-core machine, noisy). Each rank sums only
+its own files, in parallel. A crc detects truncation, torn writes and flipped bits; it is no defence against
+tampering, which is not the threat here.
 """
 from __future__ import annotations
 

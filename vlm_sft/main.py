@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-import threading
 import sys
+import threading
 import time
 from typing import Any
 
