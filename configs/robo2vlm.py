@@ -90,7 +90,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.model.model_type = "qwen2.5_vl"
     c.actor.model.precision = "fp32"   # master weights and optimizer state
     c.actor.model.model_path = ""
-    c.actor.model.is_lora = False
+    c.actor.model.is_lora = False    # train LoRA adapters on a frozen base (vlm_sft/lora.py); RLinf's flag
+    c.actor.model.lora_rank = 8      # RLinf's name: r of each adapter (A [r, in], B [out, r])
+    c.actor.model.lora_alpha = 16    # new: adapters scaled by lora_alpha / lora_rank (PEFT's convention)
+    c.actor.model.lora_dropout = 0.0  # new: only 0.0 (adapters are merged into the weight inside each block)
+    # new: regex searched in linear module names, or "all-linear" (every linear but lm_head, vision tower included).
+    # Default: the language model's q/k/v/o and MLP projections (Qwen2.5-VL and Qwen3-VL name them alike).
+    c.actor.model.lora_target_modules = (
+        r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$")
+    # new: frozen parts (no gradient computed, no optimizer state; LLaMA-Factory / ms-swift names). vision tower =
+    # model.visual.* but the merger(s); merger = model.visual.merger.* (+ Qwen3-VL's deepstack mergers); llm =
+    # model.language_model.* and lm_head.
+    c.actor.model.freeze_vision_tower = False
+    c.actor.model.freeze_merger = False
+    c.actor.model.freeze_llm = False
+    # new: more frozen params: regexes searched in param names, e.g. "('^model\.visual\.blocks\.[0-3]\.',)"
+    c.actor.model.freeze = ()
     c.actor.model.attn_implementation = "sdpa"  # new
 
     c.actor.optim = ml_collections.ConfigDict()
@@ -104,6 +119,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.optim.total_training_steps = -1  # -1: the run's number of steps
     c.actor.optim.lr_warmup_steps = 200
     c.actor.optim.min_lr = 0.0               # new
+    # new: per-module learning rates, (regex, factor) pairs searched in param names; the first match wins, e.g.
+    # "(('^model\.visual\.merger\.', 0.5), ('^model\.visual\.', 0.1))". Unmatched trained params: factor 1.
+    c.actor.optim.lr_multipliers = ()
+    c.actor.optim.no_decay = False           # new: True exempts 1-D params (biases, norm scales) from weight decay
 
     c.actor.fsdp_config = ml_collections.ConfigDict()
     c.actor.fsdp_config.strategy = "fsdp"

@@ -12,13 +12,21 @@ skipped and never padding or activation recompute:
         + c * P_merge * patches / m^2
         + c * h * (d_qk + d_v) * sum over blocks of sum(segment_len^2)   windows / frames, as attended
 Biases, norms, rotary and elementwise work are left out (a fraction of a percent at 3B).
+
+With frozen parts or LoRA (`weight_grads`: the weights that get a weight gradient; trainable.py), each matmul
+weight w counts f_w = 2 (forward) + 2 (its weight gradient, if w gets one) + 2 (its input's gradient, if any
+leaf before it in forward order gets a gradient; never for the patch embedding) instead of 6, i.e. P above is
+sum(f_w * n_w) / 6: a frozen vision tower under a trained LLM counts 2x, frozen layers above a trained part 4x.
+LoRA merges W + s*B@A inside the block, so an adapted weight gets the full weight gradient (6x) and each block
+call adds 6*r*(in*out) per adapted linear (B@A and its two gradients). Attention counts 6 in the text model, and
+in the vision tower when any of its blocks' weights gets a gradient (else 2). `shapes` holds base weights only.
 """
 from __future__ import annotations
 
 import dataclasses
 import resource
 import sys
-from typing import Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 
@@ -82,37 +90,50 @@ class FlopModel:
     full_blocks: int         # vision blocks attending within whole frames
     vision_factor: int = 6   # 6 when the vision tower trains, 2 when frozen
     patch_factor: int = 4    # the patch embedding: 4 when it trains (weight gradient only), 2 when frozen
+    adapter_flops: float = 0.0  # per micro-batch: 6*r*in*out per LoRA-adapted linear (merge and its gradients)
 
     @classmethod
     def from_model(cls, config, shapes: Mapping[str, torch.Size | Sequence[int]], lm_head_name: str, *,
-                   vision_trainable: bool = True) -> "FlopModel":
-        """`config`: the HF Qwen2_5_VLConfig; `shapes`: param name -> (global) shape, e.g. the params pytree."""
-        def matmul(prefix: str) -> int:
-            total = 0
+                   vision_trainable: bool = True, weight_grads: Collection[str] | None = None,
+                   lora_rank: int = 0) -> "FlopModel":
+        """`config`: the HF Qwen2_5_VLConfig; `shapes`: param name -> (global) shape, e.g. the params pytree.
+
+        weight_grads: the base weights that get a weight gradient (trained, or LoRA-adapted); None = all (full
+        fine-tuning). With it, each weight counts f_w / 6 of its size (module docstring)."""
+        factors = _weight_factors(shapes, weight_grads)
+        if weight_grads is not None:
+            vision_trainable = any(factors[n] > 2 for n in shapes if n.startswith(VISION_BLOCKS))
+        vision_factor, patch_factor = (6, 4) if vision_trainable else (2, 2)
+
+        def matmul(prefix: str, base: int) -> int:
+            """Weights under prefix, each weighted by f_w / base (plain counts when every factor is the base)."""
+            total = 0.0
             for name, shape in shapes.items():
                 shape = tuple(shape)
                 if name.startswith(prefix) and len(shape) >= 2:
-                    total += _numel(shape)
-            return total
+                    total += _numel(shape) * factors.get(name, base) / base
+            return round(total)
 
         text = config.text_config
         vision = config.vision_config
         head_dim = text.hidden_size // text.num_attention_heads
         vision_head_dim = vision.hidden_size // vision.num_heads
         full = len(vision.fullatt_block_indexes)
+        adapted = [n for n in (weight_grads or ()) if lora_rank]  # with LoRA, weight_grads = the adapted weights
         return cls(
-            text_params=matmul(TEXT_LAYERS),
-            head_params=_numel(tuple(shapes[lm_head_name])),
+            text_params=matmul(TEXT_LAYERS, 6),
+            head_params=round(_numel(tuple(shapes[lm_head_name])) * factors.get(lm_head_name, 6) / 6),
             text_attention=text.num_hidden_layers * text.num_attention_heads * 2 * head_dim,
-            vision_params=matmul(VISION_BLOCKS),
-            patch_params=matmul(PATCH_EMBED),
-            merger_params=matmul(MERGER),
+            vision_params=matmul(VISION_BLOCKS, vision_factor),
+            patch_params=matmul(PATCH_EMBED, patch_factor),
+            merger_params=matmul(MERGER, vision_factor),
             merge_unit=vision.spatial_merge_size ** 2,
             vision_attention=vision.num_heads * 2 * vision_head_dim,
             window_blocks=vision.depth - full,
             full_blocks=full,
-            vision_factor=6 if vision_trainable else 2,
-            patch_factor=4 if vision_trainable else 2,
+            vision_factor=vision_factor,
+            patch_factor=patch_factor,
+            adapter_flops=6.0 * lora_rank * sum(_numel(tuple(shapes[n])) for n in adapted),
         )
 
     def batch_flops(self, batch: Batch) -> float:
@@ -132,10 +153,23 @@ class FlopModel:
                 self.vision_params * patches + self.merger_params * patches / self.merge_unit
                 + self.vision_attention * (self.window_blocks * window + self.full_blocks * full))
             flops += self.patch_factor * self.patch_params * patches
-        return flops
+        return flops + self.adapter_flops
 
     def step_flops(self, micro_batches: Sequence[Batch | None]) -> float:
         return sum(self.batch_flops(b) for b in micro_batches if b is not None)
+
+
+def _weight_factors(shapes: Mapping[str, Any], weight_grads: Collection[str] | None) -> dict[str, int]:
+    """f_w for each matmul weight in params (forward) order: 2 + 2 [w gets a weight gradient] + 2 [some earlier
+    leaf gets one, so w's input needs a gradient; never for the patch embedding, whose input is pixels]."""
+    if weight_grads is None:
+        return {}
+    grads = set(weight_grads)
+    factors, upstream = {}, False
+    for name in shapes:
+        factors[name] = 2 + 2 * (name in grads) + 2 * (upstream and not name.startswith(PATCH_EMBED))
+        upstream = upstream or name in grads
+    return factors
 
 
 def _numel(shape: tuple[int, ...]) -> int:
