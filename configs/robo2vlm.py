@@ -7,6 +7,7 @@ Variants after the colon (comma separated):
   demo   tiny random Qwen2.5-VL + generated Robo2VLM-format parquet, built once under the run dir; ~2 min on a
          laptop CPU, loss falls and accuracy rises.
   eval   eval-only: no training data (set data.eval_data_paths and actor.model.model_path).
+  lora   LoRA adapters (actor.model.is_lora) instead of full-parameter training; `:demo,lora` on the demo.
 
   python -m vlm_sft.main --config configs/robo2vlm.py:demo
   python -m vlm_sft.main --config configs/robo2vlm.py \
@@ -18,9 +19,9 @@ import ml_collections
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
-    unknown = variants - {"demo", "eval"}
+    unknown = variants - {"demo", "eval", "lora"}
     if unknown:
-        raise ValueError(f"configs/robo2vlm.py: unknown variant(s) {sorted(unknown)}; known: demo, eval")
+        raise ValueError(f"configs/robo2vlm.py: unknown variant(s) {sorted(unknown)}; known: demo, eval, lora")
 
     c = ml_collections.ConfigDict()
 
@@ -167,5 +168,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     if "eval" in variants:
         c.data.train_data_paths = ""
+
+    if "lora" in variants:  # LoRA adapters on the language model; with :demo at a LoRA-sized lr
+        c.actor.model.is_lora = True
+        if "demo" in variants:
+            c.actor.optim.lr = 1e-2
 
     return c

@@ -184,7 +184,7 @@ def _write_weights(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, 
         checkpoint.load_flat(ckpt, flat, partial=True, no_dist=True)  # reads only this shard's tensors
         params = {n: flat[saved[n][0]] if n in saved else base_weights.read(n) for n in shard}
         params.update({n: flat[saved[n][0]] for n in wanted if lora_lib.is_adapter(n)})
-        params = lora_lib.merge_params(params, lora_scale)
+        params = lora_lib.merge_params({n: t.float() for n, t in params.items()}, lora_scale)  # merged in fp32
         tensors = {names[name]: params[name].to(out_dtype).contiguous() for name in shard}
         safetensors.torch.save_file(tensors, os.path.join(out, file), metadata={"format": "pt"})
         weight_map.update({hub: file for hub in tensors})

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -159,3 +159,14 @@ def add_to_groups(groups: Mapping[str, list[str]], adapters: Iterable[str]) -> d
     for name in adapters:
         out[group_of[base_weight(name)]].append(name)
     return out
+
+
+def plain_block_call(scale: float | None) -> Callable[..., Any]:
+    """model.plain_block_call with each block's adapters merged first: the unsharded forward of adapted params
+    (tests, tools); training goes through sharding.make_block_call(lora_scale=...), which merges the same way."""
+
+    def block_call(fn: Callable[..., Any], module: torch.nn.Module | None, p: Params, *args: Any,
+                   remat: bool = False) -> Any:
+        return fn(module, merge(p, scale), *args)
+
+    return block_call
