@@ -133,10 +133,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.fsdp_config.hybrid_shard_size = 0
     c.actor.fsdp_config.use_orig_params = False
     c.actor.fsdp_config.gradient_checkpointing = False
+    # RLinf's FSDP mixed precision: compute (gathered weights) in bf16, gradients reduced in fp32; master weights
+    # and Adam state stay in actor.model.precision (fp32). buffer_dtype casts floating module buffers, except the
+    # rotary frequency tables, which stay fp32 (bf16 angles misplace positions; vlm_sft/sharding.py FP32_BUFFERS).
     c.actor.fsdp_config.mixed_precision = ml_collections.ConfigDict()
-    c.actor.fsdp_config.mixed_precision.param_dtype = "fp32"
+    c.actor.fsdp_config.mixed_precision.param_dtype = "bf16"
     c.actor.fsdp_config.mixed_precision.reduce_dtype = "fp32"
-    c.actor.fsdp_config.mixed_precision.buffer_dtype = "fp32"
+    c.actor.fsdp_config.mixed_precision.buffer_dtype = "bf16"
 
     c.eval = ml_collections.ConfigDict()         # new
     c.eval.generate = True          # RLinf-compatible greedy generation + string match -> eval/eval_accuracy
@@ -165,6 +168,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.actor.optim.lr_warmup_steps = 10
         c.actor.optim.weight_decay = 0.0
         c.eval.max_new_tokens = 16
+        # The CPU demo computes in fp32 (bf16 matmuls on CPU are emulated and slow; accuracy is the same).
+        c.actor.fsdp_config.mixed_precision.param_dtype = "fp32"
+        c.actor.fsdp_config.mixed_precision.buffer_dtype = "fp32"
 
     if "eval" in variants:
         c.data.train_data_paths = ""

@@ -160,3 +160,22 @@ def test_demo_lora_learns(tmp_path):
     assert "LoRA r=8" in out.stderr
     final = [l for l in read_metrics(tmp_path / "demo") if "eval/eval_accuracy" in l][-1]
     assert final["eval/eval_accuracy"] == 1.0
+
+
+@pytest.mark.slow
+def test_lora_full_shard_on_two_ranks_equals_one_process(tmp_path, tiny_model_dir, robo2vlm_dir):
+    """Adapters sharded like every other leaf (Shard(0)); gradients reduce-scattered: same losses and adapters."""
+    from test_distributed import final_params, read_metrics as dist_metrics, train
+    lora_flags = ("--config.actor.model.is_lora=True", "--config.actor.optim.lr=1e-2")
+    one = train(tmp_path, 1, *lora_flags, model_dir=tiny_model_dir, data_dir=robo2vlm_dir)
+    two = train(tmp_path, 2, *lora_flags, "--config.actor.fsdp_config.sharding_strategy=full_shard",
+                model_dir=tiny_model_dir, data_dir=robo2vlm_dir)
+    l1 = [m["train/loss"] for m in dist_metrics(one) if "train/loss" in m]
+    l2 = [m["train/loss"] for m in dist_metrics(two) if "train/loss" in m]
+    assert len(l1) == len(l2) == 10 and l1[-1] < l1[0]
+    for a, b in zip(l1, l2):
+        assert abs(a - b) <= 1e-5, (l1, l2)
+    p1, p2 = final_params(one), final_params(two)
+    assert p1.keys() == p2.keys() and all(lora.is_adapter(k) for k in p1)
+    worst = max((float((p1[k] - p2[k]).abs().max()), k) for k in p1)
+    assert worst[0] <= 1e-5, worst
