@@ -122,7 +122,7 @@ class FlopModel:
         adapted = [n for n in (weight_grads or ()) if lora_rank]  # with LoRA, weight_grads = the adapted weights
         return cls(
             text_params=matmul(TEXT_LAYERS, 6),
-            head_params=round(_numel(tuple(shapes[lm_head_name])) * factors.get(lm_head_name, 6) / 6),
+            head_params=round(_numel(tuple(shapes[lm_head_name])) * _head_factor(lm_head_name, weight_grads) / 6),
             text_attention=text.num_hidden_layers * text.num_attention_heads * 2 * head_dim,
             vision_params=matmul(VISION_BLOCKS, vision_factor),
             patch_params=matmul(PATCH_EMBED, patch_factor),
@@ -170,6 +170,15 @@ def _weight_factors(shapes: Mapping[str, Any], weight_grads: Collection[str] | N
         factors[name] = 2 + 2 * (name in grads) + 2 * (upstream and not name.startswith(PATCH_EMBED))
         upstream = upstream or name in grads
     return factors
+
+
+def _head_factor(lm_head_name: str, weight_grads: Collection[str] | None) -> int:
+    """The lm_head runs last (tied, its weight is also the embedding's, used first): 2 + 2 if its weight gets a
+    gradient + 2 if anything else does (then its input needs one)."""
+    if weight_grads is None:
+        return 6
+    grads = set(weight_grads)
+    return 2 + 2 * (lm_head_name in grads) + 2 * bool(grads - {lm_head_name})
 
 
 def _numel(shape: tuple[int, ...]) -> int:
