@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from vlm_sft import checkpoint, export, lora, testing, trainable
+from vlm_sft import checkpoint, export, lora, trainable
 from vlm_sft import main as main_lib
 from vlm_sft import model as model_lib
 from vlm_sft.data import robo2vlm
@@ -136,7 +136,7 @@ def test_adapter_only_on_a_full_parameter_checkpoint_is_refused(tiny_model_dir, 
 def test_lora_resume_is_exact(tmp_path, tiny_model_dir, robo2vlm_dir):
     """4 steps straight == 2 steps, then a restart that resumes from step_2 ("auto"): losses and the final
     adapters and Adam moments bitwise equal."""
-    common = {"runner.save_interval": 2}
+    common = {"runner.save_interval": 2, "actor.optim.total_training_steps": 4}  # one lr schedule for all runs
     main_lib.run(lora_config(tmp_path, tiny_model_dir, robo2vlm_dir, "straight", **common,
                              **{"runner.max_steps": 4}), "train")
     for max_steps in (2, 4):
@@ -164,12 +164,14 @@ def test_demo_lora_learns(tmp_path):
 
 @pytest.mark.slow
 def test_lora_full_shard_on_two_ranks_equals_one_process(tmp_path, tiny_model_dir, robo2vlm_dir):
-    """Adapters sharded like every other leaf (Shard(0)); gradients reduce-scattered: same losses and adapters."""
+    """Adapters sharded like every other leaf (Shard(0)), merged after the gather inside the activation-
+    checkpointed block (so again in backward); gradients reduce-scattered: the same losses and adapters."""
     from test_distributed import final_params, read_metrics as dist_metrics, train
     lora_flags = ("--config.actor.model.is_lora=True", "--config.actor.optim.lr=1e-2")
     one = train(tmp_path, 1, *lora_flags, model_dir=tiny_model_dir, data_dir=robo2vlm_dir)
     two = train(tmp_path, 2, *lora_flags, "--config.actor.fsdp_config.sharding_strategy=full_shard",
-                model_dir=tiny_model_dir, data_dir=robo2vlm_dir)
+                "--config.actor.fsdp_config.gradient_checkpointing=True", model_dir=tiny_model_dir,
+                data_dir=robo2vlm_dir)
     l1 = [m["train/loss"] for m in dist_metrics(one) if "train/loss" in m]
     l2 = [m["train/loss"] for m in dist_metrics(two) if "train/loss" in m]
     assert len(l1) == len(l2) == 10 and l1[-1] < l1[0]
@@ -179,3 +181,17 @@ def test_lora_full_shard_on_two_ranks_equals_one_process(tmp_path, tiny_model_di
     assert p1.keys() == p2.keys() and all(lora.is_adapter(k) for k in p1)
     worst = max((float((p1[k] - p2[k]).abs().max()), k) for k in p1)
     assert worst[0] <= 1e-5, worst
+
+
+@pytest.mark.slow
+def test_lora_compiled_step_equals_eager(tmp_path, tiny_model_dir, robo2vlm_dir):
+    """The compiled step (whole-step graph: forward with the merge, backward, update) gives eager's losses."""
+    runs = {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        main_lib.run(lora_config(tmp_path, tiny_model_dir, robo2vlm_dir, name, **{
+            "runner.max_steps": 3, "actor.compile": compiled,
+            "actor.compile_cache_dir": str(tmp_path / "inductor")}), "train")
+        runs[name] = losses(tmp_path / name)
+    assert sorted(runs["compiled"]) == [1, 2, 3]
+    for step, loss in runs["eager"].items():
+        assert runs["compiled"][step] == pytest.approx(loss, abs=1e-5), (runs["eager"], runs["compiled"])

@@ -120,7 +120,8 @@ def test_bad_plans_name_the_field(skeleton, fields, message):
 def test_grouped_adamw_matches_torch_param_groups():
     """lr multipliers and the no-decay mask against torch.optim.AdamW with one param group per (factor, decay)."""
     g = torch.Generator().manual_seed(0)
-    params = {"a": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g), "c": torch.randn(2, 2, generator=g)}
+    params = {"a": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g),
+              "c": torch.randn(2, 2, generator=g)}
     mult, decay = {"a": 1.0, "b": 0.1, "c": 0.1}, {"a": True, "b": False, "c": True}
     tx = optim.adamw(1e-2, weight_decay=0.1, mask=decay, lr_multipliers=mult, max_grad_norm=0.0)
     ref = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
@@ -208,10 +209,9 @@ def test_flop_formula_counts_only_the_work_done(tiny_model_dir, fields):
                                                 set(plan.trainable))
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         loss_and_grad(params, batch, torch.tensor(1.0))
-    weight_grads = [m + ".weight" for m in plan.lora_modules] if plan.is_lora else plan.trainable
     flop_model = perf.FlopModel.from_model(
         model.config, {k: v.shape for k, v in params.items() if not lora.is_adapter(k)}, model.lm_head_name,
-        weight_grads=weight_grads, lora_rank=plan.lora_rank)
+        weight_grads=plan.weight_grads, lora_rank=plan.lora_rank)
     # Exact but for one approximation, in params order: the first adapted layer's k/v projections read the same
     # (gradient-free) input as q but count an input gradient (0.2% here, ~1e-5 of a 3B model's step).
     assert flop_model.batch_flops(batch) == pytest.approx(counter.get_total_flops(), rel=3e-3)

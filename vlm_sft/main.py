@@ -265,8 +265,8 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     def evaluate(step: int, params: dict) -> None:
         if eval_source is None:
             return
-        metrics = run_eval(model, eval_params(params, plan, precision), eval_source, encoder, tokenizer, spec, config, world_size=world_size,
-                           rank=rank)
+        metrics = run_eval(model, eval_params(params, plan, precision), eval_source, encoder, tokenizer, spec,
+                           config, world_size=world_size, rank=rank)
         writer.write(step, metrics)
         writer.console(step, metrics)
         last.update(metrics)
@@ -275,7 +275,8 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         logging.info("eval-only: %d eval files", len(eval_files))
         if resume_from:
             logging.info("evaluating the params of checkpoint %s", resume_from)
-            params = checkpoint_lib.restore_params(resume_from, params, names=plan.trainable if plan.frozen else None)
+            saved = plan.trainable if plan.frozen else None  # a plan with frozen parts saves the trained leaves
+            params = checkpoint_lib.restore_params(resume_from, params, names=saved)
         evaluate(checkpoint_lib.read_meta(resume_from)["step"] if resume_from else 0, params)
         writer.close()
         return last
@@ -316,11 +317,9 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         step_lib.set_compile_cache_dir(a.compile_cache_dir or os.path.join(r.logger.log_path, ".inductor_cache"))
     train_step = step_lib.make_train_step(step_model, tx, schedule, compile=compiled, block_call=block_call,
                                           compile_mode=sharding_lib.COMPILE_MODE, trainable=trained)
-    weight_grads = ([m + ".weight" for m in plan.lora_modules] if plan.is_lora else plan.trainable
-                    ) if plan.frozen else None
     flop_model = perf.FlopModel.from_model(
         model.config, {k: v.shape for k, v in state.params.items() if not lora_lib.is_adapter(k)},
-        model.lm_head_name, weight_grads=weight_grads, lora_rank=plan.lora_rank)
+        model.lm_head_name, weight_grads=plan.weight_grads, lora_rank=plan.lora_rank)
     peak_flops = perf.device_peak_flops(device, sharding.param_dtype)
     logging.info("perf: %s; peak %s FLOP/s per device", perf.FORMULA,
                  f"{peak_flops:.3g}" if peak_flops else "unknown (no perf/mfu)")

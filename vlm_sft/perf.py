@@ -39,7 +39,8 @@ MERGER = "model.visual.merger."
 
 FORMULA = ("MFU = (6*P_text*tokens + 6*P_head*labels + 6*l*h*(dqk+dv)*sum(s^2) + c*P_vis*patches "
            "+ 4*P_patch*patches + c*P_merge*patches/m^2 + c*h_v*(dqk+dv)*sum(seg^2)) "
-           "/ (step_time * peak * devices); c=6 (frozen vision: c=2, patch 2)")
+           "/ (step_time * peak * devices); c=6 (frozen vision: c=2, patch 2); with frozen parts or LoRA each "
+           "weight's P counts f_w/6, f_w = 2 forward + 2 weight grad + 2 input grad where needed (vlm_sft/perf.py)")
 
 # Dense (no sparsity) peak FLOP/s per device from the vendors' data sheets, matched by device-name substring in
 # order (more specific names first). Half precision = bf16/fp16 tensor cores; "tf32" where fp32 matmuls may use

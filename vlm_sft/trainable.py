@@ -53,9 +53,12 @@ class TrainPlan:
         return bool(self.lora_modules)
 
     @property
-    def vision_trains(self) -> bool:
-        """Whether any vision-tower leaf gets a gradient (MFU's vision factor)."""
-        return any(re.search(VISION_TOWER, n) for n in self.trainable)
+    def weight_grads(self) -> list[str] | None:
+        """Base weights that get a weight gradient (perf's MFU): the trained ones, or with LoRA the adapted ones
+        (merged inside the block, W' gets the full gradient). None when nothing is frozen (every weight)."""
+        if not self.frozen:
+            return None
+        return [m + ".weight" for m in self.lora_modules] if self.is_lora else list(self.trainable)
 
     def numel(self, names: tuple[str, ...] | list[str]) -> int:
         return sum(_numel(self.shapes[n]) for n in names)
