@@ -79,7 +79,7 @@ def main() -> None:
                              image_size=(width, height), buckets=buckets)
 
     device, created = sharding_lib.init_process_group(sharding_lib.ProcessInfo())  # a mesh of one, as main.py
-    sharding = sharding_lib.make_sharding(get_config(), device)                     # fp32, no_shard
+    sharding = sharding_lib.make_sharding(get_config("demo"), device)               # fp32, no_shard
     model, params = model_lib.load_model(model_dir)
     n_params = sum(p.numel() for p in params.values())
     flop_model = perf.FlopModel.from_model(model.config, {k: v.shape for k, v in params.items()},

@@ -9,6 +9,7 @@ Variants after the colon (comma separated):
   eval   eval-only: no training data (set data.eval_data_paths and actor.model.model_path).
   qwen3  Qwen3-VL (actor.model.model_type=qwen3_vl); with demo, the tiny random model is a Qwen3-VL shaped as the
          Hub ships Qwen3-VL-2B-Instruct.
+  lora   LoRA adapters (actor.model.is_lora) instead of full-parameter training; `:demo,lora` on the demo.
 
   python -m vlm_sft.main --config configs/robo2vlm.py:demo
   python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3
@@ -24,9 +25,10 @@ import ml_collections
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
-    unknown = variants - {"demo", "eval", "qwen3"}
+    unknown = variants - {"demo", "eval", "qwen3", "lora"}
     if unknown:
-        raise ValueError(f"configs/robo2vlm.py: unknown variant(s) {sorted(unknown)}; known: demo, eval, qwen3")
+        raise ValueError(f"configs/robo2vlm.py: unknown variant(s) {sorted(unknown)}; known: demo, eval, qwen3, "
+                         "lora")
 
     c = ml_collections.ConfigDict()
 
@@ -105,7 +107,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.model.model_type = "qwen2.5_vl"  # qwen2.5_vl | qwen3_vl; must agree with the directory's config.json
     c.actor.model.precision = "fp32"   # master weights and optimizer state
     c.actor.model.model_path = ""
-    c.actor.model.is_lora = False
+    c.actor.model.is_lora = False    # train LoRA adapters on a frozen base (vlm_sft/lora.py); RLinf's flag
+    c.actor.model.lora_rank = 8      # RLinf's name: r of each adapter (A [r, in], B [out, r])
+    c.actor.model.lora_alpha = 16    # new: adapters scaled by lora_alpha / lora_rank (PEFT's convention)
+    c.actor.model.lora_dropout = 0.0  # new: only 0.0 (adapters are merged into the weight inside each block)
+    # new: regex searched in linear module names, or "all-linear" (every linear but lm_head, vision tower included).
+    # Default: the language model's q/k/v/o and MLP projections (Qwen2.5-VL and Qwen3-VL name them alike).
+    c.actor.model.lora_target_modules = (
+        r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$")
+    # new: frozen parts (no gradient computed, no optimizer state; LLaMA-Factory / ms-swift names). vision tower =
+    # model.visual.* but the merger(s); merger = model.visual.merger.* (+ Qwen3-VL's deepstack mergers); llm =
+    # model.language_model.* and lm_head.
+    c.actor.model.freeze_vision_tower = False
+    c.actor.model.freeze_merger = False
+    c.actor.model.freeze_llm = False
+    # new: more frozen params: regexes searched in param names, e.g. "('^model\.visual\.blocks\.[0-3]\.',)"
+    c.actor.model.freeze = ()
     c.actor.model.attn_implementation = "sdpa"  # new
 
     c.actor.optim = ml_collections.ConfigDict()
@@ -119,6 +136,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.optim.total_training_steps = -1  # -1: the run's number of steps
     c.actor.optim.lr_warmup_steps = 200
     c.actor.optim.min_lr = 0.0               # new
+    # new: per-module learning rates, (regex, factor) pairs searched in param names; the first match wins, e.g.
+    # "(('^model\.visual\.merger\.', 0.5), ('^model\.visual\.', 0.1))". Unmatched trained params: factor 1.
+    c.actor.optim.lr_multipliers = ()
+    c.actor.optim.no_decay = False           # new: True exempts 1-D params (biases, norm scales) from weight decay
 
     c.actor.fsdp_config = ml_collections.ConfigDict()
     c.actor.fsdp_config.strategy = "fsdp"
@@ -128,10 +149,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.fsdp_config.hybrid_shard_size = 0
     c.actor.fsdp_config.use_orig_params = False
     c.actor.fsdp_config.gradient_checkpointing = False
+    # RLinf's FSDP mixed precision: compute (gathered weights) in bf16, gradients reduced in fp32; master weights
+    # and Adam state stay in actor.model.precision (fp32). buffer_dtype casts floating module buffers, except the
+    # rotary frequency tables, which stay fp32 (bf16 angles misplace positions; vlm_sft/sharding.py FP32_BUFFERS).
     c.actor.fsdp_config.mixed_precision = ml_collections.ConfigDict()
-    c.actor.fsdp_config.mixed_precision.param_dtype = "fp32"
+    c.actor.fsdp_config.mixed_precision.param_dtype = "bf16"
     c.actor.fsdp_config.mixed_precision.reduce_dtype = "fp32"
-    c.actor.fsdp_config.mixed_precision.buffer_dtype = "fp32"
+    c.actor.fsdp_config.mixed_precision.buffer_dtype = "bf16"
 
     c.eval = ml_collections.ConfigDict()         # new
     c.eval.generate = True          # RLinf-compatible greedy generation + string match -> eval/eval_accuracy
@@ -160,6 +184,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.actor.optim.lr_warmup_steps = 10
         c.actor.optim.weight_decay = 0.0
         c.eval.max_new_tokens = 16
+        # The CPU demo computes in fp32 (bf16 matmuls on CPU are emulated and slow; accuracy is the same).
+        c.actor.fsdp_config.mixed_precision.param_dtype = "fp32"
+        c.actor.fsdp_config.mixed_precision.buffer_dtype = "fp32"
 
     if "qwen3" in variants:
         c.actor.model.model_type = "qwen3_vl"
@@ -171,5 +198,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     if "eval" in variants:
         c.data.train_data_paths = ""
+
+    if "lora" in variants:  # LoRA adapters on the language model; with :demo at a LoRA-sized lr
+        c.actor.model.is_lora = True
+        if "demo" in variants:
+            c.actor.optim.lr = 1e-2
 
     return c

@@ -11,7 +11,12 @@ def load_config(arg: str = "") -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location("robo2vlm_config", CONFIG)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    config = module.get_config(arg)
+    # CPU tests compute in fp32, explicitly (the default computes in bf16 like RLinf: slow on a CPU, and bf16
+    # tolerances would hide real differences). Tests of bf16 compute set it back themselves.
+    config.actor.fsdp_config.mixed_precision.param_dtype = "fp32"
+    config.actor.fsdp_config.mixed_precision.buffer_dtype = "fp32"
+    return config
 
 
 def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:

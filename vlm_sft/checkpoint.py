@@ -34,7 +34,7 @@ import time
 import uuid
 import warnings
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Collection
 
 import torch
 import torch.distributed as dist
@@ -263,15 +263,16 @@ def restore(path: str, template: TrainState) -> TrainState:
     return pytree.tree_unflatten(list(flat.values()), spec)
 
 
-def restore_params(path: str, params: dict[str, torch.Tensor], *, no_dist: bool | None = None
-                   ) -> dict[str, torch.Tensor]:
+def restore_params(path: str, params: dict[str, torch.Tensor], *, no_dist: bool | None = None,
+                   names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
     """Only the params of the TrainState at `path`, loaded into `params` (in place); optimizer state is not read.
-    no_dist=True reads in this process alone (the default when no process group exists)."""
+    no_dist=True reads in this process alone (the default when no process group exists). `names`: only these
+    (a checkpoint without frozen leaves); the others keep their values."""
     check_complete(path)
-    keys = param_leaf_names(list(params))
+    keys = param_leaf_names(list(params) if names is None else [n for n in params if n in set(names)])
     flat = {key: params[name] for key, name in keys.items()}
     load_flat(path, flat, partial=True, no_dist=not _distributed() if no_dist is None else no_dist)
-    return {name: flat[key] for key, name in keys.items()}
+    return {**params, **{name: flat[key] for key, name in keys.items()}}
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -469,3 +470,41 @@ class Checkpointer:
         if self.keep_last_n > 0:
             for _, path in list_checkpoints(self.root)[self.keep_last_n:]:
                 _remove_dir(path, token)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints without frozen leaves (freezing, LoRA): the trained leaves and their optimizer state, plus what
+# identifies the base model the frozen leaves are read from again on resume and export.
+
+def trained_state(state: TrainState, trainable: set[str] | frozenset[str] | None) -> TrainState:
+    """The part of `state` a checkpoint holds: frozen leaves left out (they equal the base model's weights)."""
+    if trainable is None:
+        return state
+    return state._replace(params={k: v for k, v in state.params.items() if k in trainable})
+
+
+def base_model_id(model_path: str) -> dict:
+    """What identifies a base model directory: its path and a hash of its config.json and of the names and sizes
+    of its weight files (cheap: no weight is read; a re-download of the same model hashes the same)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(os.path.join(model_path, "config.json"), "rb") as f:
+        digest.update(f.read())
+    for name in sorted(os.listdir(model_path)):
+        if name.endswith(".safetensors") or name.endswith(".bin"):
+            digest.update(f"{name}:{os.path.getsize(os.path.join(model_path, name))};".encode())
+    return {"path": os.path.abspath(model_path), "sha256": digest.hexdigest()}
+
+
+def check_base_model(path: str, model_path: str) -> None:
+    """A checkpoint without its frozen leaves continues only on the base model it was trained from."""
+    saved = read_meta(path).get("extra", {}).get("base_model")
+    if not saved:
+        return
+    here = base_model_id(model_path)
+    if here["sha256"] != saved["sha256"]:
+        raise CheckpointError(f"{path} holds only the trained leaves of a run on base model {saved['path']!r} "
+                              f"(config/weights hash {saved['sha256'][:12]}), but actor.model.model_path="
+                              f"{model_path!r} is a different model (hash {here['sha256'][:12]}): point "
+                              "actor.model.model_path at the run's base model")

@@ -73,8 +73,8 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
     parse_dtype(a.model.precision, "actor.model.precision")
     for key in ("param_dtype", "reduce_dtype", "buffer_dtype"):
         parse_dtype(a.fsdp_config.mixed_precision[key], f"actor.fsdp_config.mixed_precision.{key}")
-    if a.model.is_lora:
-        raise ConfigError("actor.model.is_lora=True: LoRA is not implemented yet; full-parameter SFT only")
+    from vlm_sft import trainable  # freeze / LoRA / lr-multiplier fields (matched against the model later)
+    trainable.check_config(config)
     _positive(d.max_prompt_length, "data.max_prompt_length")
     for key in ("min_pixels", "max_pixels"):  # None: the model directory's own budget
         if d[key] is not None and d[key] <= 0:

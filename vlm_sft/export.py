@@ -1,7 +1,7 @@
 """Checkpoint -> a Hugging Face model directory that transformers, vLLM and SGLang load as they load the Hub's.
 
   python -m vlm_sft.export --checkpoint <run>/checkpoints/step_N --output_dir <dir> [--dtype bf16|fp32]
-                           [--overwrite] [--model_path <base model dir>]
+                           [--overwrite] [--model_path <base model dir>] [--adapter_only]
 
 The directory holds the params under their Hub names (the family's: Qwen2.5-VL ships `model.language_model.X` as
 `model.X` and `model.visual.X` as `visual.X`, Qwen3-VL under the in-memory names; `lm_head.weight` only when untied) in safetensors shards (+ model.safetensors.index.json when
@@ -12,10 +12,15 @@ Why read the DCP checkpoint instead of gathering live params: it needs no GPU an
 checkpoint saved on any number of ranks, and holds at most one output shard in host memory at a time (DCP reads
 just the tensors of that shard, resharding them to full tensors), so a 72B model exports on a small machine.
 The directory is written under a temporary name and renamed when complete.
+
+A checkpoint of a run with frozen parts or LoRA holds only the trained leaves (checkpoint.trained_state): the
+frozen weights are read from the base model directory (checked to be the run's: checkpoint.check_base_model), and
+LoRA adapters are merged, W + alpha/r * B @ A in fp32. `--adapter_only` writes PEFT's format instead
+(adapter_config.json + adapter_model.safetensors), which `peft.PeftModel.from_pretrained(base, dir)` loads onto
+the untouched base model.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -23,10 +28,13 @@ import sys
 import uuid
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
+from absl import app, flags
 
 from vlm_sft import checkpoint
+from vlm_sft import lora as lora_lib
 from vlm_sft import models
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -78,10 +86,11 @@ def _base_model_dir(ckpt: str, model_path: str | None) -> tuple[str, dict]:
     return path, config.get("data", {})
 
 
-def _load_base_config(base: str, saved: dict) -> tuple[Any, models.Family]:
-    """The base directory's config and family, checked against the checkpoint: the same param names and shapes
-    (a wrong --model_path would otherwise give a directory that does not load). Names the first tensor that
-    differs."""
+def _load_base_config(base: str, saved: dict, *, partial: bool = False
+                      ) -> tuple[Any, models.Family, dict[str, tuple]]:
+    """The base directory's config, family and param shapes, checked against the checkpoint: the same param names
+    and shapes (a wrong --model_path would otherwise give a directory that does not load). Names the first tensor
+    that differs. `partial`: the checkpoint holds only trained leaves (the rest come from the base weights)."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(base, local_files_only=True)
@@ -93,6 +102,8 @@ def _load_base_config(base: str, saved: dict) -> tuple[Any, models.Family]:
         module = family.hf_class()(config)
     expected = {name: tuple(p.shape) for name, p in module.named_parameters()}  # tied: no lm_head.weight
     for name, (_, entry) in saved.items():
+        if lora_lib.is_adapter(name):
+            continue
         if name not in expected:
             raise ExportError(f"checkpoint tensor {name!r} does not exist in the model of {base}/config.json "
                               f"(tie_word_embeddings={config.tie_word_embeddings}): wrong base model directory?")
@@ -100,10 +111,10 @@ def _load_base_config(base: str, saved: dict) -> tuple[Any, models.Family]:
             raise ExportError(f"checkpoint tensor {name!r} has shape {list(entry.size)} but {base}/config.json "
                               f"makes it {list(expected[name])}: wrong base model directory?")
     missing = [name for name in expected if name not in saved]
-    if missing:
+    if missing and not partial:
         raise ExportError(f"the checkpoint lacks {missing[0]!r}, which the model of {base}/config.json has "
                           f"(tie_word_embeddings={config.tie_word_embeddings}): wrong base model directory?")
-    return config, family
+    return config, family, expected
 
 
 def _write_config(base: str, config: Any, out: str, dtype: torch.dtype) -> None:
@@ -125,32 +136,64 @@ def _write_config(base: str, config: Any, out: str, dtype: torch.dtype) -> None:
         transformers.GenerationConfig.from_model_config(config).save_pretrained(out)
 
 
-def _write_weights(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, max_shard_bytes: int,
-                   family: models.Family) -> torch.dtype:
-    """Safetensors shards of the checkpoint's params (`saved`: checkpoint.saved_params), one shard in memory at a
-    time. Returns the dtype written."""
-    names = {name: hub_name(name, family) for name in saved}
-    dtypes = {dtype or entry.properties.dtype for _, entry in saved.values()}
+class _BaseWeights:
+    """Reads single tensors of the base model directory's safetensors files by in-memory param name."""
+
+    def __init__(self, base: str, family: models.Family):
+        self.files: dict[str, tuple[str, str]] = {}
+        for file in sorted(os.listdir(base)):
+            if file.endswith(".safetensors"):
+                with safetensors.safe_open(os.path.join(base, file), framework="pt") as f:
+                    for key in f.keys():
+                        self.files[key] = (os.path.join(base, file), key)
+        self.base, self.family = base, family
+
+    def read(self, name: str) -> torch.Tensor:
+        for key in (hub_name(name, self.family), name):  # the Hub's names, or transformers' in-memory ones
+            if key in self.files:
+                path, key = self.files[key]
+                with safetensors.safe_open(path, framework="pt") as f:
+                    return f.get_tensor(key)
+        raise ExportError(f"{self.base}: no weight file holds {hub_name(name, self.family)!r} (a frozen leaf the "
+                          "checkpoint does not hold): wrong base model directory?")
+
+
+def _write_weights(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, max_shard_bytes: int, *,
+                   expected: dict[str, tuple], base: str, family: models.Family, lora_scale: float | None
+                   ) -> torch.dtype:
+    """Safetensors shards of the model's params (`expected`: name -> shape, in model order), one shard in memory
+    at a time: each from the checkpoint (`saved`: checkpoint.saved_params) or, when the checkpoint holds only
+    trained leaves, from the base weights; LoRA adapters merged in. Returns the dtype written."""
+    names = {name: hub_name(name, family) for name in expected}
+    dtypes = {dtype or entry.properties.dtype for name, (_, entry) in saved.items() if not lora_lib.is_adapter(name)}
+    if not dtypes:  # LoRA: only adapters saved; the merged weights take the adapters' (master) dtype
+        dtypes = {dtype or entry.properties.dtype for _, entry in saved.values()}
     if len(dtypes) != 1:
         raise ExportError(f"--checkpoint {ckpt!r}: params are saved in several dtypes {sorted(map(str, dtypes))}; "
                           "pass --dtype")
     out_dtype = dtypes.pop()
-    sizes = [(name, entry.size.numel() * out_dtype.itemsize) for name, (_, entry) in saved.items()]
+    adapted = {lora_lib.base_weight(n) for n in saved if lora_lib.is_adapter(n)}
+    base_weights = _BaseWeights(base, family) if any(n not in saved for n in expected) else None
+    sizes = [(name, _numel(shape) * out_dtype.itemsize) for name, shape in expected.items()]
     shards = plan_shards(sizes, max_shard_bytes)
     weight_map = {}
     for i, shard in enumerate(shards):
         file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        flat = {saved[name][0]: torch.empty(saved[name][1].size, dtype=saved[name][1].properties.dtype)
-                for name in shard}
+        wanted = [n for n in shard if n in saved]
+        wanted += [a for n in shard if n in adapted for a in lora_lib.adapter_names(n[: -len(".weight")])]
+        flat = {saved[n][0]: torch.empty(saved[n][1].size, dtype=saved[n][1].properties.dtype) for n in wanted}
         checkpoint.load_flat(ckpt, flat, partial=True, no_dist=True)  # reads only this shard's tensors
-        tensors = {names[name]: flat[saved[name][0]].to(out_dtype).contiguous() for name in shard}
+        params = {n: flat[saved[n][0]] if n in saved else base_weights.read(n) for n in shard}
+        params.update({n: flat[saved[n][0]] for n in wanted if lora_lib.is_adapter(n)})
+        params = lora_lib.merge_params({n: t.float() for n, t in params.items()}, lora_scale)  # merged in fp32
+        tensors = {names[name]: params[name].to(out_dtype).contiguous() for name in shard}
         bad = checkpoint.nonfinite_leaf(tensors)  # e.g. fp32 weights beyond fp16's range
         if bad:
             raise ExportError(f"--checkpoint {ckpt!r}: {bad} holds non-finite values in {out_dtype}; nothing "
                               "exported")
         safetensors.torch.save_file(tensors, os.path.join(out, file), metadata={"format": "pt"})
         weight_map.update({hub: file for hub in tensors})
-        del flat, tensors
+        del flat, tensors, params
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(size for _, size in sizes)},
                  "weight_map": dict(sorted(weight_map.items()))}
@@ -159,12 +202,43 @@ def _write_weights(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, 
     return out_dtype
 
 
+def _numel(shape: tuple) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _write_adapter(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, *, base: str, run_config: dict
+                   ) -> None:
+    """PEFT's adapter directory: adapter_model.safetensors (peft's tensor names) and adapter_config.json."""
+    adapters = [n for n in saved if lora_lib.is_adapter(n)]
+    flat = {saved[n][0]: torch.empty(saved[n][1].size, dtype=saved[n][1].properties.dtype) for n in adapters}
+    checkpoint.load_flat(ckpt, flat, partial=True, no_dist=True)
+    tensors = {lora_lib.peft_tensor_name(n): flat[saved[n][0]].to(dtype or flat[saved[n][0]].dtype).contiguous()
+               for n in adapters}
+    safetensors.torch.save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
+    m = run_config.get("actor", {}).get("model", {})
+    modules = sorted({n.rsplit(".", 1)[0] for n in adapters})
+    rank = int(saved[lora_lib.adapter_names(modules[0])[0]][1].size[0])
+    with open(os.path.join(base, "config.json")) as f:
+        architectures = json.load(f).get("architectures") or ["Qwen2_5_VLForConditionalGeneration"]
+    config = lora_lib.adapter_config(rank=rank, alpha=m.get("lora_alpha", 16), dropout=m.get("lora_dropout", 0.0),
+                                     modules=modules, base_model=os.path.abspath(base),
+                                     base_model_class=architectures[0])
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def export_checkpoint(ckpt: str, output_dir: str, *, dtype: torch.dtype | None = None, overwrite: bool = False,
-                      model_path: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+                      model_path: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                      adapter_only: bool = False) -> str:
     """Writes the params of checkpoint `ckpt` as a Hugging Face directory at output_dir; returns output_dir.
 
     dtype None keeps the saved (master) dtype, so the export is exactly what was trained. `model_path`
-    overrides the base model directory recorded in the checkpoint's config (config and processor files)."""
+    overrides the base model directory recorded in the checkpoint's config (config and processor files, and the
+    frozen weights of a checkpoint that holds only trained leaves). `adapter_only`: the LoRA adapters alone, in
+    PEFT's format."""
     from vlm_sft.data.processor import load_processor
 
     try:
@@ -176,12 +250,31 @@ def export_checkpoint(ckpt: str, output_dir: str, *, dtype: torch.dtype | None =
     saved = checkpoint.saved_params(ckpt)
     if not saved:
         raise ExportError(f"--checkpoint {ckpt!r}: the checkpoint holds no params")
-    config, family = _load_base_config(base, saved)
+    with open(os.path.join(ckpt, checkpoint.CONFIG)) as f:
+        run_config = json.load(f)
+    partial = "base_model" in checkpoint.read_meta(ckpt).get("extra", {})
+    if partial:  # the frozen leaves (and what the adapters adapt) are the base model's: it must be the run's
+        try:
+            checkpoint.check_base_model(ckpt, base)
+        except checkpoint.CheckpointError as e:
+            raise ExportError(f"--model_path: {e}".replace("actor.model.model_path", "--model_path")) from None
+    has_adapters = any(lora_lib.is_adapter(n) for n in saved)
+    if adapter_only and not has_adapters:
+        raise ExportError(f"--adapter_only: checkpoint {ckpt!r} holds no LoRA adapters (a run without "
+                          "actor.model.is_lora); export it as a merged model, without --adapter_only")
+    config, family, expected = _load_base_config(base, saved, partial=partial)
     tmp = f"{os.path.normpath(output_dir)}.tmp-{uuid.uuid4().hex[:12]}"
     os.makedirs(tmp)
     try:
-        written = _write_weights(ckpt, saved, tmp, dtype, max_shard_bytes, family)
-        _write_config(base, config, tmp, written)
+        if adapter_only:
+            _write_adapter(ckpt, saved, tmp, dtype, base=base, run_config=run_config)
+        else:
+            alpha = run_config.get("actor", {}).get("model", {}).get("lora_alpha")
+            rank = next((int(e.size[0]) for n, (_, e) in saved.items() if n.endswith(lora_lib.A_SUFFIX)), 0)
+            scale = lora_lib.scale_of(alpha, rank) if has_adapters else None
+            written = _write_weights(ckpt, saved, tmp, dtype, max_shard_bytes, expected=expected, base=base,
+                                     family=family, lora_scale=scale)
+            _write_config(base, config, tmp, written)
         processor = load_processor(base, min_pixels=data.get("min_pixels"), max_pixels=data.get("max_pixels"))
         processor.save_pretrained(tmp)
         if os.path.isdir(output_dir):
@@ -192,27 +285,59 @@ def export_checkpoint(ckpt: str, output_dir: str, *, dtype: torch.dtype | None =
     return output_dir
 
 
-def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlm_sft.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, <run>/checkpoints/step_N")
-    parser.add_argument("--output_dir", required=True, help="where to write the Hugging Face directory")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="weights dtype (default: as saved, i.e. the fp32 master weights)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
-    parser.add_argument("--model_path", default=None,
-                        help="base model directory (default: actor.model.model_path of the checkpoint's config)")
-    args = parser.parse_args(argv)
+def make_flags() -> flags.FlagValues:
+    """The export CLI's flags, on their own FlagValues (main's --config/--mode and these never mix)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("checkpoint", None, "a checkpoint directory, <run>/checkpoints/step_N", flag_values=fv)
+    flags.DEFINE_string("output_dir", None, "where to write the Hugging Face (or PEFT adapter) directory",
+                        flag_values=fv)
+    flags.DEFINE_enum("dtype", None, sorted(DTYPES), "weights dtype (default: as saved, the fp32 master weights)",
+                      flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace a non-empty output_dir", flag_values=fv)
+    flags.DEFINE_string("model_path", None, "base model directory (default: actor.model.model_path of the "
+                        "checkpoint's config)", flag_values=fv)
+    flags.DEFINE_bool("adapter_only", False, "write only the LoRA adapters, in PEFT's format (adapter_config.json, "
+                      "adapter_model.safetensors), instead of the merged model", flag_values=fv)
+    flags.mark_flags_as_required(["checkpoint", "output_dir"], flag_values=fv)
+    return fv
+
+
+def run(fv: flags.FlagValues) -> int:
+    """Exports as the parsed flags say; 0 on success, 2 with a one-line error."""
     import transformers
     transformers.utils.logging.set_verbosity_error()
     try:
-        out = export_checkpoint(args.checkpoint, args.output_dir, dtype=DTYPES.get(args.dtype),
-                                overwrite=args.overwrite, model_path=args.model_path)
+        out = export_checkpoint(fv.checkpoint, fv.output_dir, dtype=DTYPES.get(fv.dtype), overwrite=fv.overwrite,
+                                model_path=fv.model_path, adapter_only=fv.adapter_only)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {args.checkpoint} -> {out}")
+    print(f"exported {fv.checkpoint} -> {out}" + (" (PEFT adapter)" if fv.adapter_only else ""))
     return 0
 
 
+def cli(argv: list[str]) -> int:
+    """The CLI without the process around it (tests): argv without the program name."""
+    fv = make_flags()
+    try:
+        fv(["vlm_sft.export", *argv])
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run(fv)
+
+
+def parse_flags(argv: list[str]) -> flags.FlagValues:
+    """absl.app's flags parser: this CLI's flags on their own FlagValues, absl's own (--verbosity, ...) globally."""
+    fv = make_flags()
+    try:
+        rest = fv(argv, known_only=True)
+        flags.FLAGS(rest)
+        fv.validate_all_flags()
+    except flags.Error as e:
+        raise SystemExit(f"error: {e}") from None
+    return fv
+
+
 if __name__ == "__main__":
-    sys.exit(cli())
+    app.run(lambda fv: sys.exit(run(fv)), flags_parser=parse_flags)

@@ -8,6 +8,7 @@ eval) -> final eval -> Hugging Face export (runner.export_hf).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -26,11 +27,13 @@ from vlm_sft import evaluate as evaluate_lib
 from vlm_sft import export as export_lib
 from vlm_sft import faults
 from vlm_sft import integrity
+from vlm_sft import lora as lora_lib
 from vlm_sft import models as model_lib
 from vlm_sft import perf
 from vlm_sft import preflight
 from vlm_sft import sharding as sharding_lib
 from vlm_sft import step as step_lib
+from vlm_sft import trainable as trainable_lib
 from vlm_sft.data import loader as loader_lib
 from vlm_sft.data import robo2vlm, sources
 from vlm_sft.data.collate import check_length_buckets, collate_encoded
@@ -170,6 +173,27 @@ def check_eager_loading_fits(config: Any, files: list[str], *, local_processes: 
             f"{fix} or train on fewer files.")
 
 
+def apply_plan(model: model_lib.Model, params: dict, plan: trainable_lib.TrainPlan, *, precision: torch.dtype,
+               compute_dtype: torch.dtype, seed: int) -> tuple[model_lib.Model, dict]:
+    """Params as the plan trains them: trained leaves in `precision` (master weights), frozen ones in the compute
+    dtype (they are only ever read in it), LoRA adapters added beside their base weights (and into the model's
+    block groups, so each block call carries its adapters)."""
+    frozen = set(plan.frozen)
+    params = {k: v.to(compute_dtype if k in frozen else precision) for k, v in params.items()}
+    if plan.is_lora:
+        adapters = lora_lib.init_adapters(plan.shapes, plan.lora_modules, plan.lora_rank, seed=seed,
+                                          dtype=precision)
+        params.update(adapters)
+        model = dataclasses.replace(model, groups=lora_lib.add_to_groups(model.groups, adapters))
+    return model, params
+
+
+def eval_params(params: dict, plan: trainable_lib.TrainPlan, precision: torch.dtype) -> dict:
+    """Full plain params for evaluation and generation: gathered, LoRA merged, every leaf in `precision`."""
+    full = lora_lib.merge_params(sharding_lib.gather_full(params), plan.lora_scale)
+    return {k: v.to(precision) for k, v in full.items()}
+
+
 def _list(x: list) -> list:
     return x
 
@@ -272,6 +296,8 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     eval_files = find_files(config, "eval_data_paths", "test")
     check_eager_loading_fits(config, train_files + eval_files, local_processes=proc.local_world_size)
     check_model_files(config.actor.model.model_path, config.actor.model.model_type)
+    # What trains (freezing, LoRA, lr groups), matched against a meta-device skeleton: no weights read yet.
+    plan = trainable_lib.make_plan(config, trainable_lib.skeleton(config.actor.model.model_path))
     try:
         check_length_buckets(config.data.length_buckets)
     except ValueError as e:
@@ -283,6 +309,8 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     if train_files:
         check_writable(ckpt_root, "runner.logger.log_path (its checkpoints/ directory)")
     resume_from = checkpoint_lib.resolve_resume(resume, ckpt_root)  # an explicit path must be complete and intact
+    if resume_from:
+        checkpoint_lib.check_base_model(resume_from, config.actor.model.model_path)
     saver = checkpoint_lib.Checkpointer(ckpt_root, keep_last_n=r.keep_last_n, async_save=r.async_save,
                                         timeout_s=r.collective_timeout_s)
 
@@ -311,8 +339,10 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         raise model_lib.ModelLoadError(f"actor.model.model_path={config.actor.model.model_path!r}: the weights do "
                                        f"not load ({type(e).__name__}: {e})") from None
     precision = config_lib.parse_dtype(config.actor.model.precision, "actor.model.precision")
-    params = {k: v.to(precision) for k, v in params.items()}
     sharding = sharding_lib.make_sharding(config, device)
+    # step_model: the model whose blocks carry LoRA adapters (the train step's); evaluation reads merged params.
+    step_model, params = apply_plan(model, params, plan, precision=precision, compute_dtype=sharding.param_dtype,
+                                    seed=config.actor.seed)
     params = sharding_lib.shard_model(model, params, sharding)  # DTensors on `device`; the full copy is freed
     tokenizer = processor.tokenizer
     spec = model.vision_spec(pad_token_id=tokenizer.pad_token_id)
@@ -323,8 +353,8 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     def evaluate(step: int, params: dict) -> None:
         if eval_source is None:
             return
-        metrics = run_eval(model, params, eval_source, encoder, tokenizer, spec, config, world_size=world_size,
-                           rank=rank)
+        metrics = run_eval(model, eval_params(params, plan, precision), eval_source, encoder, tokenizer, spec,
+                           config, world_size=world_size, rank=rank)
         writer.write(step, metrics)
         writer.console(step, metrics)
         last.update(metrics)
@@ -333,7 +363,8 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         logging.info("eval-only: %d eval files", len(eval_files))
         if resume_from:
             logging.info("evaluating the params of checkpoint %s", resume_from)
-            params = checkpoint_lib.restore_params(resume_from, params)
+            saved = plan.trainable if plan.frozen else None  # a plan with frozen parts saves the trained leaves
+            params = checkpoint_lib.restore_params(resume_from, params, names=saved)
         evaluate(checkpoint_lib.read_meta(resume_from)["step"] if resume_from else 0, params)
         writer.close()
         return last
@@ -353,23 +384,31 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         position=checkpoint_lib.read_meta(resume_from)["data_position"] if resume_from else None)
     steps = total_steps(config, loader.steps_per_epoch)
     writer.total_steps = steps
-    tx, schedule = step_lib.make_optimizer(config, steps)
-    state = init_train_state(params, tx)
+    tx, schedule = step_lib.make_optimizer(config, steps, plan)
+    trained = frozenset(plan.trainable)
+    state = init_train_state(params, tx, trained)
+    for line in plan.describe(a.optim.lr, sharding_lib.local_bytes(state.opt_state)):
+        logging.info("%s", line)
+    saved_part = functools.partial(checkpoint_lib.trained_state, trainable=trained if plan.frozen else None)
+    base_id = checkpoint_lib.base_model_id(config.actor.model.model_path)
     last_ckpt, skipped_rows = resume_from, 0
     divergence = faults.DivergenceGuard(r.max_consecutive_skipped_steps, good_checkpoint=resume_from)
     if resume_from:  # params, optimizer, step (hence lr schedule), data position (above) and RNG
-        state = checkpoint_lib.restore(resume_from, state)
+        restored = checkpoint_lib.restore(resume_from, saved_part(state))
+        state = restored._replace(params={k: restored.params.get(k, v) for k, v in state.params.items()})
         checkpoint_lib.restore_rng(resume_from)
         if rank == 0:  # a global count: rank 0 carries it, the metric sums over ranks
             skipped_rows = int(checkpoint_lib.read_meta(resume_from)["extra"].get("skipped_rows", 0))
         logging.info("resumed from %s at step %d", resume_from, int(state.step))
-    block_call = sharding_lib.make_block_call(sharding, checkpointing=a.fsdp_config.gradient_checkpointing)
+    block_call = sharding_lib.make_block_call(sharding, checkpointing=a.fsdp_config.gradient_checkpointing,
+                                              lora_scale=plan.lora_scale)
     if compiled:
         step_lib.set_compile_cache_dir(a.compile_cache_dir or os.path.join(r.logger.log_path, ".inductor_cache"))
-    train_step = step_lib.make_train_step(model, tx, schedule, compile=compiled, block_call=block_call,
-                                          compile_mode=sharding_lib.COMPILE_MODE)
-    flop_model = perf.FlopModel.from_model(model.config, {k: v.shape for k, v in state.params.items()},
-                                           model.lm_head_name)
+    train_step = step_lib.make_train_step(step_model, tx, schedule, compile=compiled, block_call=block_call,
+                                          compile_mode=sharding_lib.COMPILE_MODE, trainable=trained)
+    flop_model = perf.FlopModel.from_model(
+        model.config, {k: v.shape for k, v in state.params.items() if not lora_lib.is_adapter(k)},
+        model.lm_head_name, weight_grads=plan.weight_grads, lora_rank=plan.lora_rank)
     peak_flops = perf.device_peak_flops(device, sharding.param_dtype)
     logging.info("perf: %s; peak %s FLOP/s per device", perf.FORMULA,
                  f"{peak_flops:.3g}" if peak_flops else "unknown (no perf/mfu)")
@@ -424,8 +463,9 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
             last.update(scalars)
         divergence.update(step, scalars["train/skipped_update"] > 0)  # raises Diverged after too many in a row
         if stop or step == steps or (r.save_interval > 0 and step % r.save_interval == 0):
-            last_ckpt = saver.save(state, data_position=batch.position, config_json=config_json,
-                                   extra={"skipped_rows": int(scalars["data/skipped_rows"])})
+            last_ckpt = saver.save(saved_part(state), data_position=batch.position, config_json=config_json,
+                                   extra={"skipped_rows": int(scalars["data/skipped_rows"]),
+                                          **({"base_model": base_id} if plan.frozen else {})})
             divergence.saved(last_ckpt)
             t_last = time.perf_counter()
         if stop:

@@ -206,10 +206,13 @@ def add_decayed_weights(
     return GradientTransformation(init, update)
 
 
-def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransformation:
+def scale_by_learning_rate(learning_rate: float | Schedule, multipliers: Any | None = None
+                           ) -> GradientTransformation:
     """Multiplies updates by -lr, lr = learning_rate(count) for a schedule (count = updates applied so far).
 
     The lr is a tensor computed from the state's count, so a changing lr never recompiles a compiled step.
+    `multipliers`: a tree of Python floats like the updates (per-module learning rates: each leaf's lr is
+    lr * its factor); leaves sharing a factor are scaled by one foreach call. Static, like weight-decay masks.
     """
 
     def init(params: Params) -> OptState:
@@ -219,9 +222,17 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
         leaves, spec = _flatten(updates)
         if callable(learning_rate):
             lr = torch.as_tensor(learning_rate(state.count), dtype=torch.float32, device=state.count.device)
+        else:
+            lr = float(learning_rate)
+        if multipliers is None:
             scaled = torch._foreach_mul(leaves, -lr)
         else:
-            scaled = torch._foreach_mul(leaves, -float(learning_rate))
+            factors = _leaves_like(spec, multipliers, "the lr multipliers")
+            scaled = list(leaves)
+            for factor in sorted(set(factors)):
+                idx = [i for i, f in enumerate(factors) if f == factor]
+                for i, out in zip(idx, torch._foreach_mul([leaves[i] for i in idx], -lr * factor)):
+                    scaled[i] = out
         return pytree.tree_unflatten(scaled, spec), ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)
@@ -268,8 +279,13 @@ def adamw(
     mask: Callable[[Params], Any] | Any | None = None,
     max_grad_norm: float = 0.0,
     skip_nonfinite: bool = True,
+    lr_multipliers: Any | None = None,
 ) -> GradientTransformation:
     """clip_grad_norm_(max_grad_norm) + torch.optim.AdamW, one pure transform.
+
+    Parameter groups (optax's multi_transform, reduced to what differs between groups here): `mask` decides weight
+    decay per leaf and `lr_multipliers` (a tree of floats) the lr factor per leaf; the Adam moments are the same
+    transform for every group, so the state is one tree. Frozen leaves are simply not in the trees.
 
     skip_nonfinite: an update whose gradient norm is inf/nan leaves params and Adam moments untouched (RLinf
     skips such steps; torch.optim would write NaNs). The lr schedule still advances, so the lr stays a
@@ -280,7 +296,7 @@ def adamw(
     )
     if skip_nonfinite:
         inner = apply_if_finite(inner)
-    return chain(inner, scale_by_learning_rate(learning_rate))
+    return chain(inner, scale_by_learning_rate(learning_rate, lr_multipliers))
 
 
 def apply_updates(params: Params, updates: Updates, *, donate: bool = True) -> Params:

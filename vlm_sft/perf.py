@@ -15,13 +15,21 @@ skipped and never padding or activation recompute:
                                           mixed per patch (forward 2*taps*D; backward 2*taps*D into the table)
 Biases, norms, rotary and elementwise work are left out (a fraction of a percent at 3B). The family's
 architecture numbers come from models/ (FlopShape); the param counts from the params' shapes.
+
+With frozen parts or LoRA (`weight_grads`: the weights that get a weight gradient; trainable.py), each matmul
+weight w counts f_w = 2 (forward) + 2 (its weight gradient, if w gets one) + 2 (its input's gradient, if any
+leaf before it in forward order gets a gradient; never for the patch embedding) instead of 6, i.e. P above is
+sum(f_w * n_w) / 6: a frozen vision tower under a trained LLM counts 2x, frozen layers above a trained part 4x.
+LoRA merges W + s*B@A inside the block, so an adapted weight gets the full weight gradient (6x) and each block
+call adds 6*r*(in*out) per adapted linear (B@A and its two gradients). Attention counts 6 in the text model, and
+in the vision tower when any of its blocks' weights gets a gradient (else 2). `shapes` holds base weights only.
 """
 from __future__ import annotations
 
 import dataclasses
 import resource
 import sys
-from typing import Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 
@@ -35,7 +43,8 @@ PATCH_EMBED = "model.visual.patch_embed."
 
 FORMULA = ("MFU = (6*P_text*tokens + 6*P_head*labels + 6*l*h*(dqk+dv)*sum(s^2) + c*P_vis*patches "
            "+ 4*P_patch*patches + c*P_merge*patches/m^2 + c*h_v*(dqk+dv)*sum(seg^2) + 4*taps*D_v*patches) "
-           "/ (step_time * peak * devices); c=6 (frozen vision: c=2, patch 2)")
+           "/ (step_time * peak * devices); c=6 (frozen vision: c=2, patch 2); with frozen parts or LoRA each "
+           "weight's P counts f_w/6, f_w = 2 forward + 2 weight grad + 2 input grad where needed (vlm_sft/perf.py)")
 
 # Dense (no sparsity) peak FLOP/s per device from the vendors' data sheets, matched by device-name substring in
 # order (more specific names first). Half precision = bf16/fp16 tensor cores; "tf32" where fp32 matmuls may use
@@ -87,35 +96,48 @@ class FlopModel:
     pos_embed: int = 0       # taps * width of the learned position embeddings mixed per patch (0: none)
     vision_factor: int = 6   # 6 when the vision tower trains, 2 when frozen
     patch_factor: int = 4    # the patch embedding: 4 when it trains (weight gradient only), 2 when frozen
+    adapter_flops: float = 0.0  # per micro-batch: 6*r*in*out per LoRA-adapted linear (merge and its gradients)
 
     @classmethod
     def from_model(cls, config, shapes: Mapping[str, torch.Size | Sequence[int]], lm_head_name: str, *,
-                   vision_trainable: bool = True) -> "FlopModel":
+                   vision_trainable: bool = True, weight_grads: Collection[str] | None = None,
+                   lora_rank: int = 0) -> "FlopModel":
         """`config`: the HF config of a supported family; `shapes`: param name -> (global) shape, e.g. the params
-        pytree."""
-        def matmul(prefix: str) -> int:
-            total = 0
+        pytree.
+
+        weight_grads: the base weights that get a weight gradient (trained, or LoRA-adapted); None = all (full
+        fine-tuning). With it, each weight counts f_w / 6 of its size (module docstring)."""
+        factors = _weight_factors(shapes, weight_grads)
+        if weight_grads is not None:
+            vision_trainable = any(factors[n] > 2 for n in shapes if n.startswith(VISION_BLOCKS))
+        vision_factor, patch_factor = (6, 4) if vision_trainable else (2, 2)
+
+        def matmul(prefix: str, base: int) -> int:
+            """Weights under prefix, each weighted by f_w / base (plain counts when every factor is the base)."""
+            total = 0.0
             for name, shape in shapes.items():
                 shape = tuple(shape)
                 if name.startswith(prefix) and len(shape) >= 2:
-                    total += _numel(shape)
-            return total
+                    total += _numel(shape) * factors.get(name, base) / base
+            return round(total)
 
         arch = models.family_for_config(config).flop_shape(config)
+        adapted = [n for n in (weight_grads or ()) if lora_rank]  # with LoRA, weight_grads = the adapted weights
         return cls(
-            text_params=matmul(TEXT_LAYERS),
-            head_params=_numel(tuple(shapes[lm_head_name])),
+            text_params=matmul(TEXT_LAYERS, 6),
+            head_params=round(_numel(tuple(shapes[lm_head_name])) * _head_factor(lm_head_name, weight_grads) / 6),
             text_attention=arch.text_layers * arch.text_heads * 2 * arch.text_head_dim,
-            vision_params=matmul(VISION_BLOCKS),
-            patch_params=matmul(PATCH_EMBED),
-            merger_params=sum(matmul(prefix) for prefix in arch.merger_prefixes),
+            vision_params=matmul(VISION_BLOCKS, vision_factor),
+            patch_params=matmul(PATCH_EMBED, patch_factor),
+            merger_params=sum(matmul(prefix, vision_factor) for prefix in arch.merger_prefixes),
             merge_unit=arch.merge_unit,
             vision_attention=arch.vision_heads * 2 * arch.vision_head_dim,
             window_blocks=arch.window_blocks,
             full_blocks=arch.full_blocks,
             pos_embed=arch.pos_embed_taps * arch.vision_hidden,
-            vision_factor=6 if vision_trainable else 2,
-            patch_factor=4 if vision_trainable else 2,
+            vision_factor=vision_factor,
+            patch_factor=patch_factor,
+            adapter_flops=6.0 * lora_rank * sum(_numel(tuple(shapes[n])) for n in adapted),
         )
 
     def batch_flops(self, batch: Batch) -> float:
@@ -135,10 +157,32 @@ class FlopModel:
                 self.vision_params * patches + self.merger_params * patches / self.merge_unit
                 + self.vision_attention * (self.window_blocks * window + self.full_blocks * full))
             flops += self.patch_factor * (self.patch_params + self.pos_embed) * patches
-        return flops
+        return flops + self.adapter_flops
 
     def step_flops(self, micro_batches: Sequence[Batch | None]) -> float:
         return sum(self.batch_flops(b) for b in micro_batches if b is not None)
+
+
+def _weight_factors(shapes: Mapping[str, Any], weight_grads: Collection[str] | None) -> dict[str, int]:
+    """f_w for each matmul weight in params (forward) order: 2 + 2 [w gets a weight gradient] + 2 [some earlier
+    leaf gets one, so w's input needs a gradient; never for the patch embedding, whose input is pixels]."""
+    if weight_grads is None:
+        return {}
+    grads = set(weight_grads)
+    factors, upstream = {}, False
+    for name in shapes:
+        factors[name] = 2 + 2 * (name in grads) + 2 * (upstream and not name.startswith(PATCH_EMBED))
+        upstream = upstream or name in grads
+    return factors
+
+
+def _head_factor(lm_head_name: str, weight_grads: Collection[str] | None) -> int:
+    """The lm_head runs last (tied, its weight is also the embedding's, used first): 2 + 2 if its weight gets a
+    gradient + 2 if anything else does (then its input needs one)."""
+    if weight_grads is None:
+        return 6
+    grads = set(weight_grads)
+    return 2 + 2 * (lm_head_name in grads) + 2 * bool(grads - {lm_head_name})
 
 
 def _numel(shape: tuple[int, ...]) -> int:

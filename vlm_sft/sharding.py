@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.checkpoint import checkpoint
 
+from vlm_sft import lora as lora_lib
 from vlm_sft import models as model_lib
 from vlm_sft.config import ConfigError, parse_dtype
 
@@ -264,8 +265,23 @@ def shard_model(model: model_lib.Model, params: Params, sharding: Sharding) -> P
                 sub._parameters[name] = meta[id(p)]
         for name, b in sub._buffers.items():
             if b is not None:
-                sub._buffers[name] = b.to(sharding.device, sharding.buffer_dtype if b.is_floating_point() else None)
+                sub._buffers[name] = b.to(sharding.device, buffer_dtype(name, b, sharding))
     return sharded
+
+
+# Buffers that stay fp32 whatever buffer_dtype says: rotary frequency tables. In bf16 (8 bits of mantissa) the
+# angle position * inv_freq is off by up to ~0.4% of the position, i.e. whole radians beyond a few hundred tokens,
+# and the model then reads positions wrongly. RLinf's FSDP casts them; we do not. (Qwen2.5-VL and Qwen3-VL have no
+# other floating buffers, so for them buffer_dtype changes nothing; it applies to other buffers of future models.)
+FP32_BUFFERS = ("inv_freq",)
+
+
+def buffer_dtype(name: str, buffer: torch.Tensor, sharding: Sharding) -> torch.dtype | None:
+    """The dtype a module buffer is held in (None: keep it): buffer_dtype for floating buffers, except the
+    rotary frequency tables (FP32_BUFFERS), kept in fp32."""
+    if not buffer.is_floating_point():
+        return None
+    return torch.float32 if any(key in name for key in FP32_BUFFERS) else sharding.buffer_dtype
 
 
 def gather_full(params: Params) -> Params:
@@ -325,7 +341,9 @@ def gather(p: Params, sharding: Sharding, stats: GatherStats | None = None) -> P
     average = [Partial("avg")] * sharding.mesh.ndim
     out = {}
     for k, v in p.items():
-        full = v.to(sharding.reduce_dtype).redistribute(sharding.mesh, replicate).to_local(grad_placements=average)
+        # A leaf without requires_grad (frozen: never reduced) is cast first and gathered in param_dtype.
+        moved = v.to(sharding.reduce_dtype if v.requires_grad else sharding.param_dtype)
+        full = moved.redistribute(sharding.mesh, replicate).to_local(grad_placements=average)
         out[k] = full.to(sharding.param_dtype)
         if stats is not None:
             stats.track(full, v.to_local())
@@ -334,7 +352,7 @@ def gather(p: Params, sharding: Sharding, stats: GatherStats | None = None) -> P
 
 
 def make_block_call(sharding: Sharding, *, checkpointing: bool = False,
-                    stats: GatherStats | None = None) -> model_lib.BlockCall:
+                    stats: GatherStats | None = None, lora_scale: float | None = None) -> model_lib.BlockCall:
     """The models' block_call: gather the group's params inside the call, so the full copies live only while used.
 
     With `checkpointing`, calls marked `remat` (decoder and vision blocks) run under non-reentrant activation
@@ -342,12 +360,13 @@ def make_block_call(sharding: Sharding, *, checkpointing: bool = False,
     its inputs, and the params are gathered again when backward recomputes it (FSDP's reshard-after-forward).
     The checkpointed function takes the params as explicit inputs, which keeps it exact (unlike transformers'
     built-in checkpointing with functional params: see reference/torch_findings.md).
+    LoRA adapters in a group are merged into their weights right after the gather (lora.merge, `lora_scale`).
     """
 
     def block_call(fn: Callable[..., torch.Tensor], module: torch.nn.Module | None, p: Params, *args: Any,
                    remat: bool = False) -> torch.Tensor:
         def gathered(p: Params, *args: Any) -> torch.Tensor:
-            return fn(module, gather(p, sharding, stats), *args)
+            return fn(module, lora_lib.merge(gather(p, sharding, stats), lora_scale), *args)
 
         if checkpointing and remat:
             return checkpoint(gathered, p, *args, use_reentrant=False)

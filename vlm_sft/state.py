@@ -4,7 +4,7 @@ A NamedTuple is a pytree node in torch.utils._pytree natively, so `tree_map` / `
 step, params and the (nested NamedTuple/tuple/dict) optimizer state without any registration, and checkpointing
 can name every leaf by its key path.
 """
-from typing import Any, NamedTuple
+from typing import Any, Collection, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -18,11 +18,14 @@ class TrainState(NamedTuple):
     opt_state: OptState
 
 
-def init_train_state(params: Params, tx: GradientTransformation) -> TrainState:
-    """Step 0 on the params' device, with tx's freshly initialised state."""
+def init_train_state(params: Params, tx: GradientTransformation, trainable: Collection[str] | None = None
+                     ) -> TrainState:
+    """Step 0 on the params' device, with tx's freshly initialised state for the `trainable` leaves (default all:
+    frozen leaves get no optimizer state)."""
     leaves = pytree.tree_leaves(params)
     device = leaves[0].device if leaves else torch.device("cpu")
-    return TrainState(torch.zeros((), dtype=torch.int64, device=device), params, tx.init(params))
+    trained = params if trainable is None else {k: v for k, v in params.items() if k in trainable}
+    return TrainState(torch.zeros((), dtype=torch.int64, device=device), params, tx.init(trained))
 
 
 def leaf_names(tree: Any) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -18,20 +18,29 @@ from absl import logging
 from vlm_sft import models as model_lib
 from vlm_sft import optim
 from vlm_sft.state import TrainState
+from vlm_sft.trainable import TrainPlan
 
 Batch = dict[str, torch.Tensor]
 Metrics = dict[str, torch.Tensor]
 
 
-def make_loss_and_grad(model: model_lib.Model, block_call: model_lib.BlockCall = model_lib.plain_block_call
+def make_loss_and_grad(model: model_lib.Model, block_call: model_lib.BlockCall = model_lib.plain_block_call,
+                       trainable: Collection[str] | None = None,
                        ) -> Callable[[dict, Batch, torch.Tensor], tuple[torch.Tensor, dict]]:
-    """(params, micro_batch, scale) -> (token-mean loss, grads of loss * scale)."""
+    """(params, micro_batch, scale) -> (token-mean loss, grads of loss * scale).
+
+    `trainable` (default: every leaf) names the leaves to differentiate; the grads dict holds only those. The
+    others never get requires_grad, so autograd records nothing for a part whose leaves are all frozen (a frozen
+    vision tower's backward is never run) and their gathers are never reduced.
+    """
 
     def loss_and_grad(params: dict, batch: Batch, scale: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        names = list(params) if trainable is None else [k for k in params if k in trainable]
+        leaves = dict(params)
+        leaves.update({k: params[k].detach().requires_grad_() for k in names})
         loss = token_mean(model_lib.token_nll(model, leaves, batch, block_call), batch)
-        grads = torch.autograd.grad(loss * scale, list(leaves.values()))
-        return loss.detach(), dict(zip(leaves.keys(), grads))
+        grads = torch.autograd.grad(loss * scale, [leaves[k] for k in names])
+        return loss.detach(), dict(zip(names, grads))
 
     return loss_and_grad
 
@@ -58,8 +67,10 @@ def make_apply_update(tx: optim.GradientTransformation, schedule: Callable[[torc
 
     def apply_update(state: TrainState, grads: dict) -> tuple[TrainState, Metrics]:
         grad_norm = optim.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optim.apply_updates(state.params, updates)
+        trained = {k: state.params[k] for k in grads}  # frozen leaves: not in grads, untouched
+        updates, opt_state = tx.update(grads, state.opt_state, trained)
+        trained = optim.apply_updates(trained, updates)
+        params = {k: trained.get(k, v) for k, v in state.params.items()}
         metrics = {"train/grad_norm": grad_norm, "train/learning_rate": schedule(state.step),
                    "train/skipped_update": (~torch.isfinite(grad_norm)).to(torch.float32)}
         return TrainState(state.step + 1, params, opt_state), metrics
@@ -136,6 +147,7 @@ def set_compile_cache_dir(path: str) -> None:
 def make_train_step(model: model_lib.Model, tx: optim.GradientTransformation,
                     schedule: Callable[[torch.Tensor], torch.Tensor], *, compile: bool = False,
                     block_call: model_lib.BlockCall = model_lib.plain_block_call, compile_mode: str = "",
+                    trainable: Collection[str] | None = None,
                     ) -> Callable[[TrainState, Sequence[Batch | None]], tuple[TrainState, Metrics]]:
     """Build train_step(state, micro_batches) -> (state, metrics).
 
@@ -147,9 +159,10 @@ def make_train_step(model: model_lib.Model, tx: optim.GradientTransformation,
     Text shapes are static (dynamic=False): every distinct (length, label count) is one compilation, so batches
     should come padded to length buckets with a static label count (collate's length_buckets, pad_labels). The
     image-dependent dims are dynamic (VISION_DYNAMIC_DIMS): images of any size share a graph. The compiled update
-    donates the optimizer state (donate_opt_state).
+    donates the optimizer state (donate_opt_state). `trainable`: the leaves that train (trainable.TrainPlan; default
+    all); `tx` and the state's optimizer state cover exactly those.
     """
-    loss_and_grad = make_loss_and_grad(model, block_call)
+    loss_and_grad = make_loss_and_grad(model, block_call, trainable)
     update = make_apply_update(tx, schedule)
     if compile:
         update = donate_opt_state(update)
@@ -206,7 +219,8 @@ def make_train_step(model: model_lib.Model, tx: optim.GradientTransformation,
         for batch in present:
             if mode == "whole":
                 if grads is None:  # one graph for every micro-batch: accumulate into zeroed buffers
-                    grads = pytree.tree_map(torch.zeros_like, state.params)
+                    grads = {k: torch.zeros_like(v) for k, v in state.params.items()
+                             if trainable is None or k in trainable}
                 loss = accumulate(state.params, grads, batch, scale)
             else:
                 loss, g = loss_and_grad(state.params, batch, scale)
@@ -218,14 +232,22 @@ def make_train_step(model: model_lib.Model, tx: optim.GradientTransformation,
     return train_step
 
 
-def make_optimizer(config: Any, total_steps: int) -> tuple[optim.GradientTransformation, Callable]:
-    """AdamW + global-norm clipping with the configured schedule (RLinf's single param group)."""
+def make_optimizer(config: Any, total_steps: int, plan: TrainPlan | None = None
+                   ) -> tuple[optim.GradientTransformation, Callable]:
+    """AdamW + global-norm clipping with the configured schedule over the plan's trained leaves (RLinf's single
+    param group when there is no plan): per-leaf lr multipliers and weight-decay flags from the plan."""
     from vlm_sft import schedules
 
     o = config.actor.optim
     total = o.total_training_steps if o.total_training_steps > 0 else total_steps
     schedule = schedules.make_schedule(o.lr_scheduler, peak_lr=o.lr, warmup_steps=o.lr_warmup_steps,
                                        total_steps=total, min_lr=o.min_lr)
+    mask = multipliers = None
+    if plan is not None:
+        if not all(plan.decay.values()):
+            mask = dict(plan.decay)
+        if any(m != 1.0 for m in plan.lr_multipliers.values()):
+            multipliers = dict(plan.lr_multipliers)
     tx = optim.adamw(schedule, b1=o.adam_beta1, b2=o.adam_beta2, eps=o.adam_eps, weight_decay=o.weight_decay,
-                     max_grad_norm=o.clip_grad)
+                     max_grad_norm=o.clip_grad, mask=mask, lr_multipliers=multipliers)
     return tx, schedule

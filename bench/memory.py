@@ -1,0 +1,221 @@
+"""Memory and step time of full fine-tuning vs a frozen vision tower vs LoRA, measured and on paper.
+
+  python bench/memory.py [--workdir /tmp/bmem] [--steps 5]
+
+1. Measured (CPU): the trainer's own step (main.py's path: a TrainPlan, DTensor params on a mesh of one, the
+   per-block gather and LoRA merge) on one small Qwen2.5-VL, the same batches in every mode. Each mode runs in its
+   own process (peak RSS is per process) and the table gives its peak RSS above the loaded model, the median step
+   time, and both as ratios to full fine-tuning measured in the same run.
+2. On paper: per-GPU bytes of params, gradients and Adam state for Qwen2.5-VL-3B and -7B in each mode (no_shard
+   on 1 GPU, full_shard on 8), plus activations at micro-batch 4 x 512 tokens, to check the target "LoRA on the 3B
+   shape fits one 24 GB GPU at micro-batch 4". Trained leaves: fp32 master + fp32 gradient + 2 fp32 Adam moments
+   (16 bytes/param); frozen leaves held in the bf16 compute dtype (2 bytes/param), no gradient, no state.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs.robo2vlm import get_config  # noqa: E402
+
+MODES = {
+    "full": {},
+    "frozen_vision": {"actor.model.freeze_vision_tower": True},
+    "lora": {"actor.model.is_lora": True},
+}
+GIB = 2 ** 30
+
+
+def _config(mode: str):
+    c = get_config("demo")
+    for key, value in MODES[mode].items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def child(mode: str, workdir: str, steps: int) -> dict:
+    """One mode, measured in this process: peak RSS after loading, after training; median step time."""
+    from vlm_sft import main as main_lib
+    from vlm_sft import models as model_lib
+    from vlm_sft import sharding as sharding_lib
+    from vlm_sft import step as step_lib
+    from vlm_sft import trainable as trainable_lib
+    from vlm_sft.data import robo2vlm
+    from vlm_sft.data.collate import collate_encoded
+    from vlm_sft.data.encode import Encoder
+    from vlm_sft.data.processor import load_processor
+    from vlm_sft.data.vision import VisionSpec
+    from vlm_sft.state import init_train_state
+
+    torch.manual_seed(0)
+    config = _config(mode)
+    model_dir, data_dir = os.path.join(workdir, "model"), os.path.join(workdir, "data")
+    processor = load_processor(model_dir, min_pixels=224 * 224, max_pixels=224 * 224)
+    encoder = Encoder(processor, max_prompt_length=512)
+    source = robo2vlm.Robo2VLMSource(robo2vlm.find_parquet_files([data_dir], "train"))
+    model, params = model_lib.load_model(model_dir)
+    spec = VisionSpec.from_config(model.config, pad_token_id=processor.tokenizer.pad_token_id)
+    batches = [[collate_encoded([encoder(source[4 * s + i]) for i in range(4)], spec=spec)] for s in range(steps + 1)]
+    plan = trainable_lib.make_plan(config, model.module)
+    device, created = sharding_lib.init_process_group(sharding_lib.ProcessInfo())
+    sharding = sharding_lib.make_sharding(config, device)
+    step_model, params = main_lib.apply_plan(model, params, plan, precision=torch.float32,
+                                             compute_dtype=sharding.param_dtype, seed=0)
+    params = sharding_lib.shard_model(model, params, sharding)
+    loaded = _rss_gib()
+    tx, schedule = step_lib.make_optimizer(config, 100, plan)
+    trained = frozenset(plan.trainable)
+    state = init_train_state(params, tx, trained)
+    block_call = sharding_lib.make_block_call(sharding, lora_scale=plan.lora_scale)
+    train_step = step_lib.make_train_step(step_model, tx, schedule, block_call=block_call, trainable=trained)
+    times = []
+    for i, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        state, metrics = train_step(state, batch)
+        float(metrics["train/loss"])
+        if i:  # the first step warms allocator and caches
+            times.append(time.perf_counter() - t0)
+    if created:
+        sharding_lib.destroy_process_group()
+    return {"mode": mode, "loaded_gib": loaded, "peak_gib": _rss_gib(), "step_s": statistics.median(times),
+            "trainable": plan.numel(plan.trainable), "frozen": plan.numel(plan.frozen),
+            "opt_state_gib": sharding_lib.local_bytes(state.opt_state) / GIB}
+
+
+def measured(workdir: str, steps: int) -> list[dict]:
+    from vlm_sft import testing
+
+    model_dir = os.path.join(workdir, "model")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        testing.make_tiny_model_dir(model_dir, text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2,
+                                    text_intermediate=1024, vision_hidden=256, vision_depth=8, vision_heads=4,
+                                    vision_intermediate=1024)
+    data_dir = os.path.join(workdir, "data")
+    if not os.path.isdir(data_dir):
+        testing.make_robo2vlm_dir(data_dir, n_train=4 * (steps + 1), n_test=1, image_size=(224, 224))
+    results = []
+    for mode in MODES:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode, "--workdir", workdir,
+                              "--steps", str(steps)], capture_output=True, text=True, check=False,
+                             env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(
+                                 os.path.abspath(__file__)))})
+        if out.returncode:
+            raise SystemExit(f"{mode}: {out.stderr[-3000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On paper.
+
+def shapes_3b() -> dict:
+    from vlm_sft.testing import tiny_hub_config
+    return tiny_hub_config(text_hidden=2048, text_layers=36, text_heads=16, text_kv_heads=2, text_intermediate=11008,
+                           vision_hidden=1280, vision_depth=32, vision_heads=16, vision_intermediate=3420)
+
+
+def shapes_7b() -> dict:
+    from vlm_sft.testing import tiny_hub_config
+    c = tiny_hub_config(tie_word_embeddings=False, text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4,
+                        text_intermediate=18944, vision_hidden=1280, vision_depth=32, vision_heads=16,
+                        vision_intermediate=3420)
+    c["vocab_size"] = 152064
+    return c
+
+
+def plan_for(hub_config: dict, mode: str):
+    import transformers
+
+    from vlm_sft import trainable as trainable_lib
+
+    config = transformers.Qwen2_5_VLConfig.from_dict(hub_config)
+    with torch.device("meta"):
+        module = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    return config, trainable_lib.make_plan(_config(mode), module)
+
+
+def activation_bytes(config, rows: int, length: int, patches_per_row: int, checkpointing: bool) -> float:
+    """bf16 activations kept for backward, rough: per decoder layer (6H + 2*kv + 3I) values per token (q, k, v, o,
+    attention out, norms, MLP gate/up/act); per vision block (6Hv + 3Iv) per patch. With checkpointing, each block
+    keeps only its input and one block's internals exist at a time. The lm_head runs at label tokens only."""
+    t, v = config.text_config, config.vision_config
+    kv = t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
+    per_token = 6 * t.hidden_size + 2 * kv + 3 * t.intermediate_size
+    per_patch = 6 * v.hidden_size + 3 * v.intermediate_size
+    tokens, patches = rows * length, rows * patches_per_row
+    if checkpointing:
+        values = (t.num_hidden_layers * t.hidden_size + per_token) * tokens + \
+            (v.depth * v.hidden_size + per_patch) * patches
+    else:
+        values = t.num_hidden_layers * per_token * tokens + v.depth * per_patch * patches
+    return 2.0 * values
+
+
+def on_paper() -> list[dict]:
+    rows = []
+    for name, hub in (("Qwen2.5-VL-3B", shapes_3b()), ("Qwen2.5-VL-7B", shapes_7b())):
+        for mode in MODES:
+            config, plan = plan_for(hub, mode)
+            trained, frozen = plan.numel(plan.trainable), plan.numel(plan.frozen)
+            state = 16 * trained + 2 * frozen
+            # One 640x480 image per row: 1564 patches, 391 tokens; rows padded to the 512 bucket.
+            act = {ckpt: activation_bytes(config, 4, 512, 1564, ckpt) for ckpt in (False, True)}
+            rows.append({"model": name, "mode": mode, "trainable": trained, "frozen": frozen,
+                         "state_1gpu_gib": state / GIB, "state_8gpu_gib": state / 8 / GIB,
+                         "act_gib": act[False] / GIB, "act_ckpt_gib": act[True] / GIB,
+                         "total_1gpu_gib": (state + act[False]) / GIB,
+                         "total_1gpu_ckpt_gib": (state + act[True]) / GIB})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default="/tmp/bench_memory")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--child", choices=sorted(MODES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.workdir, args.steps)))
+        return
+    from bench.common import machine
+
+    os.makedirs(args.workdir, exist_ok=True)
+    print(f"# {machine()}")
+    results = measured(args.workdir, args.steps)
+    full = results[0]
+    print("\n| mode | trainable params | frozen params | optimizer state (MiB) | peak RSS above the loaded model "
+          "(GiB) | x full | step (s, median) | x full |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        extra, extra_full = r["peak_gib"] - r["loaded_gib"], full["peak_gib"] - full["loaded_gib"]
+        print(f"| {r['mode']} | {r['trainable']:,} | {r['frozen']:,} | {r['opt_state_gib'] * 1024:.1f} | "
+              f"{extra:.3f} | {extra / extra_full:.2f} | {r['step_s']:.3f} | {r['step_s'] / full['step_s']:.2f} |")
+    print("\n| model | mode | trainable | frozen | params+grads+Adam, 1 GPU (GiB) | same, full_shard on 8 (GiB) | "
+          "activations mb4 x 512 (GiB) | with checkpointing (GiB) | 1 GPU total (GiB) | 1 GPU, checkpointing (GiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in on_paper():
+        print(f"| {r['model']} | {r['mode']} | {r['trainable'] / 1e9:.3g}B | {r['frozen'] / 1e9:.3g}B | "
+              f"{r['state_1gpu_gib']:.1f} | {r['state_8gpu_gib']:.1f} | {r['act_gib']:.1f} | {r['act_ckpt_gib']:.1f} | "
+              f"{r['total_1gpu_gib']:.1f} | {r['total_1gpu_ckpt_gib']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

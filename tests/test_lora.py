@@ -1,0 +1,197 @@
+"""LoRA through the real entry point: the merged export loads with transformers and the PEFT adapter with peft,
+both giving the trainer's logits; LoRA checkpoints hold only adapters and their optimizer state, are tied to their
+base model, and resume exactly; :demo,lora learns; 2 gloo ranks with full_shard equal one process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+import transformers
+
+from vlm_sft import checkpoint, export, lora, trainable
+from vlm_sft import main as main_lib
+from vlm_sft import models as model_lib
+from vlm_sft.data import robo2vlm
+from vlm_sft.data.collate import collate_encoded
+from vlm_sft.data.encode import Encoder
+from vlm_sft.data.processor import load_processor
+from vlm_sft.data.vision import VisionSpec
+from configs_loader import CONFIG, load_config, override
+from test_resume import losses, read_checkpoint, read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def lora_config(tmp_path, model_dir, data_dir, name, **overrides):
+    c = load_config("demo,lora")
+    c.runner.logger.log_path = str(tmp_path)
+    c.runner.logger.experiment_name = name
+    c.actor.model.model_path = str(model_dir)
+    c.data.train_data_paths = str(data_dir)
+    c.data.eval_data_paths = ""
+    c.runner.log_interval = 1
+    c.runner.val_before_train = False
+    c.actor.optim.lr_warmup_steps = 0
+    return override(c, overrides)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir, robo2vlm_dir):
+    """3 LoRA steps (all-linear: vision blocks adapted too) ending in a checkpoint and a merged export."""
+    root = tmp_path_factory.mktemp("lora_run")
+    c = lora_config(root, tiny_model_dir, robo2vlm_dir, "run", **{
+        "runner.max_steps": 3, "runner.export_hf": True, "actor.model.lora_target_modules": "all-linear"})
+    main_lib.run(c, "train")
+    return root / "run", c
+
+
+def trainer_logits(ckpt, base, config, batch):
+    """The trainer's own forward: base params + the checkpoint's adapters through the block call."""
+    model, params = model_lib.load_model(str(base))
+    plan = trainable.make_plan(config, model.module)
+    step_model, params = main_lib.apply_plan(model, params, plan, precision=torch.float32,
+                                             compute_dtype=torch.float32, seed=0)
+    params = checkpoint.restore_params(ckpt, params, names=plan.trainable)
+    call = lora.plain_block_call(plan.lora_scale)
+    with torch.no_grad():
+        hidden = model_lib.forward_hidden(step_model, params, batch, call)
+        return model_lib.label_logits(step_model, params, hidden, batch["label_index"], call)
+
+
+def hf_logits(hf, batch, image_token_id):
+    hf.eval()
+    with torch.no_grad():
+        logits = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                    mm_token_type_ids=(batch["input_ids"] == image_token_id).int()).logits
+    return logits.reshape(-1, logits.shape[-1])[batch["label_index"]]
+
+
+def test_lora_checkpoint_merged_export_and_peft_adapter(lora_run, tiny_model_dir, robo2vlm_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    run_dir, config = lora_run
+    ckpt = str(run_dir / "checkpoints" / "step_3")
+    saved = checkpoint.saved_params(ckpt)
+    assert saved and all(lora.is_adapter(n) for n in saved)  # adapters only, no frozen base
+    flat = read_checkpoint(ckpt)
+    assert {k for k in flat if ".mu[" in k} == {k.replace("params[", "opt_state[0].inner_state[1].mu[")
+                                                 for k in flat if k.startswith("params[")}
+    b_leaves = [v for k, v in flat.items() if k.startswith("params[") and k.endswith(".lora_B']")]
+    assert b_leaves and all(v.abs().max() > 0 for v in b_leaves)  # trained away from the zero init
+    assert checkpoint.read_meta(ckpt)["extra"]["base_model"]["path"] == os.path.abspath(tiny_model_dir)
+
+    processor = load_processor(str(tiny_model_dir))
+    encoder = Encoder(processor, max_prompt_length=512)
+    source = robo2vlm.Robo2VLMSource(robo2vlm.find_parquet_files(str(robo2vlm_dir), "train"))
+    model_config = transformers.AutoConfig.from_pretrained(str(tiny_model_dir))
+    batch = collate_encoded([encoder(source[i]) for i in range(3)],
+                            VisionSpec.from_config(model_config, processor.tokenizer.pad_token_id))
+    ours = trainer_logits(ckpt, tiny_model_dir, config, batch)
+
+    merged = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(run_dir / "hf_export"), dtype=torch.float32, local_files_only=True)
+    torch.testing.assert_close(hf_logits(merged, batch, model_config.image_token_id), ours, rtol=1e-5, atol=1e-5)
+
+    out = tmp_path / "adapter"
+    assert export.cli(["--checkpoint", ckpt, "--output_dir", str(out), "--adapter_only"]) == 0
+    adapter_config = json.load(open(out / "adapter_config.json"))
+    assert adapter_config["r"] == 8 and adapter_config["lora_alpha"] == 16
+    assert adapter_config["base_model_name_or_path"] == os.path.abspath(tiny_model_dir)
+    assert any(m.startswith("model.visual.blocks.") for m in adapter_config["target_modules"])
+    names = set(safetensors.torch.load_file(str(out / "adapter_model.safetensors")))
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in names
+    base = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(tiny_model_dir), dtype=torch.float32, local_files_only=True)
+    with_adapter = peft.PeftModel.from_pretrained(base, str(out))
+    torch.testing.assert_close(hf_logits(with_adapter, batch, model_config.image_token_id), ours,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_lora_checkpoint_refuses_another_base_and_adapter_only_needs_adapters(
+        lora_run, tiny_model_dir_untied, tmp_path):
+    run_dir, config = lora_run
+    ckpt = str(run_dir / "checkpoints" / "step_3")
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds only the trained leaves of a run on base model "
+                                                         r"'.*tiny_qwen2_5_vl.*'.*actor.model.model_path='.*untied"):
+        checkpoint.check_base_model(ckpt, str(tiny_model_dir_untied))
+    with pytest.raises(export.ExportError, match="--model_path: .*is a different model"):
+        export.export_checkpoint(ckpt, str(tmp_path / "x"), model_path=str(tiny_model_dir_untied))
+    c = override(config, {"runner.resume": ckpt, "actor.model.model_path": str(tiny_model_dir_untied),
+                          "runner.logger.experiment_name": "other_base"})
+    with pytest.raises(checkpoint.CheckpointError, match="is a different model"):
+        main_lib.run(c, "train")
+
+
+def test_adapter_only_on_a_full_parameter_checkpoint_is_refused(tiny_model_dir, tmp_path, capsys):
+    from test_export import save_trained_checkpoint
+    ckpt = save_trained_checkpoint(tiny_model_dir, tmp_path / "ckpt")
+    assert export.cli(["--checkpoint", ckpt, "--output_dir", str(tmp_path / "out"), "--adapter_only"]) == 2
+    assert "--adapter_only: checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lora_resume_is_exact(tmp_path, tiny_model_dir, robo2vlm_dir):
+    """4 steps straight == 2 steps, then a restart that resumes from step_2 ("auto"): losses and the final
+    adapters and Adam moments bitwise equal."""
+    common = {"runner.save_interval": 2, "actor.optim.total_training_steps": 4}  # one lr schedule for all runs
+    main_lib.run(lora_config(tmp_path, tiny_model_dir, robo2vlm_dir, "straight", **common,
+                             **{"runner.max_steps": 4}), "train")
+    for max_steps in (2, 4):
+        main_lib.run(lora_config(tmp_path, tiny_model_dir, robo2vlm_dir, "resumed", **common,
+                                 **{"runner.max_steps": max_steps}), "train")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    straight = read_checkpoint(str(tmp_path / "straight" / "checkpoints" / "step_4"))
+    resumed = read_checkpoint(str(tmp_path / "resumed" / "checkpoints" / "step_4"))
+    assert list(straight) == list(resumed)
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
+@pytest.mark.slow
+def test_demo_lora_learns(tmp_path):
+    """python -m vlm_sft.main --config configs/robo2vlm.py:demo,lora reaches the full demo's accuracy."""
+    out = subprocess.run([sys.executable, "-m", "vlm_sft.main", f"--config={CONFIG}:demo,lora",
+                          f"--config.runner.logger.log_path={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                         timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LoRA r=8" in out.stderr
+    final = [l for l in read_metrics(tmp_path / "demo") if "eval/eval_accuracy" in l][-1]
+    assert final["eval/eval_accuracy"] == 1.0
+
+
+@pytest.mark.slow
+def test_lora_full_shard_on_two_ranks_equals_one_process(tmp_path, tiny_model_dir, robo2vlm_dir):
+    """Adapters sharded like every other leaf (Shard(0)), merged after the gather inside the activation-
+    checkpointed block (so again in backward); gradients reduce-scattered: the same losses and adapters."""
+    from test_distributed import final_params, read_metrics as dist_metrics, train
+    lora_flags = ("--config.actor.model.is_lora=True", "--config.actor.optim.lr=1e-2")
+    one = train(tmp_path, 1, *lora_flags, model_dir=tiny_model_dir, data_dir=robo2vlm_dir)
+    two = train(tmp_path, 2, *lora_flags, "--config.actor.fsdp_config.sharding_strategy=full_shard",
+                "--config.actor.fsdp_config.gradient_checkpointing=True", model_dir=tiny_model_dir,
+                data_dir=robo2vlm_dir)
+    l1 = [m["train/loss"] for m in dist_metrics(one) if "train/loss" in m]
+    l2 = [m["train/loss"] for m in dist_metrics(two) if "train/loss" in m]
+    assert len(l1) == len(l2) == 10 and l1[-1] < l1[0]
+    for a, b in zip(l1, l2):
+        assert abs(a - b) <= 1e-5, (l1, l2)
+    p1, p2 = final_params(one), final_params(two)
+    assert p1.keys() == p2.keys() and all(lora.is_adapter(k) for k in p1)
+    worst = max((float((p1[k] - p2[k]).abs().max()), k) for k in p1)
+    assert worst[0] <= 1e-5, worst
+
+
+@pytest.mark.slow
+def test_lora_compiled_step_equals_eager(tmp_path, tiny_model_dir, robo2vlm_dir):
+    """The compiled step (whole-step graph: forward with the merge, backward, update) gives eager's losses."""
+    runs = {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        main_lib.run(lora_config(tmp_path, tiny_model_dir, robo2vlm_dir, name, **{
+            "runner.max_steps": 3, "actor.compile": compiled,
+            "actor.compile_cache_dir": str(tmp_path / "inductor")}), "train")
+        runs[name] = losses(tmp_path / name)
+    assert sorted(runs["compiled"]) == [1, 2, 3]
+    for step, loss in runs["eager"].items():
+        assert runs["compiled"][step] == pytest.approx(loss, abs=1e-5), (runs["eager"], runs["compiled"])

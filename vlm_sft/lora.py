@@ -1,0 +1,172 @@
+"""LoRA as a reparametrisation of the params pytree (the lorax pattern), not module surgery.
+
+Each targeted linear weight `<module>.weight` [out, in] gets two trainable leaves beside it in the params dict,
+`<module>.lora_A` [r, in] and `<module>.lora_B` [out, r]; the base leaves stay in the pytree, frozen. Inside the
+forward every block's params pass through `merge` right after they are gathered (the block_call hook: sharding's
+make_block_call), which replaces the weight by
+
+    W' = W + (lora_alpha / r) * B @ A
+
+and drops the adapter entries, so the HF modules applied with functional_call see exactly their own param names.
+Sharding, compile, activation checkpointing and DCP checkpoints see nothing but more leaves. A is initialised as
+PEFT does (kaiming-uniform, a=sqrt(5)) and B to zero, so training starts from the base model exactly.
+
+Why a weight merge and not the x-path `x @ W^T + s * x @ A^T @ B^T`: the HF modules are applied whole through
+functional_call, and the x-path would need to hook into each of their linears (module surgery, which breaks
+functional_call and compile). The price: backward forms the full weight gradient dW' of each targeted linear for
+one block at a time (the same matmul FLOPs as full fine-tuning there) before reducing it to dA, dB; memory still
+drops to the adapters' gradients and Adam state. lora_dropout > 0 is dropout on the adapter's input, which no
+weight merge can express; it is refused (config.py) rather than silently ignored.
+
+Export: `merge_params` folds the adapters into a plain params dict (eval, generation, the merged HF export), and
+`peft_tensor_name` / `adapter_config` give PEFT's adapter format (checked against peft's own save_pretrained).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from vlm_sft.config import ConfigError
+
+Params = dict[str, torch.Tensor]
+
+A_SUFFIX = ".lora_A"
+B_SUFFIX = ".lora_B"
+ALL_LINEAR = "all-linear"
+# The language model's attention and MLP projections (the same module names in Qwen2.5-VL and Qwen3-VL).
+DEFAULT_TARGETS = r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+# Modules never adapted: PEFT's all-linear leaves the output layer out too (and tied, it is the embedding).
+_EXCLUDED = ("lm_head",)
+
+
+class LoraError(ConfigError):
+    """A LoRA setting that cannot work; the message names the config field."""
+
+
+def is_adapter(name: str) -> bool:
+    return name.endswith(A_SUFFIX) or name.endswith(B_SUFFIX)
+
+
+def adapter_names(module_name: str) -> tuple[str, str]:
+    """(A, B) leaf names of the adapter of linear module `module_name`."""
+    return module_name + A_SUFFIX, module_name + B_SUFFIX
+
+
+def base_weight(adapter: str) -> str:
+    """`<module>.lora_A` / `<module>.lora_B` -> `<module>.weight`."""
+    return adapter.rsplit(".", 1)[0] + ".weight"
+
+
+def linear_modules(module: torch.nn.Module) -> list[str]:
+    """Names of every nn.Linear of the model that LoRA may adapt (all but the output layer)."""
+    return [name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear) and name not in _EXCLUDED]
+
+
+def target_modules(module: torch.nn.Module, targets: str) -> list[str]:
+    """Linear module names matched by `targets`: a regex searched in each module name, or "all-linear"."""
+    linears = linear_modules(module)
+    if targets == ALL_LINEAR:
+        return linears
+    field = "actor.model.lora_target_modules"
+    try:
+        pattern = re.compile(targets)
+    except re.error as e:
+        raise LoraError(f"{field}={targets!r}: not a regular expression ({e})") from None
+    found = [name for name in linears if pattern.search(name)]
+    if not found:
+        excluded = [name for name, _ in module.named_modules() if name and pattern.search(name)]
+        what = (f"only non-linear or excluded modules (first {excluded[0]!r}; embeddings and lm_head are not LoRA "
+                "targets)") if excluded else "no module"
+        raise LoraError(f"{field}={targets!r} matches {what}; it must match linear module names such as "
+                        f"{linears[0]!r} (or be 'all-linear')")
+    return found
+
+
+def init_adapters(shapes: Mapping[str, torch.Size], modules: Iterable[str], rank: int, *, seed: int,
+                  dtype: torch.dtype = torch.float32) -> Params:
+    """A ~ kaiming-uniform(a=sqrt(5)) [r, in] (PEFT's default), B = 0 [out, r], for each module (`shapes`: param
+    name -> shape). Deterministic in `seed`, whatever the number of ranks."""
+    generator = torch.Generator().manual_seed(seed)
+    out: Params = {}
+    for name in modules:
+        fan_out, fan_in = shapes[name + ".weight"]
+        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)): gain sqrt(2 / 6), bound gain*sqrt(3/fan_in)
+        a_name, b_name = adapter_names(name)
+        out[a_name] = ((torch.rand(rank, fan_in, generator=generator) * 2 - 1) * bound).to(dtype)
+        out[b_name] = torch.zeros(fan_out, rank, dtype=dtype)
+    return out
+
+
+def merge(p: Params, scale: float | None) -> Params:
+    """A block's params with each adapted weight replaced by W + scale * B @ A and the adapter entries dropped.
+
+    Called on the gathered (full, compute-dtype) params of every block, so it needs no collective. Params
+    without adapters come back as given (the same dict).
+    """
+    adapters = [k for k in p if k.endswith(A_SUFFIX)]
+    if not adapters:
+        return p
+    if scale is None:
+        raise LoraError("params hold LoRA adapters but no lora scale was given to the block call")
+    out = {k: v for k, v in p.items() if not is_adapter(k)}
+    for a_name in adapters:
+        b_name = a_name[: -len(A_SUFFIX)] + B_SUFFIX
+        w = base_weight(a_name)
+        out[w] = out[w] + (scale * p[b_name]) @ p[a_name]
+    return out
+
+
+def merge_params(params: Params, scale: float | None) -> Params:
+    """A plain params dict (no adapters) computing what the adapted one computes: for evaluation, generation and
+    the merged export. Each adapted weight is merged in fp32 and returned in its own dtype."""
+    adapted = {base_weight(k) for k in params if k.endswith(A_SUFFIX)}
+    upcast = {k: v.float() if (k in adapted or is_adapter(k)) else v for k, v in params.items()}
+    return {k: v.to(params[k].dtype) for k, v in merge(upcast, scale).items()}
+
+
+def scale_of(alpha: float, rank: int) -> float:
+    return float(alpha) / float(rank)
+
+
+def peft_tensor_name(adapter: str) -> str:
+    """Our leaf name -> PEFT's tensor name in adapter_model.safetensors, e.g. `model.language_model.layers.0.
+    self_attn.q_proj.lora_A` -> `base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight`
+    (peft saves the module path of the transformers model it wraps, which is ours)."""
+    return f"base_model.model.{adapter}.weight"
+
+
+def adapter_config(*, rank: int, alpha: float, dropout: float, modules: list[str], base_model: str,
+                   base_model_class: str) -> dict:
+    """PEFT's adapter_config.json for adapters on exactly `modules` (full module names)."""
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model,
+        "auto_mapping": {"base_model_class": base_model_class, "parent_library": "transformers"},
+        "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(modules),
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
+        "use_dora": False, "modules_to_save": None, "inference_mode": True, "rank_pattern": {},
+        "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None, "revision": None,
+    }
+
+
+def add_to_groups(groups: Mapping[str, list[str]], adapters: Iterable[str]) -> dict[str, list[str]]:
+    """The model's param groups (block prefix -> names) with each adapter in the group of its base weight, so a
+    block's params carry its adapters into the block call."""
+    group_of = {name: prefix for prefix, names in groups.items() for name in names}
+    out = {prefix: list(names) for prefix, names in groups.items()}
+    for name in adapters:
+        out[group_of[base_weight(name)]].append(name)
+    return out
+
+
+def plain_block_call(scale: float | None) -> Callable[..., Any]:
+    """model.plain_block_call with each block's adapters merged first: the unsharded forward of adapted params
+    (tests, tools); training goes through sharding.make_block_call(lora_scale=...), which merges the same way."""
+
+    def block_call(fn: Callable[..., Any], module: torch.nn.Module | None, p: Params, *args: Any,
+                   remat: bool = False) -> Any:
+        return fn(module, merge(p, scale), *args)
+
+    return block_call
