@@ -155,10 +155,11 @@ def test_bench_data_pipeline_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_step_gpu_tiny_runs_on_cpu(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2.5_vl", "qwen3_vl"])
+def test_bench_step_gpu_tiny_runs_on_cpu(tmp_path, family):
     """bench/step_gpu.py's whole code path (compiled step, eager HF loop, table) on a tiny model on CPU."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "step_gpu.py"), "--tiny", "--warmup", "1",
-                          "--steps", "1", "--workdir", str(tmp_path)],
+                          "--steps", "1", "--workdir", str(tmp_path), "--family", family],
                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "vlm-sft compiled" in out.stdout and "HF eager" in out.stdout and "ratio" in out.stdout
