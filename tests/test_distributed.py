@@ -61,18 +61,23 @@ def train(root, nproc: int, *overrides: str, model_dir, data_dir) -> str:
     return os.path.join(log_path, "demo")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir, robo2vlm_dir):
-    """Run directories, each trained once per module: runs(nproc, *overrides)."""
-    root, cache = tmp_path_factory.mktemp("dist_runs"), {}
+def cached_runs(root, model_dir, data_dir, *common: str):
+    """runs(nproc, *overrides) -> the run directory, each configuration trained once."""
+    cache = {}
 
     def get(nproc: int, *overrides: str) -> str:
         key = (nproc, *overrides)
         if key not in cache:
-            cache[key] = train(root, nproc, *overrides, model_dir=tiny_model_dir, data_dir=robo2vlm_dir)
+            cache[key] = train(root, nproc, *common, *overrides, model_dir=model_dir, data_dir=data_dir)
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, robo2vlm_dir):
+    """Run directories, each trained once per module: runs(nproc, *overrides)."""
+    return cached_runs(tmp_path_factory.mktemp("dist_runs"), tiny_model_dir, robo2vlm_dir)
 
 
 @pytest.mark.slow
@@ -90,16 +95,8 @@ def test_n_ranks_take_the_same_steps_as_one_process(runs, nproc, overrides):
 @pytest.fixture(scope="module")
 def qwen3_runs(tmp_path_factory, tiny_qwen3_vl_dir, robo2vlm_dir):
     """As `runs`, for the tiny Qwen3-VL (actor.model.model_type=qwen3_vl)."""
-    root, cache = tmp_path_factory.mktemp("dist_runs_qwen3"), {}
-
-    def get(nproc: int, *overrides: str) -> str:
-        key = (nproc, *overrides)
-        if key not in cache:
-            cache[key] = train(root, nproc, "--config.actor.model.model_type=qwen3_vl", *overrides,
-                               model_dir=tiny_qwen3_vl_dir, data_dir=robo2vlm_dir)
-        return cache[key]
-
-    return get
+    return cached_runs(tmp_path_factory.mktemp("dist_runs_qwen3"), tiny_qwen3_vl_dir, robo2vlm_dir,
+                       "--config.actor.model.model_type=qwen3_vl")
 
 
 @pytest.mark.slow

@@ -101,6 +101,11 @@ def test_export_loads_cleanly_and_gives_the_trainers_logits(which, request, tmp_
     source = robo2vlm.Robo2VLMSource(robo2vlm.find_parquet_files(str(robo2vlm_dir), "train"))
     spec = VisionSpec.from_config(model.config, processor.tokenizer.pad_token_id)
     batch = collate_encoded([encoder(source[i]) for i in range(3)], spec)
+    assert_same_label_logits(model, params, hf, batch)
+
+
+def assert_same_label_logits(model, params, hf, batch) -> None:
+    """The trainer's logits at the label positions == the HF module's forward on the batch."""
     with torch.no_grad():
         ours = model_lib.label_logits(model, params, model_lib.forward_hidden(model, params, batch),
                                       batch["label_index"])
@@ -205,13 +210,5 @@ def test_qwen3_vl_export_loads_cleanly_and_gives_the_trainers_logits(which, requ
 
     model, params = model_lib.load_model(str(base))
     params = checkpoint.restore_params(ckpt, params)
-    batch = make_batch(torch.Generator().manual_seed(0), model.vision_spec(PAD), ROWS)
-    with torch.no_grad():
-        ours = model_lib.label_logits(model, params, model_lib.forward_hidden(model, params, batch),
-                                      batch["label_index"])
-        hf.eval()
-        logits = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                    mm_token_type_ids=(batch["input_ids"] == model.config.image_token_id).int()).logits
-    theirs = logits.reshape(-1, logits.shape[-1])[batch["label_index"]]
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert_same_label_logits(model, params, hf, make_batch(torch.Generator().manual_seed(0), model.vision_spec(PAD),
+                                                           ROWS))

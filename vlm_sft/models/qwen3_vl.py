@@ -40,7 +40,8 @@ def image_features(model: Model, params: Params, batch: Batch, block_call: Block
     cos, sin = vision_rotary(visual.rotary_pos_emb.inv_freq, batch["vision_rotary_ids"])
     layout = [batch[f"full_{key}"] for key in ("gather", "mask", "scatter", "cu_seqlens")]
     deepstack_at = {layer: j for j, layer in enumerate(visual.deepstack_visual_indexes)}
-    block, deepstack_merger = visual.blocks[0], visual.deepstack_merger_list[0]  # templates: structure only
+    block = visual.blocks[0]  # templates: structure only (params come from `params`)
+    deepstack_merger = visual.deepstack_merger_list[0] if deepstack_at else None
     deepstack = []
     for i in range(len(visual.blocks)):
         x = block_call(vision_block, block, model.block_params(params, f"{VISUAL}blocks.{i}."), x, *layout, cos,
