@@ -58,16 +58,16 @@ def forward_hidden(model: Model, params: Params, batch: Batch, block_call: Block
     """Final-norm hidden states [B, L, H] of the text model for the batch (images scattered into their tokens,
     DeepStack features added after the first decoder layers)."""
     h = embed_tokens(model, params, batch["input_ids"], block_call)
-    after_layer = None
-    if "pixel_values" in batch:
-        merged, deepstack = image_features(model, params, batch, block_call)
-        index = batch["image_index"]
-        h = scatter_rows(h, index, merged)
+    if "pixel_values" not in batch:
+        return decoder_stack(model, params, h, batch["position_ids"], block_call)
+    merged, deepstack = image_features(model, params, batch, block_call)
+    index = batch["image_index"]
+    h = scatter_rows(h, index, merged)
 
-        def after_layer(i: int, h: torch.Tensor) -> torch.Tensor:
-            return scatter_rows(h, index, deepstack[i], add=True) if i < len(deepstack) else h
+    def add_deepstack(i: int, h: torch.Tensor) -> torch.Tensor:
+        return scatter_rows(h, index, deepstack[i], add=True) if i < len(deepstack) else h
 
-    return decoder_stack(model, params, h, batch["position_ids"], block_call, after_layer)
+    return decoder_stack(model, params, h, batch["position_ids"], block_call, add_deepstack)
 
 
 def hub_name(name: str) -> str:
