@@ -1,12 +1,15 @@
-"""One-GPU benchmark at the Qwen2.5-VL-3B shape: this trainer's compiled step vs the eager Hugging Face loop.
+"""One-GPU benchmark at the Qwen2.5-VL-3B (or Qwen3-VL-4B) shape: this trainer's compiled step vs the eager Hugging
+Face loop.
 
   python bench/step_gpu.py                 # one H100/H200: random-weight 3B, bf16 compute, fp32 master weights
+  python bench/step_gpu.py --family qwen3_vl   # the same at the Qwen3-VL-4B-Instruct shape
   python bench/step_gpu.py --accum 8       # RLinf's per-GPU batch (256 on 8 GPUs = 8 micro-batches of 4)
   python bench/step_gpu.py --tiny          # the same code path on a tiny model (runs on CPU; used by the tests)
 
-Shape: Qwen2.5-VL-3B-Instruct (rlinf_facts.md) with random weights; full-parameter AdamW (lr 1e-5, wd 0.01,
-clip 1.0). Batches: Robo2VLM-like rows, each one 640x480 image (1564 patches, 391 image tokens), ~100 prompt
-tokens and 8 answer tokens + <|im_end|>; micro-batch 4. Token ids and pixels are random: speed does not depend on
+Shape: Qwen2.5-VL-3B-Instruct or Qwen3-VL-4B-Instruct (rlinf_facts.md) with random weights; full-parameter AdamW
+(lr 1e-5, wd 0.01, clip 1.0). Batches: Robo2VLM-like rows, each one 640x480 image (Qwen2.5-VL: 1564 patches of 14,
+391 image tokens; Qwen3-VL: 1200 patches of 16, 300 image tokens), ~100 prompt tokens and 8 answer tokens +
+<|im_end|>; micro-batch 4. Token ids and pixels are random: speed does not depend on
 their values. Contestants run one after the other (both would not fit in memory at once), same batches:
   vlm-sft compiled  the trainer's own path: params as DTensors on a mesh of one (sharding.py, no_shard), gathered
                     per block in bf16 (mixed_precision param_dtype bf16, reduce fp32), make_train_step(compile=True)
@@ -35,18 +38,26 @@ from vlm_sft import models as model_lib  # noqa: E402
 from vlm_sft import perf  # noqa: E402
 from vlm_sft import sharding as sharding_lib  # noqa: E402
 from vlm_sft.data.collate import collate  # noqa: E402
-from vlm_sft.data.vision import VisionSpec  # noqa: E402
-from vlm_sft.testing import tiny_hub_config  # noqa: E402
+from vlm_sft.data.vision import Spec  # noqa: E402
+from vlm_sft.testing import tiny_hub_config, tiny_qwen3_vl_hub_config  # noqa: E402
 
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-5, 0.01, 1.0
 QWEN2_5_VL_3B = dict(text_hidden=2048, text_layers=36, text_heads=16, text_kv_heads=2, text_intermediate=11008,
                      vision_hidden=1280, vision_depth=32, vision_heads=16, vision_intermediate=3420)
+QWEN3_VL_4B = dict(text_hidden=2560, text_layers=36, text_heads=32, text_kv_heads=8, text_head_dim=128,
+                   text_intermediate=9728, vision_hidden=1024, vision_depth=24, vision_heads=16,
+                   vision_intermediate=4096, num_position_embeddings=2304)
+# --family -> (Hub config.json builder, the real shape, its name, the image processor's pixel budget)
+FAMILIES = {
+    "qwen2.5_vl": (tiny_hub_config, QWEN2_5_VL_3B, "Qwen2.5-VL-3B", (3136, 12845056)),
+    "qwen3_vl": (tiny_qwen3_vl_hub_config, QWEN3_VL_4B, "Qwen3-VL-4B", (65536, 16777216)),
+}
 IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, PAD = 151644, 151645, 151652, 151653, 151655, 151643
 
 
-def image_grid(width: int, height: int, *, factor: int = 28, min_pixels: int = 3136,
-               max_pixels: int = 12845056) -> tuple[int, int, int]:
-    """The (t, h, w) patch grid Qwen2.5-VL's image processor gives an image (its smart_resize rule)."""
+def image_grid(width: int, height: int, *, patch: int, min_pixels: int, max_pixels: int) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid Qwen's image processor gives an image (its smart_resize rule, merge 2)."""
+    factor = 2 * patch
     h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
@@ -54,10 +65,10 @@ def image_grid(width: int, height: int, *, factor: int = 28, min_pixels: int = 3
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return 1, h // 14, w // 14
+    return 1, h // patch, w // patch
 
 
-def robo2vlm_like_batch(g: torch.Generator, spec: VisionSpec, *, rows: int, grid: tuple[int, int, int],
+def robo2vlm_like_batch(g: torch.Generator, spec: Spec, *, rows: int, grid: tuple[int, int, int],
                         prompt: int, answer: int, buckets: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """One micro-batch: per row one image, prompt +-5 tokens of text, `answer` tokens + <|im_end|> labelled."""
     t, h, w = grid
@@ -68,15 +79,15 @@ def robo2vlm_like_batch(g: torch.Generator, spec: VisionSpec, *, rows: int, grid
         ids += torch.randint(100, 150000, (text,), generator=g).tolist()
         target = torch.randint(100, 150000, (answer,), generator=g).tolist() + [IM_END]
         sequences.append((torch.tensor(ids + target), torch.tensor([-100] * len(ids) + target)))
-        pixels.append(torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g))
+        pixels.append(torch.randn(t * h * w, 3 * 2 * spec.patch_size ** 2, generator=g))
     return collate(sequences, pixels, [torch.tensor([grid])] * rows, spec, length_buckets=buckets, pad_labels=True)
 
 
-def build_module(config: transformers.Qwen2_5_VLConfig, device: torch.device, seed: int) -> torch.nn.Module:
+def build_module(config: transformers.PretrainedConfig, device: torch.device, seed: int) -> torch.nn.Module:
     """Random fp32 weights, initialised on the device (seconds for 3B on a GPU), the same for the same seed."""
     torch.manual_seed(seed)
     with torch.device(device):  # dtype explicit: the Hub config says bfloat16 (it would apply to the text model)
-        module = transformers.Qwen2_5_VLForConditionalGeneration._from_config(
+        module = model_lib.family_for_config(config).hf_class()._from_config(
             config, dtype=torch.float32, attn_implementation="sdpa")
     return module.train()
 
@@ -95,6 +106,8 @@ def free(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen2.5_vl",
+                        help="model family: Qwen2.5-VL-3B or Qwen3-VL-4B shape")
     parser.add_argument("--tiny", action="store_true", help="tiny model (CPU is fine): exercises the code path")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -124,9 +137,11 @@ def main() -> None:
     config.actor.fsdp_config.mixed_precision.reduce_dtype = "fp32"
     config.actor.fsdp_config.mixed_precision.buffer_dtype = "fp32"
     sharding = sharding_lib.make_sharding(config, device)
-    hf_config = transformers.Qwen2_5_VLConfig.from_dict(tiny_hub_config(**({} if args.tiny else QWEN2_5_VL_3B)))
-    spec = VisionSpec.from_config(hf_config, pad_token_id=PAD)
-    grid = image_grid(width, height)
+    hub_config, real_shape, shape_name, (min_pixels, max_pixels) = FAMILIES[args.family]
+    family = model_lib.family_named(args.family)
+    hf_config = family.hf_class().config_class.from_dict(hub_config(**({} if args.tiny else real_shape)))
+    spec = family.vision_spec(hf_config, PAD)
+    grid = image_grid(width, height, patch=spec.patch_size, min_pixels=min_pixels, max_pixels=max_pixels)
     buckets = tuple(config.data.length_buckets)
     g = torch.Generator().manual_seed(0)
     steps = [[{k: v.to(device) for k, v in robo2vlm_like_batch(
@@ -160,7 +175,7 @@ def main() -> None:
         del hf
         free(device)
 
-    shape = "tiny" if args.tiny else "Qwen2.5-VL-3B"
+    shape = f"tiny {args.family}" if args.tiny else shape_name
     print(f"# bench/step_gpu.py: {common.machine()}")
     print(f"{shape} ({n_params / 1e9:.2f}B params), {dtype_name} compute, fp32 master weights and AdamW state; "
           f"micro-batch {args.micro_batch} x {args.accum} per step; images {width}x{height} (grid {grid}); "

@@ -61,18 +61,23 @@ def train(root, nproc: int, *overrides: str, model_dir, data_dir) -> str:
     return os.path.join(log_path, "demo")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir, robo2vlm_dir):
-    """Run directories, each trained once per module: runs(nproc, *overrides)."""
-    root, cache = tmp_path_factory.mktemp("dist_runs"), {}
+def cached_runs(root, model_dir, data_dir, *common: str):
+    """runs(nproc, *overrides) -> the run directory, each configuration trained once."""
+    cache = {}
 
     def get(nproc: int, *overrides: str) -> str:
         key = (nproc, *overrides)
         if key not in cache:
-            cache[key] = train(root, nproc, *overrides, model_dir=tiny_model_dir, data_dir=robo2vlm_dir)
+            cache[key] = train(root, nproc, *common, *overrides, model_dir=model_dir, data_dir=data_dir)
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, robo2vlm_dir):
+    """Run directories, each trained once per module: runs(nproc, *overrides)."""
+    return cached_runs(tmp_path_factory.mktemp("dist_runs"), tiny_model_dir, robo2vlm_dir)
 
 
 @pytest.mark.slow
@@ -84,7 +89,23 @@ def runs(tmp_path_factory, tiny_model_dir, robo2vlm_dir):
          "--config.actor.fsdp_config.gradient_checkpointing=True")),
 ], ids=["full_shard_2", "no_shard_2", "hybrid_shard_2x2"])
 def test_n_ranks_take_the_same_steps_as_one_process(runs, nproc, overrides):
-    one, many = runs(1), runs(nproc, *overrides)
+    assert_same_steps(runs(1), runs(nproc, *overrides))
+
+
+@pytest.fixture(scope="module")
+def qwen3_runs(tmp_path_factory, tiny_qwen3_vl_dir, robo2vlm_dir):
+    """As `runs`, for the tiny Qwen3-VL (actor.model.model_type=qwen3_vl)."""
+    return cached_runs(tmp_path_factory.mktemp("dist_runs_qwen3"), tiny_qwen3_vl_dir, robo2vlm_dir,
+                       "--config.actor.model.model_type=qwen3_vl")
+
+
+@pytest.mark.slow
+def test_qwen3_vl_full_shard_on_2_ranks_takes_the_same_steps_as_one_process(qwen3_runs):
+    assert_same_steps(qwen3_runs(1), qwen3_runs(2, "--config.actor.fsdp_config.sharding_strategy=full_shard"))
+
+
+def assert_same_steps(one: str, many: str) -> None:
+    """Per-step losses and final params to TOL, token counts and eval counts equal, between two run dirs."""
     base, dist = read_metrics(one), read_metrics(many)
     base_train = [m for m in base if "train/loss" in m]
     dist_train = [m for m in dist if "train/loss" in m]

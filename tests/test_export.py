@@ -101,6 +101,11 @@ def test_export_loads_cleanly_and_gives_the_trainers_logits(which, request, tmp_
     source = robo2vlm.Robo2VLMSource(robo2vlm.find_parquet_files(str(robo2vlm_dir), "train"))
     spec = VisionSpec.from_config(model.config, processor.tokenizer.pad_token_id)
     batch = collate_encoded([encoder(source[i]) for i in range(3)], spec)
+    assert_same_label_logits(model, params, hf, batch)
+
+
+def assert_same_label_logits(model, params, hf, batch) -> None:
+    """The trainer's logits at the label positions == the HF module's forward on the batch."""
     with torch.no_grad():
         ours = model_lib.label_logits(model, params, model_lib.forward_hidden(model, params, batch),
                                       batch["label_index"])
@@ -173,3 +178,37 @@ def test_wrong_base_model_names_the_first_mismatching_tensor(tied_ckpt, tiny_mod
                                                  r"\[64, 128\] but .*wide/config.json makes it \[128, 128\]"):
         export.export_checkpoint(tied_ckpt, str(tmp_path / "b"), model_path=str(wide))
     assert not [f for f in os.listdir(tmp_path) if f in ("a", "b") or ".tmp-" in f]
+
+
+@pytest.mark.parametrize("which", ["tied", "untied"])
+def test_qwen3_vl_export_loads_cleanly_and_gives_the_trainers_logits(which, request, tmp_path):
+    from test_qwen3_vl_model import PAD, ROWS, make_batch
+
+    base = request.getfixturevalue("tiny_qwen3_vl_dir" if which == "tied" else "tiny_qwen3_vl_dir_untied")
+    ckpt = save_trained_checkpoint(base, tmp_path / "ckpt")
+    out = str(tmp_path / "hf")
+    export.export_checkpoint(ckpt, out, max_shard_bytes=2 * 1024 ** 2)
+    weight_map = json.load(open(os.path.join(out, "model.safetensors.index.json")))["weight_map"]
+    base_map = json.load(open(os.path.join(base, "model.safetensors.index.json")))["weight_map"]
+    assert sorted(weight_map) == sorted(base_map)  # the Hub's names, tied or not
+    for name in ("config.json", "generation_config.json", "chat_template.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert json.load(open(os.path.join(out, "config.json")))["model_type"] == "qwen3_vl"
+    processor = load_processor(out)
+    assert processor.image_processor.patch_size == 16
+    assert processor.chat_template == load_processor(str(base)).chat_template
+
+    transformers.utils.logging.set_verbosity_warning()
+    try:
+        hf, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
+            out, dtype=torch.float32, local_files_only=True, output_loading_info=True)
+    finally:
+        transformers.utils.logging.set_verbosity_error()
+    assert {k: list(v) for k, v in info.items() if v} == {}  # no missing, unexpected or mismatched keys
+    lm_head, embed = hf.lm_head.weight, hf.model.language_model.embed_tokens.weight
+    assert (lm_head.data_ptr() == embed.data_ptr()) == (which == "tied")
+
+    model, params = model_lib.load_model(str(base))
+    params = checkpoint.restore_params(ckpt, params)
+    assert_same_label_logits(model, params, hf, make_batch(torch.Generator().manual_seed(0), model.vision_spec(PAD),
+                                                           ROWS))

@@ -156,3 +156,19 @@ def test_demo_learns(tmp_path):
     assert evals[-1]["eval/choice_accuracy"] >= 0.8  # 2-4 choices: chance is ~0.36
     assert evals[-1]["eval/eval_accuracy"] > evals[0]["eval/eval_accuracy"]
     assert evals[-1]["eval/rows"] == 64
+
+
+@pytest.mark.slow
+def test_qwen3_vl_trains_evaluates_and_its_export_evaluates_the_same(tmp_path, tiny_qwen3_vl_dir, robo2vlm_dir):
+    """actor.model.model_type=qwen3_vl through the entry point: train, both eval metrics, checkpoint, export; the
+    exported directory, evaluated on its own, scores exactly what the trainer scored at the end."""
+    c = small_config(tmp_path / "train", tiny_qwen3_vl_dir, robo2vlm_dir,
+                     **{"actor.model.model_type": "qwen3_vl", "runner.export_hf": True, "runner.val_check_interval": 0,
+                        "runner.val_before_train": False})
+    trained = main_lib.run(c, "train")
+    assert trained["eval/rows"] == 16 and "train/loss" in trained
+    export = tmp_path / "train" / "run" / "hf_export"
+    c = small_config(tmp_path / "eval", export, robo2vlm_dir, **{"actor.model.model_type": "qwen3_vl"})
+    evaluated = main_lib.run(c, "eval")
+    for key in ("eval/rows", "eval/eval_accuracy", "eval/choice_accuracy"):
+        assert evaluated[key] == trained[key], key

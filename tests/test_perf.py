@@ -14,13 +14,14 @@ from vlm_sft import perf
 from vlm_sft import step as step_lib
 from vlm_sft.data.collate import collate
 from vlm_sft.data.vision import VisionSpec
-from vlm_sft.testing import tiny_hub_config
+from vlm_sft.testing import tiny_hub_config, tiny_qwen3_vl_hub_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD = 151644, 151645, 151652, 151653, 151655
 
 
-def equal_rows(rows: int, grid: tuple[int, int, int], text: int, answer: int) -> tuple[list, list, list]:
+def equal_rows(rows: int, grid: tuple[int, int, int], text: int, answer: int, pixel_dim: int = 1176
+               ) -> tuple[list, list, list]:
     """(sequences, pixel_values, grids) of `rows` equal rows with one image of `grid` each."""
     g = torch.Generator().manual_seed(0)
     t, h, w = grid
@@ -28,7 +29,7 @@ def equal_rows(rows: int, grid: tuple[int, int, int], text: int, answer: int) ->
     ids += torch.randint(100, 5000, (text,), generator=g).tolist()
     target = torch.randint(100, 5000, (answer,), generator=g).tolist() + [IM_END]
     sequences = [(torch.tensor(ids + target), torch.tensor([-100] * len(ids) + target))] * rows
-    pixels = [torch.randn(t * h * w, 1176, generator=g) for _ in range(rows)]
+    pixels = [torch.randn(t * h * w, pixel_dim, generator=g) for _ in range(rows)]
     return sequences, pixels, [torch.tensor([grid])] * rows
 
 
@@ -93,6 +94,42 @@ def test_qwen2_5_vl_3b_parameter_counts():
     assert (fm.window_blocks, fm.full_blocks, fm.merge_unit) == (28, 4, 4)
 
 
+def test_qwen3_vl_flop_formula_equals_counted_flops(tiny_qwen3_vl_dir):
+    """Qwen3-VL: no windows, DeepStack mergers, head_dim * heads != hidden. FlopCounterMode counts every matmul,
+    convolution and attention; the formula adds only the position-embedding mix (a gather and a weighted sum of
+    4 rows per patch, which the counter does not see)."""
+    model, params = model_lib.load_model(str(tiny_qwen3_vl_dir))
+    batch = collate(*equal_rows(rows=3, grid=(1, 8, 6), text=21, answer=5, pixel_dim=3 * 2 * 16 * 16),
+                    model.vision_spec(151643), pad_multiple=1)
+    assert "window_cu_seqlens" not in batch and bool(batch["attention_mask"].all())
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        step_lib.make_loss_and_grad(model)(params, batch, torch.tensor(1.0))
+    fm = perf.FlopModel.from_model(model.config, {k: v.shape for k, v in params.items()}, model.lm_head_name)
+    vision = model.config.vision_config
+    assert (fm.window_blocks, fm.full_blocks, fm.pos_embed) == (0, vision.depth, 4 * vision.hidden_size)
+    pos_embed_flops = 4 * fm.pos_embed * batch["pixel_values"].shape[0]
+    assert fm.batch_flops(batch) - pos_embed_flops == pytest.approx(counter.get_total_flops(), rel=1e-3)
+
+
+def test_qwen3_vl_4b_flop_shape():
+    """The 4B shape (rlinf_facts.md) on the meta device: head_dim 128 with 32 heads (not hidden / heads), three
+    DeepStack mergers counted beside the merger, full attention in all 24 vision blocks."""
+    config = transformers.Qwen3VLConfig.from_dict(tiny_qwen3_vl_hub_config(
+        text_hidden=2560, text_layers=36, text_heads=32, text_kv_heads=8, text_head_dim=128, text_intermediate=9728,
+        vision_hidden=1024, vision_depth=24, vision_heads=16, vision_intermediate=4096,
+        num_position_embeddings=2304))
+    assert config.vision_config.deepstack_visual_indexes == [5, 11, 17]
+    with torch.device("meta"):
+        module = transformers.Qwen3VLForConditionalGeneration(config)
+    shapes = {n: p.shape for n, p in module.named_parameters()}
+    fm = perf.FlopModel.from_model(config, shapes, "model.language_model.embed_tokens.weight")
+    assert fm.text_attention == 36 * 32 * 2 * 128
+    assert (fm.window_blocks, fm.full_blocks, fm.merge_unit, fm.pos_embed) == (0, 24, 4, 4 * 1024)
+    merger = sum(s.numel() for n, s in shapes.items() if n.startswith("model.visual.merger.") and len(s) == 2)
+    assert fm.merger_params == 4 * merger  # the merger and three DeepStack mergers of the same matmul shapes
+    assert fm.text_params + fm.head_params == pytest.approx(4.0e9, rel=0.01)  # Qwen3-4B: 4.0B with the embedding
+
+
 def test_peak_flops_and_mfu():
     assert perf.peak_flops_for("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
     assert perf.peak_flops_for("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
@@ -118,10 +155,11 @@ def test_bench_data_pipeline_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_step_gpu_tiny_runs_on_cpu(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2.5_vl", "qwen3_vl"])
+def test_bench_step_gpu_tiny_runs_on_cpu(tmp_path, family):
     """bench/step_gpu.py's whole code path (compiled step, eager HF loop, table) on a tiny model on CPU."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "step_gpu.py"), "--tiny", "--warmup", "1",
-                          "--steps", "1", "--workdir", str(tmp_path)],
+                          "--steps", "1", "--workdir", str(tmp_path), "--family", family],
                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "vlm-sft compiled" in out.stdout and "HF eager" in out.stdout and "ratio" in out.stdout

@@ -1,11 +1,16 @@
 """Qwen3-VL's host-side vision precompute and processing, checked against transformers' own Qwen3-VL code."""
-import dataclasses
 import json
+import os
+import pathlib
 import pickle
 import shutil
+import subprocess
+import sys
+import tempfile
 import types
 
 import jinja2.sandbox
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -18,6 +23,7 @@ from vlm_sft.data import encode as encode_lib
 from vlm_sft.data import processor as processor_lib
 from vlm_sft.data import qwen3_vl_vision
 from vlm_sft.data import vision as vision_lib
+from vlm_sft.data.robo2vlm import Example
 
 IMAGE_PAD = 151655
 # Several images of different, non-square sizes (t, h, w in patches; h, w multiples of the merge size 2).
@@ -124,16 +130,6 @@ def test_precompute_rejects_bad_grids(grids, match):
 
 
 # Processing: load_processor on a Qwen3-VL directory, without torchvision -------------------------------------
-
-@dataclasses.dataclass
-class Example:  # the fields of vlm_sft.data.robo2vlm.Example
-    source: str
-    id: str
-    question: str
-    choices: list[str]
-    answer_index: int
-    images: list[PIL.Image.Image]
-
 
 def _example(sizes, source="train-00000.parquet:3"):
     images = [PIL.Image.new("RGB", size, (40, 70, 200)) for size in sizes]
@@ -263,3 +259,97 @@ def test_tiny_images_are_resized_up_and_impossible_ones_name_the_row(tiny_qwen3_
     assert all(h >= 2 and w >= 2 and h % 2 == 0 and w % 2 == 0 for _, h, w in enc.image_grid_thw.tolist())
     with pytest.raises(ValueError, match=r"train-00000.parquet:3: image\(s\) of 2000x8 pixels .* aspect ratio"):
         encoder(_example([(2000, 8)]))
+
+
+# Against the stock processors (they need torchvision: run in a separate venv) ---------------------------------
+
+_STOCK_SCRIPT = r'''
+import json, sys
+import numpy as np
+import PIL.Image
+import transformers
+
+request = json.load(open(sys.argv[1]))
+processor = transformers.AutoProcessor.from_pretrained(request["model_dir"])
+images = [PIL.Image.open(p) for p in request["images"]]
+content = [{"type": "image"} for _ in images] + [{"type": "text", "text": request["text"]}]
+prompt = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                       add_generation_prompt=True)
+out = processor(text=[prompt], images=images, return_tensors="np")
+np.savez(request["output"], input_ids=out["input_ids"][0], image_grid_thw=out["image_grid_thw"],
+         mm_token_type_ids=out["mm_token_type_ids"][0], pixel_values=out["pixel_values"],
+         processor_class=np.array(type(processor).__name__), video_processor=np.array(
+             type(processor.video_processor).__name__))
+'''
+
+
+def _torchvision_python() -> str:
+    """python of a venv where torchvision works (torch 2.14.1 + torchvision 0.29.1, the transformers we run):
+    $VLM_SFT_TORCHVISION_VENV, built there (or under the temp dir) on first use; skips when it cannot be built."""
+    venv = pathlib.Path(os.environ.get("VLM_SFT_TORCHVISION_VENV",
+                                       pathlib.Path(tempfile.gettempdir()) / "vlm_sft_torchvision_venv"))
+    python = venv / "bin" / "python"
+    check = [str(python), "-c", "import torchvision, transformers; print(transformers.__version__)"]
+    if python.is_file() and subprocess.run(check, capture_output=True, text=True).stdout.strip() == (
+            transformers.__version__):
+        return str(python)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.14.1", "torchvision==0.29.1",
+                        f"transformers=={transformers.__version__}"], check=True, capture_output=True, timeout=1800,
+                       env={**os.environ, "PIP_CONSTRAINT": ""})
+        subprocess.run(check, check=True, capture_output=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"no torchvision venv at {venv}: {e}")
+    return str(python)
+
+
+def _photo_like(width: int, height: int, *, seed: int) -> np.ndarray:
+    """uint8 [h, w, 3]: smooth colour waves and a gradient with mild noise (the spectrum of a camera image)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    channels = [127 + 60 * np.sin(2 * np.pi * (rng.uniform(0.5, 2) * x + rng.uniform(0.5, 2) * y) + rng.uniform(0, 6))
+                + 30 * x for _ in range(3)]
+    return np.clip(np.stack(channels, -1) + rng.normal(0, 3, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_our_processing_equals_the_stock_processor(family, tiny_model_dir, tiny_qwen3_vl_dir, tiny_processor,
+                                                   qwen3_processor, tmp_path):
+    """Token ids, image grids and mm_token_type_ids equal AutoProcessor's (torchvision path); pixel values equal
+    where no resampling is needed and within 2/255 (PIL vs torchvision bicubic) where a photo-like image is
+    rescaled. (Pixel noise resampled to a nearby size differs by up to ~22/255 for Qwen2.5-VL: high frequencies
+    are where the two bicubic implementations part; natural images have little there.)"""
+    python = _torchvision_python()
+    path, processor = ((tiny_model_dir, tiny_processor) if family == "qwen2_5_vl" else
+                       (tiny_qwen3_vl_dir, qwen3_processor))
+    factor = processor.image_processor.patch_size * processor.image_processor.merge_size
+    sizes = [(100, 150), (16 * factor, 10 * factor)]  # rescaled (upscaled for Qwen3-VL), and already on the grid
+    files = []
+    for i, (w, h) in enumerate(sizes):
+        files.append(str(tmp_path / f"image{i}.png"))
+        PIL.Image.fromarray(_photo_like(w, h, seed=i)).save(files[-1])
+    example = Example("t.parquet:0", "id0", "Which colour?", ["red", "blue"], 0,
+                      [PIL.Image.open(f).convert("RGB") for f in files])
+    request = {"model_dir": str(path), "images": files, "output": str(tmp_path / "stock.npz"),
+               "text": encode_lib.user_text(example.question, example.choices)}
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    (tmp_path / "stock.py").write_text(_STOCK_SCRIPT)
+    run = subprocess.run([python, str(tmp_path / "stock.py"), str(tmp_path / "request.json")], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stock = np.load(tmp_path / "stock.npz")
+    assert str(stock["processor_class"]) == processor_lib._processor_class(path, processor_lib._hub_files(path)
+                                                                           ).hub_processor_class
+    enc = encode_lib.Encoder(processor, max_prompt_length=4096)(example)
+    assert enc.input_ids[:enc.prompt_length].tolist() == stock["input_ids"].tolist()
+    assert enc.image_grid_thw.tolist() == stock["image_grid_thw"].tolist()
+    assert (enc.input_ids[:enc.prompt_length] == IMAGE_PAD).long().tolist() == stock["mm_token_type_ids"].tolist()
+    ours, theirs = enc.pixel_values.numpy(), stock["pixel_values"]
+    assert ours.shape == theirs.shape
+    (t0, h0, w0), _ = enc.image_grid_thw.tolist()
+    first = t0 * h0 * w0
+    std = min(processor.image_processor.image_std)
+    np.testing.assert_allclose(ours[first:], theirs[first:], atol=1e-5)  # on the grid already: no resampling
+    np.testing.assert_allclose(ours[:first], theirs[:first], atol=2.5 / 255 / std)  # PIL vs torchvision bicubic

@@ -13,6 +13,7 @@ import torch
 
 from vlm_sft import checkpoint, export
 from vlm_sft import main as main_lib
+from vlm_sft.models import qwen2_5_vl
 from configs_loader import CONFIG, load_config, override
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,11 +48,16 @@ def cli_args(log_path, model_dir, data_dir, *overrides: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_step_then_auto_resume_is_bitwise_exact(tmp_path, tiny_model_dir, robo2vlm_dir):
+@pytest.mark.parametrize("model_type, model_fixture", [("qwen2.5_vl", "tiny_model_dir"),
+                                                       ("qwen3_vl", "tiny_qwen3_vl_dir")])
+def test_sigkill_mid_step_then_auto_resume_is_bitwise_exact(tmp_path, request, robo2vlm_dir, model_type,
+                                                            model_fixture):
     """Run A: 12 steps straight. Run B: SIGKILLed during step 8 (after the step-6 checkpoint), restarted with the
     same command (resume="auto"). Final params and Adam state bitwise equal; losses of steps 7..12 equal."""
-    args = lambda name: cli_args(tmp_path, tiny_model_dir, robo2vlm_dir, "--config.runner.max_steps=12",  # noqa
-                                 "--config.runner.save_interval=3", f"--config.runner.logger.experiment_name={name}")
+    model_dir = request.getfixturevalue(model_fixture)
+    args = lambda name: cli_args(tmp_path, model_dir, robo2vlm_dir, "--config.runner.max_steps=12",  # noqa
+                                 "--config.runner.save_interval=3", f"--config.runner.logger.experiment_name={name}",
+                                 f"--config.actor.model.model_type={model_type}")
     a = subprocess.run(args("a"), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert a.returncode == 0, a.stderr[-3000:]
 
@@ -138,7 +144,7 @@ def test_eval_of_export_and_of_checkpoint_match_the_in_training_eval(tmp_path, t
     names = checkpoint.param_leaf_names(list(checkpoint.saved_params(str(run_dir / "checkpoints" / "step_6"))))
     assert len(exported_tensors) == len(names)
     for key, name in names.items():
-        assert torch.equal(exported_tensors[export.hub_name(name)], final[key]), name
+        assert torch.equal(exported_tensors[export.hub_name(name, qwen2_5_vl.FAMILY)], final[key]), name
 
     exported = small_config(tmp_path, run_dir / "hf_export", robo2vlm_dir, "eval_export")
     metrics = main_lib.run(exported, "eval")

@@ -95,9 +95,9 @@ def test_tiny_model_dir_has_the_hub_layout(tiny_model_dir):
     assert len(json.loads((tiny_model_dir / "vocab.json").read_text())) == 151643
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_tiny_model_weights_use_hub_names_bf16_in_two_shards(tiny_model_dir, tiny_model_dir_untied, tied):
-    path = tiny_model_dir if tied else tiny_model_dir_untied
+def _read_hub_weights(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded checkpoint, checking the index maps each to its shard and sums their bytes, and
+    that all are bf16 (as the Hub ships these models)."""
     index = json.loads((path / "model.safetensors.index.json").read_text())
     on_disk = {}
     for shard in sorted(set(index["weight_map"].values())):
@@ -108,6 +108,13 @@ def test_tiny_model_weights_use_hub_names_bf16_in_two_shards(tiny_model_dir, tin
     assert set(on_disk) == set(index["weight_map"])
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in on_disk.values())
     assert {t.dtype for t in on_disk.values()} == {torch.bfloat16}
+    return on_disk
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tiny_model_weights_use_hub_names_bf16_in_two_shards(tiny_model_dir, tiny_model_dir_untied, tied):
+    path = tiny_model_dir if tied else tiny_model_dir_untied
+    on_disk = _read_hub_weights(path)
     assert on_disk["model.embed_tokens.weight"].shape == (151936, 64)
     assert "visual.patch_embed.proj.weight" in on_disk and "model.norm.weight" in on_disk
     assert any(n.startswith("visual.merger.") for n in on_disk)
@@ -238,16 +245,7 @@ def test_tiny_qwen3_vl_hub_config_keeps_the_real_structure_at_other_sizes():
 @pytest.mark.parametrize("tied", [True, False])
 def test_tiny_qwen3_vl_weights_use_hub_names_bf16_in_two_shards(tiny_qwen3_vl_dir, tiny_qwen3_vl_dir_untied, tied):
     path = tiny_qwen3_vl_dir if tied else tiny_qwen3_vl_dir_untied
-    index = json.loads((path / "model.safetensors.index.json").read_text())
-    on_disk = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        with safetensors.safe_open(str(path / shard), "pt") as f:
-            for name in f.keys():
-                on_disk[name] = f.get_tensor(name)
-                assert index["weight_map"][name] == shard
-    assert set(on_disk) == set(index["weight_map"])
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in on_disk.values())
-    assert {t.dtype for t in on_disk.values()} == {torch.bfloat16}
+    on_disk = _read_hub_weights(path)
     # Qwen3-VL's Hub names are transformers' nested in-memory names (unlike Qwen2.5-VL's visual.* / model.layers.*).
     assert on_disk["model.language_model.embed_tokens.weight"].shape == (151936, 64)
     assert on_disk["model.visual.patch_embed.proj.weight"].shape == (32, 3, 2, 16, 16)

@@ -4,9 +4,10 @@
                            [--overwrite] [--model_path <base model dir>] [--adapter_only]
 
 The directory holds the params under their Hub names (the family's: Qwen2.5-VL ships `model.language_model.X` as
-`model.X` and `model.visual.X` as `visual.X`, Qwen3-VL under the in-memory names; `lm_head.weight` only when untied) in safetensors shards (+ model.safetensors.index.json when
-there is more than one), the base model's config.json and generation_config.json, and the processor files
-(tokenizer, image processor with the run's pixel budget, chat template).
+`model.X` and `model.visual.X` as `visual.X`, Qwen3-VL under the in-memory names; `lm_head.weight` only when
+untied) in safetensors shards (+ model.safetensors.index.json when there is more than one), the base model's
+config.json and generation_config.json, and the processor files (tokenizer, image processor with the run's pixel
+budget, chat template).
 
 Why read the DCP checkpoint instead of gathering live params: it needs no GPU and no process group, works for a
 checkpoint saved on any number of ranks, and holds at most one output shard in host memory at a time (DCP reads

@@ -312,6 +312,23 @@ def _hub_tensor_name(name: str) -> str:
     raise ValueError(f"unexpected Qwen2.5-VL parameter name {name!r}")
 
 
+def _write_hub_shards(path: pathlib.Path, state: dict[str, torch.Tensor], *, first_shard_prefix: str) -> None:
+    """Two safetensors shards (names starting with `first_shard_prefix` first, the rest second) and the
+    model.safetensors.index.json that maps every tensor to its shard, as the Hub's multi-file checkpoints."""
+    shards = [
+        {k: v for k, v in sorted(state.items()) if k.startswith(first_shard_prefix)},
+        {k: v for k, v in sorted(state.items()) if not k.startswith(first_shard_prefix)},
+    ]
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        safetensors.torch.save_file(shard, str(path / filename), metadata={"format": "pt"})
+        weight_map.update({k: filename for k in shard})
+    total_size = sum(v.numel() * v.element_size() for v in state.values())
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def make_tiny_model_dir(
     path: str | os.PathLike,
     *,
@@ -356,18 +373,7 @@ def make_tiny_model_dir(
         state[_hub_tensor_name(name)] = tensor.detach().to(torch.bfloat16).contiguous()
 
     # Two shards like the Hub: the text model first, the vision tower (and an untied lm_head) second.
-    shards = [
-        {k: v for k, v in sorted(state.items()) if k.startswith("model.")},
-        {k: v for k, v in sorted(state.items()) if not k.startswith("model.")},
-    ]
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        safetensors.torch.save_file(shard, str(path / filename), metadata={"format": "pt"})
-        weight_map.update({k: filename for k in shard})
-    total_size = sum(v.numel() * v.element_size() for v in state.values())
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    _write_hub_shards(path, state, first_shard_prefix="model.")
 
     (path / "config.json").write_text(json.dumps(hub_config, indent=2))
     (path / "generation_config.json").write_text(json.dumps(QWEN2_5_VL_GENERATION_CONFIG, indent=2))
@@ -672,18 +678,7 @@ def make_tiny_qwen3_vl_dir(path: str | os.PathLike, *, seed: int = 0, tie_word_e
         state[name] = tensor.detach().to(torch.bfloat16).contiguous()
 
     # Two shards like the 4B: the language model first, the vision tower (and an untied lm_head) second.
-    shards = [
-        {k: v for k, v in sorted(state.items()) if k.startswith("model.language_model.")},
-        {k: v for k, v in sorted(state.items()) if not k.startswith("model.language_model.")},
-    ]
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        safetensors.torch.save_file(shard, str(path / filename), metadata={"format": "pt"})
-        weight_map.update({k: filename for k in shard})
-    total_size = sum(v.numel() * v.element_size() for v in state.values())
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    _write_hub_shards(path, state, first_shard_prefix="model.language_model.")
 
     (path / "config.json").write_text(json.dumps(hub_config, indent=2))
     (path / "generation_config.json").write_text(json.dumps(QWEN3_VL_GENERATION_CONFIG, indent=2))

@@ -7,7 +7,7 @@ tokenizer. We then build an image-only processor from the same files: the direct
 processor configured from preprocessor_config.json (patch size, merge size, mean/std, pixel budget), and its own
 chat template (Qwen3-VL's adds no default system turn; prompts come out exactly as that template renders them).
 Either way the result is checked to really process images before training starts, and the log says which path
-was taken: pixel values of the two paths differ slightly where images are upscaled (PIL vs torchvision bicubic).
+was taken: pixel values of the two paths differ slightly where images are resampled (PIL vs torchvision bicubic).
 """
 import json
 import logging
@@ -92,7 +92,6 @@ class ImageOnlyQwen3VLProcessor(_ImageOnly, transformers.Qwen3VLProcessor):
 # (older exports), and its image processor is still checked to be a Qwen2-VL one.
 _IMAGE_ONLY_PROCESSORS = {
     "Qwen2_5_VLProcessor": ImageOnlyQwen2_5_VLProcessor,
-    "Qwen2VLProcessor": ImageOnlyQwen2_5_VLProcessor,
     "Qwen3VLProcessor": ImageOnlyQwen3VLProcessor,
 }
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from vlm_sft.data.qwen3_vl_vision import position_embedding_interpolation
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionSpec:
@@ -72,8 +74,6 @@ class Qwen3VLVisionSpec:
 
     def image_inputs(self, grid: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rotary ids, position-embedding taps pos_embed_index/pos_embed_weight [P, 4], frame layout."""
-        from vlm_sft.data.qwen3_vl_vision import position_embedding_interpolation
-
         index, weight = position_embedding_interpolation(grid, self.num_grid_per_side, self.spatial_merge_size)
         return {
             "vision_rotary_ids": vision_rotary_ids(grid, self),
@@ -83,8 +83,8 @@ class Qwen3VLVisionSpec:
         }
 
 
-Spec = VisionSpec | Qwen3VLVisionSpec  # a family's precompute: collate needs image_token_id, spatial_merge_size,
-#                                       pad_token_id and image_inputs(grid)
+# A family's precompute: collate needs its image_token_id, spatial_merge_size, pad_token_id and image_inputs(grid).
+Spec = VisionSpec | Qwen3VLVisionSpec
 
 
 def frame_lengths(grid: torch.Tensor) -> list[int]:

@@ -24,7 +24,8 @@ from vlm_sft.models.common import (Batch, BlockCall, Family, FlopShape, Model, M
 FAMILIES: tuple[Family, ...] = (qwen2_5_vl.FAMILY, qwen3_vl.FAMILY)
 
 __all__ = ["Batch", "BlockCall", "FAMILIES", "Family", "FlopShape", "Model", "ModelLoadError", "Params",
-           "check_model_dir", "check_model_type", "family_for_config", "family_named", "forward_hidden",
+           "check_model_dir", "check_model_type", "family_for_config", "family_for_model_type", "family_named",
+           "forward_hidden",
            "label_logits", "load_model", "model_from_module", "plain_block_call", "token_nll"]
 
 

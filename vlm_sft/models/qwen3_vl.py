@@ -40,7 +40,8 @@ def image_features(model: Model, params: Params, batch: Batch, block_call: Block
     cos, sin = vision_rotary(visual.rotary_pos_emb.inv_freq, batch["vision_rotary_ids"])
     layout = [batch[f"full_{key}"] for key in ("gather", "mask", "scatter", "cu_seqlens")]
     deepstack_at = {layer: j for j, layer in enumerate(visual.deepstack_visual_indexes)}
-    block, deepstack_merger = visual.blocks[0], visual.deepstack_merger_list[0]  # templates: structure only
+    block = visual.blocks[0]  # templates: structure only (params come from `params`)
+    deepstack_merger = visual.deepstack_merger_list[0] if deepstack_at else None
     deepstack = []
     for i in range(len(visual.blocks)):
         x = block_call(vision_block, block, model.block_params(params, f"{VISUAL}blocks.{i}."), x, *layout, cos,
@@ -57,16 +58,16 @@ def forward_hidden(model: Model, params: Params, batch: Batch, block_call: Block
     """Final-norm hidden states [B, L, H] of the text model for the batch (images scattered into their tokens,
     DeepStack features added after the first decoder layers)."""
     h = embed_tokens(model, params, batch["input_ids"], block_call)
-    after_layer = None
-    if "pixel_values" in batch:
-        merged, deepstack = image_features(model, params, batch, block_call)
-        index = batch["image_index"]
-        h = scatter_rows(h, index, merged)
+    if "pixel_values" not in batch:
+        return decoder_stack(model, params, h, batch["position_ids"], block_call)
+    merged, deepstack = image_features(model, params, batch, block_call)
+    index = batch["image_index"]
+    h = scatter_rows(h, index, merged)
 
-        def after_layer(i: int, h: torch.Tensor) -> torch.Tensor:
-            return scatter_rows(h, index, deepstack[i], add=True) if i < len(deepstack) else h
+    def add_deepstack(i: int, h: torch.Tensor) -> torch.Tensor:
+        return scatter_rows(h, index, deepstack[i], add=True) if i < len(deepstack) else h
 
-    return decoder_stack(model, params, h, batch["position_ids"], block_call, after_layer)
+    return decoder_stack(model, params, h, batch["position_ids"], block_call, add_deepstack)
 
 
 def hub_name(name: str) -> str:
