@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vlm_sft import checkpoint as checkpoint_lib
+from vlm_sft import compile as compile_lib
 from vlm_sft import config as config_lib
 from vlm_sft import evaluate as evaluate_lib
 from vlm_sft import export as export_lib
@@ -251,10 +252,9 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         return last
 
     a = config.actor
-    # Compiled (default on CUDA, unless checkpointing: see sharding.COMPILE_MODE): static text shapes, i.e. length
-    # buckets and a padded label count.
-    compiled = a.compile if a.compile is not None else (
-        device.type == "cuda" and not a.fsdp_config.gradient_checkpointing)
+    # Compiled by region (default on CUDA; vlm_sft/compile.py): static text shapes, i.e. length buckets and a padded
+    # label count.
+    compiled = a.compile if a.compile is not None else device.type == "cuda"
     buckets = tuple(d.length_buckets) if compiled else ()
     source = make_source(train_files, config)
     loader = loader_lib.TrainLoader(
@@ -274,11 +274,11 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         if rank == 0:  # a global count: rank 0 carries it, the metric sums over ranks
             skipped_rows = int(checkpoint_lib.read_meta(resume_from)["extra"].get("skipped_rows", 0))
         logging.info("resumed from %s at step %d", resume_from, int(state.step))
-    block_call = sharding_lib.make_block_call(sharding, checkpointing=a.fsdp_config.gradient_checkpointing)
+    block_call = sharding_lib.make_block_call(sharding, checkpointing=a.fsdp_config.gradient_checkpointing,
+                                              compile=compiled)
     if compiled:
-        step_lib.set_compile_cache_dir(a.compile_cache_dir or os.path.join(r.logger.log_path, ".inductor_cache"))
-    train_step = step_lib.make_train_step(model, tx, schedule, compile=compiled, block_call=block_call,
-                                          compile_mode=sharding_lib.COMPILE_MODE)
+        compile_lib.set_cache_dir(a.compile_cache_dir or os.path.join(r.logger.log_path, ".inductor_cache"))
+    train_step = step_lib.make_train_step(model, tx, schedule, compile=compiled, block_call=block_call)
     flop_model = perf.FlopModel.from_model(model.config, {k: v.shape for k, v in state.params.items()},
                                            model.lm_head_name)
     peak_flops = perf.device_peak_flops(device, sharding.param_dtype)

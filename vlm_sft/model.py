@@ -167,12 +167,21 @@ def decoder_block(layer: torch.nn.Module, p: Params, h: torch.Tensor,
     return out[0] if isinstance(out, tuple) else out
 
 
+def layer_templates(layers: torch.nn.ModuleList) -> list[torch.nn.Module]:
+    """The module each decoder layer is applied with: the first layer of the same attention type (a layer's own
+    state beyond its params is only its index, used by the KV cache, which training does not use). Applying
+    every layer with one template lets a compiled region serve them all (vlm_sft/compile.py)."""
+    first: dict[Any, torch.nn.Module] = {}
+    return [first.setdefault(getattr(layer.self_attn, "layer_type", None), layer) for layer in layers]
+
+
 def plain_block_call(fn: Callable[..., torch.Tensor], module: torch.nn.Module | None, p: Params, *args: Any,
-                     remat: bool = False) -> torch.Tensor:
+                     remat: bool = False, dynamic: bool = False) -> torch.Tensor:
     """Default hook through which every param group is applied: `fn(module, p, *args)` with p as given.
 
     The sharding layer replaces it with one that gathers `p` first (and frees it after), and re-runs the block in
-    backward when `remat` (activation checkpointing; True for decoder and vision blocks).
+    backward when `remat` (activation checkpointing; True for decoder and vision blocks). `dynamic` marks the
+    calls over the packed image patches, whose sizes change with every batch (compile.py: dynamic shapes there).
     """
     return fn(module, p, *args)
 
@@ -203,18 +212,21 @@ def image_features(model: Model, params: Params, batch: Batch, block_call: Block
     visual = model.module.model.visual
     unit = visual.spatial_merge_size ** 2
     prefix = VISUAL + "patch_embed."
-    x = block_call(_apply_module, visual.patch_embed, model.block_params(params, prefix), batch["pixel_values"])
+    x = block_call(_apply_module, visual.patch_embed, model.block_params(params, prefix), batch["pixel_values"],
+                   dynamic=True)
     window = batch["window_index"]
     x = _window_order(x, window, unit)
     cos, sin = _vision_rotary(visual, batch["vision_rotary_ids"])
     cos, sin = _window_order(cos, window, unit), _window_order(sin, window, unit)
     full = set(visual.fullatt_block_indexes)
-    for i, block in enumerate(visual.blocks):
+    template = visual.blocks[0]  # every block: one compiled region (the params come from p)
+    for i in range(len(visual.blocks)):
         kind = "full" if i in full else "window"
         layout = [batch[f"{kind}_{key}"] for key in ("gather", "mask", "scatter", "cu_seqlens")]
-        x = block_call(vision_block, block, model.block_params(params, f"{VISUAL}blocks.{i}."), x, *layout, cos,
-                       sin, remat=True)
-    merged = block_call(_apply_module, visual.merger, model.block_params(params, VISUAL + "merger."), x)
+        x = block_call(vision_block, template, model.block_params(params, f"{VISUAL}blocks.{i}."), x, *layout, cos,
+                       sin, remat=True, dynamic=True)
+    merged = block_call(_apply_module, visual.merger, model.block_params(params, VISUAL + "merger."), x,
+                        dynamic=True)
     return merged[batch["window_reverse"]]
 
 
@@ -228,7 +240,8 @@ def forward_hidden(model: Model, params: Params, batch: Batch, block_call: Block
         b, l, d = h.shape
         h = h.reshape(b * l, d).index_put((batch["image_index"],), feats).view(b, l, d)
     position_embeddings = text.rotary_emb(h, batch["position_ids"])
-    for i, layer in enumerate(text.layers):
+    templates = layer_templates(text.layers)
+    for i, layer in enumerate(templates):
         h = block_call(decoder_block, layer, model.block_params(params, f"{TEXT}layers.{i}."), h,
                        position_embeddings, remat=True)
     return block_call(_apply_module, text.norm, model.block_params(params, TEXT + "norm."), h)
