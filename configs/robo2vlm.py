@@ -80,7 +80,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.eval_batch_size = 4
     c.actor.global_batch_size = 256
     c.actor.seed = 42
-    # new: torch.compile the train step by region (each kind of block once, and the update; vlm_sft/compile.py),
+    # new: torch.compile the train step by region (each kind of block once; vlm_sft/compile.py),
     # also with gradient_checkpointing. None (default): on when training on CUDA, off on CPU.
     # --config.actor.compile=True/False forces it.
     c.actor.compile = ml_collections.config_dict.placeholder(bool)

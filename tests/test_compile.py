@@ -194,11 +194,11 @@ def test_compiled_step_equals_eager_without_recompiles(tiny):
         state = init_train_state({k: v.clone() for k, v in params.items()}, tx)
         block_call = compile_lib.make_block_call(compile=True, checkpointing=checkpointing)
         train_step = step_lib.make_train_step(model, tx, schedule, compile=True, block_call=block_call)
-        state, metrics = train_step(state, steps[0])  # warm-up: compiles every region once, and the update
+        state, metrics = train_step(state, steps[0])  # warm-up: compiles every region once
         losses = [float(metrics["train/loss"])]
         graphs = counters["stats"]["unique_graphs"]
-        # embed, patch embed, vision block, merger, decoder layer, final norm, lm_head; and the update
-        assert len(block_call.regions) == 7 and graphs == 8 and counters["graph_break"] == {}
+        # embed, patch embed, vision block, merger, decoder layer, final norm, lm_head
+        assert len(block_call.regions) == 7 and graphs == 7 and counters["graph_break"] == {}
         for micro_batches in steps[1:]:
             state, metrics = train_step(state, micro_batches)
             losses.append(float(metrics["train/loss"]))
@@ -228,13 +228,13 @@ def test_deep_model_compiles_each_region_once_and_a_restart_compiles_from_the_ca
         out = tmp_path / f"{name}.json"
         proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "compile_worker.py"), str(model_dir),
                                str(tmp_path / "cache"), str(out)], cwd=REPO, capture_output=True, text=True,
-                              timeout=1200, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                              timeout=2400, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
         assert proc.returncode == 0, proc.stderr[-5000:]
         runs.append(json.loads(out.read_text()))
     cold, warm = runs
     first, second, third = cold
     assert first["graphs"] == {"decoder_block": 1, "vision_block": 1, "apply_module": 3, "embed": 1, "lm_head": 1}
-    assert first["regions"] == 7 and first["stats"]["graphs"] == 8  # the 7 regions and the update
+    assert first["regions"] == 7 and first["stats"]["graphs"] == 7
     assert second["stats"]["graphs"] == 0  # other images, texts and answers in the same bucket
     # The new bucket: embedding, decoder layer and final norm (the lm_head sees the same label count).
     assert third["graphs"] == {"decoder_block": 2, "vision_block": 1, "apply_module": 4, "embed": 2, "lm_head": 1}
