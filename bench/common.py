@@ -105,9 +105,8 @@ def trainer_step_fn(model, params: dict, sharding, *, lr: float, weight_decay: f
     schedule = schedules.make_schedule("constant", peak_lr=lr, warmup_steps=0, total_steps=1)
     tx = optim.adamw(schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
     state = init_train_state(sharding_lib.shard_model(model, params, sharding), tx)
-    block_call = sharding_lib.make_block_call(sharding, checkpointing=checkpointing)
-    train_step = step_lib.make_train_step(model, tx, schedule, compile=compile, block_call=block_call,
-                                          compile_mode=compile_mode())
+    block_call = sharding_lib.make_block_call(sharding, checkpointing=checkpointing, compile=compile)
+    train_step = step_lib.make_train_step(model, tx, schedule, compile=compile, block_call=block_call)
     holder = {"state": state}
 
     def step(micro_batches: Sequence[Batch]) -> torch.Tensor:
@@ -116,13 +115,6 @@ def trainer_step_fn(model, params: dict, sharding, *, lr: float, weight_decay: f
 
     step.holder = holder  # the live state (benchmarks free it between contestants)
     return step
-
-
-def compile_mode() -> str:
-    """The compile mode main.py uses for its (DTensor) params: sharding.py's choice where it makes one."""
-    from vlm_sft import sharding as sharding_lib
-
-    return getattr(sharding_lib, "COMPILE_MODE", "") or step_lib.default_compile_mode()
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ weight decay 0.01) with global-norm clipping at 1.0. Contestants:
                       (the RLinf/TRL loop; batches padded only to their longest row, as a HF collator pads)
   vlm-sft eager       make_train_step(compile=False), params as main.py holds them (DTensors on a mesh of one,
                       gathered per block: vlm_sft/sharding.py)
-  vlm-sft compiled    the same with compile=True: the whole step in one graph where torch can
+  vlm-sft compiled    the same with compile=True: compiled by region (vlm_sft/compile.py)
 Target (issue 5): vlm-sft compiled >= 1.8x the HF loop's steps/s.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main() -> None:
     print(f"tiny Qwen2.5-VL ({n_params / 1e6:.1f}M params, 152k vocabulary), fp32; "
           f"micro-batch {args.micro_batch}, {args.steps} batches x {args.rounds} rounds; images {args.image_size}; "
           f"padding {perf.padding_fraction([b for s in steps for b in s]):.0%} of the trainer's positions "
-          f"(buckets {buckets}); compile mode {common.compile_mode()!r}")
+          f"(buckets {buckets}); compiled by region (vlm_sft/compile.py)")
     print(f"TFLOP/s counts required FLOPs only: {perf.FORMULA}\n")
     ratio = common.print_table(results, "HF eager", "vlm-sft compiled", peak_flops=None)
     print(f"target >= 1.8x: {'met' if ratio >= 1.8 else 'NOT met'}")

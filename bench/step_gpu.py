@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import sys
@@ -121,7 +122,9 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the blocks")
     parser.add_argument("--skip-hf", action="store_true", help="only the trainer's step")
     parser.add_argument("--eager", action="store_true", help="the trainer's step without torch.compile")
-    parser.add_argument("--workdir", default="", help="inductor cache lives here (default: a temp dir)")
+    parser.add_argument("--workdir", default="", help="inductor cache lives here (default: a temp dir); a second "
+                        "run with the same workdir measures a warm restart")
+    parser.add_argument("--result-json", default="", help="also write the trainer's numbers to this file")
     args = parser.parse_args()
     width, height = (int(v) for v in (args.image_size or ("112x112" if args.tiny else "640x480")).split("x"))
     dtype_name = args.dtype or ("fp32" if args.tiny else "bf16")
@@ -155,8 +158,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in params.values())
     flop_model = perf.FlopModel.from_model(hf_config, {k: v.shape for k, v in params.items()}, model.lm_head_name)
     flops = lambda s: flop_model.step_flops([{k: v.cpu() for k, v in b.items()} for b in s])  # noqa: E731
-    ours = common.trainer_step_fn(model, params, sharding, compile=not args.eager, checkpointing=args.checkpointing, lr=LR,
-                                  weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM)
+    ours = common.trainer_step_fn(model, params, sharding, compile=not args.eager, checkpointing=args.checkpointing,
+                                  lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM)
     del params  # the full fp32 copy: the step holds the sharded one
     free(device)
     results = common.run_rounds({name: ours}, steps, warmup=args.warmup, rounds=args.rounds,
@@ -180,8 +183,8 @@ def main() -> None:
     print(f"{shape} ({n_params / 1e9:.2f}B params), {dtype_name} compute, fp32 master weights and AdamW state; "
           f"micro-batch {args.micro_batch} x {args.accum} per step; images {width}x{height} (grid {grid}); "
           f"prompt ~{args.prompt_tokens} + answer {args.answer_tokens} tokens; padding "
-          f"{perf.padding_fraction([b for s in host_steps for b in s]):.0%} of the trainer's positions; compile "
-          f"mode {common.compile_mode()!r}; activation checkpointing {args.checkpointing}")
+          f"{perf.padding_fraction([b for s in host_steps for b in s]):.0%} of the trainer's positions; "
+          f"activation checkpointing {args.checkpointing}")
     print(f"MFU counts required FLOPs only: {perf.FORMULA}; peak "
           f"{f'{peak_flops:.3g} FLOP/s' if peak_flops else 'unknown'}\n")
     if "HF eager" in results:
@@ -193,6 +196,13 @@ def main() -> None:
     else:
         common.print_table(results, None, name, peak_flops=peak_flops)
     print(f"total wall time {time.perf_counter() - t_start:.0f} s")
+    if args.result_json:
+        r = results[name]
+        with open(args.result_json, "w") as f:
+            json.dump({"family": args.family, "shape": shape, "first_step_s": r.first_step_s, "step_s": r.step_s,
+                       "mfu": r.flops_per_step / r.step_s / peak_flops if peak_flops else None,
+                       "peak_memory_gib": r.peak_memory_gib, "checkpointing": args.checkpointing,
+                       "hf_step_s": results["HF eager"].step_s if "HF eager" in results else None}, f)
     if created:
         sharding_lib.destroy_process_group()
 

@@ -97,10 +97,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.eval_batch_size = 4
     c.actor.global_batch_size = 256
     c.actor.seed = 42
-    # new: torch.compile the train step (whole step in one graph where torch can; see vlm_sft/step.py).
-    # None (default): on when training on CUDA, off on CPU. --config.actor.compile=True/False forces it.
+    # new: torch.compile the train step by region (each kind of block once; vlm_sft/compile.py),
+    # also with gradient_checkpointing. None (default): on when training on CUDA, off on CPU.
+    # --config.actor.compile=True/False forces it.
     c.actor.compile = ml_collections.config_dict.placeholder(bool)
-    # new: inductor's on-disk cache, so a restart compiles in seconds; "" = <runner.logger.log_path>/.inductor_cache
+    # new: inductor's on-disk cache, so a restart generates no code (first step in seconds);
+    # "" = <runner.logger.log_path>/.inductor_cache
     c.actor.compile_cache_dir = ""
 
     c.actor.model = ml_collections.ConfigDict()

@@ -3,20 +3,28 @@
 Batches here are synthetic (token ids and random patches for images of chosen grids), so image sizes, sequence
 lengths and label counts can be varied freely without the tokenizer or image processor.
 """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
+from vlm_sft import compile as compile_lib
 from vlm_sft import models as model_lib
 from vlm_sft.models import common as model_common
 from vlm_sft import optim
 from vlm_sft import schedules
 from vlm_sft import step as step_lib
+from vlm_sft import testing
 from vlm_sft.data.collate import bucket_length, collate, label_bucket
 from vlm_sft.data.vision import VisionSpec, attention_layout
 from vlm_sft.state import init_train_state
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD = 151644, 151645, 151652, 151653, 151655
 
 
@@ -161,52 +169,80 @@ def _steps(model, params, batches, **kwargs):
 
 @pytest.mark.slow
 def test_compiled_step_equals_eager_without_recompiles(tiny):
-    """Whole-step compile, accumulation of 2 micro-batches: after one warm-up step, a pass over batches of varied
-    text lengths (one length bucket), answer lengths and image sizes compiles nothing, and equals eager."""
+    """Regional compile, accumulation of 2 micro-batches: after one warm-up step, a pass over batches of varied
+    text lengths (one length bucket), answer lengths, image sizes and image counts compiles nothing, and equals
+    eager, with and without activation checkpointing."""
     model, params, spec = tiny
     g = torch.Generator().manual_seed(4)
     sizes = [(1, 4, 4), (1, 8, 12), (1, 6, 10), (1, 10, 8)]
 
     def micro(i: int, text: int) -> dict[str, torch.Tensor]:
-        rows = [([sizes[(i + j) % len(sizes)]], text + 3 * j, 2 + (i + j) % 5) for j in range(2)]
+        rows = [([sizes[(i + j) % len(sizes)]] * (1 + i % 2 * j), text + 3 * j, 2 + (i + j) % 5) for j in range(2)]
         return make_batch(g, spec, rows, length_buckets=(128,), pad_labels=True)
 
-    steps = [[micro(i, 5 + 11 * i), micro(i + 1, 70 - 9 * i)] for i in range(6)]
+    steps = [[micro(i, 5 + 11 * i), micro(i + 1, 60 - 9 * i)] for i in range(5)]
     assert {b["input_ids"].shape[1] for step in steps for b in step} == {128}
     assert len({int(b["attention_mask"].sum()) for step in steps for b in step}) > 6
     assert len({b["pixel_values"].shape[0] for step in steps for b in step}) > 2
+    assert len({b["image_grid_thw"].shape[0] for step in steps for b in step}) > 1
     assert len({int(b["label_weight"].sum()) for step in steps for b in step}) > 2
 
     eager_losses, eager_state = _steps(model, params, steps, compile=False)
-    counters.clear()
-    torch._dynamo.reset()
+    for checkpointing in (False, True):
+        counters.clear()
+        torch._dynamo.reset()
+        tx, schedule = _optimizer()
+        state = init_train_state({k: v.clone() for k, v in params.items()}, tx)
+        block_call = compile_lib.make_block_call(compile=True, checkpointing=checkpointing)
+        train_step = step_lib.make_train_step(model, tx, schedule, compile=True, block_call=block_call)
+        state, metrics = train_step(state, steps[0])  # warm-up: compiles every region once
+        losses = [float(metrics["train/loss"])]
+        graphs = counters["stats"]["unique_graphs"]
+        # embed, patch embed, vision block, merger, decoder layer, final norm, lm_head
+        assert len(block_call.regions) == 7 and graphs == 7 and counters["graph_break"] == {}
+        for micro_batches in steps[1:]:
+            state, metrics = train_step(state, micro_batches)
+            losses.append(float(metrics["train/loss"]))
+        assert counters["stats"]["unique_graphs"] == graphs, "a warm pass recompiled"
+        assert counters["graph_break"] == {}
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), atol=1e-5, rtol=0)
+        for k in params:  # Adam divides by sqrt(v): a 1e-7 gradient difference can move a param by ~1e-5
+            torch.testing.assert_close(state.params[k], eager_state.params[k], atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_step_needs_a_compiling_block_call(tiny):
+    model, _, _ = tiny
     tx, schedule = _optimizer()
-    state = init_train_state({k: v.clone() for k, v in params.items()}, tx)
-    train_step = step_lib.make_train_step(model, tx, schedule, compile=True, compile_mode="whole")
-    state, metrics = train_step(state, steps[0])  # warm-up: compiles the micro-batch graph and the update graph
-    losses = [float(metrics["train/loss"])]
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs == 2 and counters["graph_break"] == {}
-    for micro_batches in steps[1:]:
-        state, metrics = train_step(state, micro_batches)
-        losses.append(float(metrics["train/loss"]))
-    assert counters["stats"]["unique_graphs"] == graphs, "a warm pass recompiled"
-    assert counters["graph_break"] == {}
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), atol=1e-5, rtol=0)
-    for k in params:  # Adam divides by sqrt(v): a 1e-7 gradient difference can move a param by ~1e-5
-        torch.testing.assert_close(state.params[k], eager_state.params[k], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="needs a compiling block_call"):
+        step_lib.make_train_step(model, tx, schedule, compile=True)
 
 
 @pytest.mark.slow
-def test_split_compile_single_micro_batch_equals_eager(tiny):
-    """The fallback for a torch without trace_autograd_ops: loss-and-grad and update compiled apart."""
-    model, params, spec = tiny
-    g = torch.Generator().manual_seed(5)
-    batches = [[make_batch(g, spec, [([(1, 8, 8)], 10 + i, 3), ([(1, 4, 4)], 4, 2 + i)], length_buckets=(64,),
-                           pad_labels=True)] for i in range(3)]
-    eager_losses, eager_state = _steps(model, params, batches, compile=False)
-    torch._dynamo.reset()
-    losses, state = _steps(model, params, batches, compile=True, compile_mode="split")
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), atol=1e-5, rtol=0)
-    for k in params:
-        torch.testing.assert_close(state.params[k], eager_state.params[k], atol=1e-4, rtol=1e-4)
+def test_deep_model_compiles_each_region_once_and_a_restart_compiles_from_the_cache(tmp_path):
+    """Qwen2.5-VL-3B's depth (36 text layers, 32 vision blocks; tiny widths), main.py's path (DTensor params
+    gathered per block). Each region compiles once (36 decoder layers: one graph); a second length bucket compiles
+    the text regions over the sequence once more and nothing else; images of other sizes and counts nothing. A
+    second process with the same cache dir generates no code: every graph comes from the on-disk caches."""
+    model_dir = testing.make_tiny_model_dir(tmp_path / "model", text_layers=36, vision_depth=32)
+    runs = []
+    for name in ("cold", "warm"):
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "compile_worker.py"), str(model_dir),
+                               str(tmp_path / "cache"), str(out)], cwd=REPO, capture_output=True, text=True,
+                              timeout=2400, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        runs.append(json.loads(out.read_text()))
+    cold, warm = runs
+    first, second, third = cold
+    assert first["graphs"] == {"decoder_block": 1, "vision_block": 1, "apply_module": 3, "embed": 1, "lm_head": 1}
+    assert first["regions"] == 7 and first["stats"]["graphs"] == 7
+    assert second["stats"]["graphs"] == 0  # other images, texts and answers in the same bucket
+    # The new bucket: embedding, decoder layer and final norm (the lm_head sees the same label count).
+    assert third["graphs"] == {"decoder_block": 2, "vision_block": 1, "apply_module": 4, "embed": 2, "lm_head": 1}
+    assert third["stats"]["graphs"] == 3
+    assert sum(s["stats"]["fx_misses"] for s in cold) > 0
+    for c, w in zip(cold, warm):
+        assert w["stats"]["graphs"] == c["stats"]["graphs"]  # dynamo traces again (it has no disk cache) ...
+        assert w["stats"]["fx_misses"] == w["stats"]["aot_misses"] == 0  # ... but nothing is compiled afresh
+        assert w["stats"]["aot_hits"] == c["stats"]["aot_misses"]
+        assert w["loss"] == c["loss"]

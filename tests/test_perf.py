@@ -166,3 +166,18 @@ def test_bench_step_gpu_tiny_runs_on_cpu(tmp_path, family):
     # fp32 on CPU: the trainer's first loss equals the HF model's on the same weights and batch
     diff = re.search(r"\|diff\| (\S+)", out.stdout)
     assert diff and float(diff.group(1)) < 1e-4, out.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """bench/gpu_check.sh --dry-run: every step of the prepared GPU script on CPU at tiny sizes (the CLI smoke,
+    bench/step_gpu.py cold and warm with the same cache dir per family), ending in the results table."""
+    out = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run"], capture_output=True,
+                         text=True, timeout=1500, cwd=ROOT,
+                         env={**os.environ, "GPU_CHECK_WORKDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "gpu_check: all steps passed" in out.stdout
+    row = re.search(r"^\| qwen2\.5_vl \| tiny \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", out.stdout, re.MULTILINE)
+    assert row, out.stdout[-3000:]
+    cold, warm, _ = (float(v) for v in row.groups())
+    assert warm < cold  # the second process compiled from the cache dir

@@ -7,6 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import Qwen3VLForConditionalGeneration
 
+from vlm_sft import compile as compile_lib
 from vlm_sft import models as model_lib
 from vlm_sft import optim
 from vlm_sft import sharding
@@ -214,8 +215,9 @@ def test_compiled_step_has_no_recompiles_across_image_sizes(tiny_qwen3_vl_dir):
     def run(compile: bool) -> list[float]:
         tx = optim.adamw(1e-3, max_grad_norm=1.0)
         state = init_train_state({k: v.clone() for k, v in params.items()}, tx)
+        block_call = compile_lib.make_block_call(compile=compile)
         train_step = step_lib.make_train_step(model, tx, lambda step: torch.tensor(1e-3), compile=compile,
-                                              compile_mode="whole")
+                                              block_call=block_call)
         losses = []
         for i, micro_batches in enumerate(steps):
             state, metrics = train_step(state, micro_batches)

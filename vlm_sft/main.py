@@ -22,6 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vlm_sft import checkpoint as checkpoint_lib
+from vlm_sft import compile as compile_lib
 from vlm_sft import config as config_lib
 from vlm_sft import evaluate as evaluate_lib
 from vlm_sft import export as export_lib
@@ -370,10 +371,9 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         return last
 
     a = config.actor
-    # Compiled (default on CUDA, unless checkpointing: see sharding.COMPILE_MODE): static text shapes, i.e. length
-    # buckets and a padded label count.
-    compiled = a.compile if a.compile is not None else (
-        device.type == "cuda" and not a.fsdp_config.gradient_checkpointing)
+    # Compiled by region (default on CUDA; vlm_sft/compile.py): static text shapes, i.e. length buckets and a padded
+    # label count.
+    compiled = a.compile if a.compile is not None else device.type == "cuda"
     buckets = tuple(d.length_buckets) if compiled else ()
     source = make_source(train_files, config)
     loader = loader_lib.TrainLoader(
@@ -401,11 +401,11 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
             skipped_rows = int(checkpoint_lib.read_meta(resume_from)["extra"].get("skipped_rows", 0))
         logging.info("resumed from %s at step %d", resume_from, int(state.step))
     block_call = sharding_lib.make_block_call(sharding, checkpointing=a.fsdp_config.gradient_checkpointing,
-                                              lora_scale=plan.lora_scale)
+                                              compile=compiled, lora_scale=plan.lora_scale)
     if compiled:
-        step_lib.set_compile_cache_dir(a.compile_cache_dir or os.path.join(r.logger.log_path, ".inductor_cache"))
+        compile_lib.set_cache_dir(a.compile_cache_dir or os.path.join(r.logger.log_path, ".inductor_cache"))
     train_step = step_lib.make_train_step(step_model, tx, schedule, compile=compiled, block_call=block_call,
-                                          compile_mode=sharding_lib.COMPILE_MODE, trainable=trained)
+                                          trainable=trained)
     flop_model = perf.FlopModel.from_model(
         model.config, {k: v.shape for k, v in state.params.items() if not lora_lib.is_adapter(k)},
         model.lm_head_name, weight_grads=plan.weight_grads, lora_rank=plan.lora_rank)

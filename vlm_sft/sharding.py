@@ -40,8 +40,8 @@ import torch.utils._pytree as pytree
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils.checkpoint import checkpoint
 
+from vlm_sft import compile as compile_lib
 from vlm_sft import lora as lora_lib
 from vlm_sft import models as model_lib
 from vlm_sft.config import ConfigError, parse_dtype
@@ -50,11 +50,6 @@ Params = dict[str, torch.Tensor]
 
 STRATEGIES = ("no_shard", "full_shard", "hybrid_shard")
 _FIELD = "actor.fsdp_config"
-# step.make_train_step's compile mode for DTensor params (measured, torch 2.13 CPU): "split" compiles and matches
-# eager. "whole" fails: compiled autograd gives the gradient DTensors symbolic strides that _foreach_norm's
-# sharding propagation cannot hash. Compiling activation checkpointing around the gathers fails too (AOTAutograd
-# saves the DeviceMesh as a tensor), so checkpointing runs eagerly (check_config).
-COMPILE_MODE = "split"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,9 +119,6 @@ def check_config(config: Any, world_size: int) -> None:
     f = config.actor.fsdp_config
     mesh_layout(f.sharding_strategy, world_size, num_nodes=config.cluster.num_nodes,
                 hybrid_shard_size=f.hybrid_shard_size)
-    if config.actor.compile and f.gradient_checkpointing:
-        raise ConfigError(f"actor.compile=True with {_FIELD}.gradient_checkpointing=True: activation checkpointing "
-                          "around the sharded gathers does not compile (torch 2.13); set one of them to False")
     mp = f.mixed_precision
     param = parse_dtype(mp.param_dtype, f"{_FIELD}.mixed_precision.param_dtype")
     reduce = parse_dtype(mp.reduce_dtype, f"{_FIELD}.mixed_precision.reduce_dtype")
@@ -351,7 +343,7 @@ def gather(p: Params, sharding: Sharding, stats: GatherStats | None = None) -> P
     return out
 
 
-def make_block_call(sharding: Sharding, *, checkpointing: bool = False,
+def make_block_call(sharding: Sharding, *, checkpointing: bool = False, compile: bool = False,
                     stats: GatherStats | None = None, lora_scale: float | None = None) -> model_lib.BlockCall:
     """The models' block_call: gather the group's params inside the call, so the full copies live only while used.
 
@@ -361,18 +353,11 @@ def make_block_call(sharding: Sharding, *, checkpointing: bool = False,
     The checkpointed function takes the params as explicit inputs, which keeps it exact (unlike transformers'
     built-in checkpointing with functional params: see reference/torch_findings.md).
     LoRA adapters in a group are merged into their weights right after the gather (lora.merge, `lora_scale`).
+    With `compile`, each kind of block is one compiled region, applied to the gathered (and merged) params
+    (vlm_sft/compile.py); the gather and the merge run eagerly just before it.
     """
-
-    def block_call(fn: Callable[..., torch.Tensor], module: torch.nn.Module | None, p: Params, *args: Any,
-                   remat: bool = False) -> torch.Tensor:
-        def gathered(p: Params, *args: Any) -> torch.Tensor:
-            return fn(module, lora_lib.merge(gather(p, sharding, stats), lora_scale), *args)
-
-        if checkpointing and remat:
-            return checkpoint(gathered, p, *args, use_reentrant=False)
-        return gathered(p, *args)
-
-    return block_call
+    return compile_lib.make_block_call(lambda p: lora_lib.merge(gather(p, sharding, stats), lora_scale),
+                                       compile=compile, checkpointing=checkpointing)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -176,12 +176,21 @@ def decoder_block(layer: torch.nn.Module, p: Params, h: torch.Tensor,
     return out[0] if isinstance(out, tuple) else out
 
 
+def layer_templates(layers: torch.nn.ModuleList) -> list[torch.nn.Module]:
+    """The module each decoder layer is applied with: the first layer of the same attention type (a layer's own
+    state beyond its params is only its index, used by the KV cache, which training does not use). Applying
+    every layer with one template lets a compiled region serve them all (vlm_sft/compile.py)."""
+    first: dict[Any, torch.nn.Module] = {}
+    return [first.setdefault(getattr(layer.self_attn, "layer_type", None), layer) for layer in layers]
+
+
 def plain_block_call(fn: Callable[..., torch.Tensor], module: torch.nn.Module | None, p: Params, *args: Any,
-                     remat: bool = False) -> torch.Tensor:
+                     remat: bool = False, dynamic: bool = False) -> torch.Tensor:
     """Default hook through which every param group is applied: `fn(module, p, *args)` with p as given.
 
     The sharding layer replaces it with one that gathers `p` first (and frees it after), and re-runs the block in
-    backward when `remat` (activation checkpointing; True for decoder and vision blocks).
+    backward when `remat` (activation checkpointing; True for decoder and vision blocks). `dynamic` marks the
+    calls over the packed image patches, whose sizes change with every batch (compile.py: dynamic shapes there).
     """
     return fn(module, p, *args)
 
@@ -211,8 +220,7 @@ def decoder_stack(model: Model, params: Params, h: torch.Tensor, position_ids: t
     the hidden states between layers (DeepStack)."""
     text = model.module.model.language_model
     position_embeddings = text.rotary_emb(h, position_ids)
-    template = text.layers[0]
-    for i in range(len(text.layers)):
+    for i, template in enumerate(layer_templates(text.layers)):
         h = block_call(decoder_block, template, model.block_params(params, f"{TEXT}layers.{i}."), h,
                        position_embeddings, remat=True)
         if after_layer is not None:

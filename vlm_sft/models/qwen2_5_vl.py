@@ -26,7 +26,8 @@ def image_features(model: Model, params: Params, batch: Batch, block_call: Block
     visual = model.module.model.visual
     unit = visual.spatial_merge_size ** 2
     prefix = VISUAL + "patch_embed."
-    x = block_call(apply_module, visual.patch_embed, model.block_params(params, prefix), batch["pixel_values"])
+    x = block_call(apply_module, visual.patch_embed, model.block_params(params, prefix), batch["pixel_values"],
+                   dynamic=True)
     window = batch["window_index"]
     x = _window_order(x, window, unit)
     cos, sin = vision_rotary(visual.rotary_pos_emb.inv_freq, batch["vision_rotary_ids"])
@@ -37,8 +38,9 @@ def image_features(model: Model, params: Params, batch: Batch, block_call: Block
         kind = "full" if i in full else "window"
         layout = [batch[f"{kind}_{key}"] for key in ("gather", "mask", "scatter", "cu_seqlens")]
         x = block_call(vision_block, template, model.block_params(params, f"{VISUAL}blocks.{i}."), x, *layout,
-                       cos, sin, remat=True)
-    merged = block_call(apply_module, visual.merger, model.block_params(params, VISUAL + "merger."), x)
+                       cos, sin, remat=True, dynamic=True)
+    merged = block_call(apply_module, visual.merger, model.block_params(params, VISUAL + "merger."), x,
+                        dynamic=True)
     return merged[batch["window_reverse"]]
 
 

@@ -33,9 +33,9 @@ def image_features(model: Model, params: Params, batch: Batch, block_call: Block
     each), both in <|image_pad|> order (the processor emits patches in merge-unit order)."""
     visual = model.module.model.visual
     x = block_call(apply_module, visual.patch_embed, model.block_params(params, VISUAL + "patch_embed."),
-                   batch["pixel_values"])
+                   batch["pixel_values"], dynamic=True)
     pos = block_call(_pos_embed, None, model.block_params(params, VISUAL + "pos_embed."),
-                     batch["pos_embed_index"], batch["pos_embed_weight"])
+                     batch["pos_embed_index"], batch["pos_embed_weight"], dynamic=True)
     x = x + pos.to(x.dtype)
     cos, sin = vision_rotary(visual.rotary_pos_emb.inv_freq, batch["vision_rotary_ids"])
     layout = [batch[f"full_{key}"] for key in ("gather", "mask", "scatter", "cu_seqlens")]
@@ -45,11 +45,12 @@ def image_features(model: Model, params: Params, batch: Batch, block_call: Block
     deepstack = []
     for i in range(len(visual.blocks)):
         x = block_call(vision_block, block, model.block_params(params, f"{VISUAL}blocks.{i}."), x, *layout, cos,
-                       sin, remat=True)
+                       sin, remat=True, dynamic=True)
         if i in deepstack_at:
             p = model.block_params(params, f"{DEEPSTACK}{deepstack_at[i]}.")
-            deepstack.append(block_call(apply_module, deepstack_merger, p, x))
-    merged = block_call(apply_module, visual.merger, model.block_params(params, VISUAL + "merger."), x)
+            deepstack.append(block_call(apply_module, deepstack_merger, p, x, dynamic=True))
+    merged = block_call(apply_module, visual.merger, model.block_params(params, VISUAL + "merger."), x,
+                        dynamic=True)
     return merged, deepstack
 
 
