@@ -185,7 +185,8 @@ def test_lora_full_shard_on_two_ranks_equals_one_process(tmp_path, tiny_model_di
 
 @pytest.mark.slow
 def test_lora_compiled_step_equals_eager(tmp_path, tiny_model_dir, robo2vlm_dir):
-    """The compiled step (whole-step graph: forward with the merge, backward, update) gives eager's losses."""
+    """The compiled step (regional graphs; the merge runs in the eager gather before each region) gives eager's
+    losses."""
     runs = {}
     for name, compiled in (("eager", False), ("compiled", True)):
         main_lib.run(lora_config(tmp_path, tiny_model_dir, robo2vlm_dir, name, **{
