@@ -50,6 +50,7 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "check"],
                           "train (then evaluate), evaluate only, or check every data row (no weights read)")
 
 DEMO = "demo"
+RANK_EXIT_GRACE_S = 2.0  # how long ranks other than 0 wait before exiting on an error rank 0 reports
 
 
 def prepare_demo(config: Any, run_dir: str) -> None:
@@ -500,7 +501,10 @@ def main(argv: list[str]) -> None:
         run(_CONFIG.value, _MODE.value)
     except (config_lib.ConfigError, model_lib.ModelLoadError, checkpoint_lib.CheckpointError,
             export_lib.ExportError, preflight.DataCheckFailed) as e:
-        # Config and model-directory errors are the same on every rank: rank 0 says it once, all exit.
+        # Config and model-directory errors are the same on every rank: rank 0 says it once, all exit. The others
+        # wait a moment first: torchrun stops every worker as soon as one exits, which could cut rank 0 short.
+        if rank != 0:
+            time.sleep(RANK_EXIT_GRACE_S)
         raise SystemExit(f"error: {e}" if rank == 0 else 1) from None
     except (robo2vlm.RowError, PromptTooLong) as e:  # data errors may hit one rank only
         raise SystemExit(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}") from None
