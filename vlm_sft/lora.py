@@ -166,7 +166,7 @@ def plain_block_call(scale: float | None) -> Callable[..., Any]:
     (tests, tools); training goes through sharding.make_block_call(lora_scale=...), which merges the same way."""
 
     def block_call(fn: Callable[..., Any], module: torch.nn.Module | None, p: Params, *args: Any,
-                   remat: bool = False) -> Any:
+                   remat: bool = False, dynamic: bool = False) -> Any:
         return fn(module, merge(p, scale), *args)
 
     return block_call
