@@ -9,7 +9,7 @@ from vlm_sft import models as model_lib
 from vlm_sft import optim, step as step_lib
 from vlm_sft.config import ConfigError
 from vlm_sft.data import robo2vlm
-from vlm_sft.data.collate import collate_encoded
+from vlm_sft.data.collate import collate, collate_encoded
 from vlm_sft.data.encode import Encoder
 from vlm_sft.data.processor import load_processor
 from vlm_sft.data.vision import VisionSpec
@@ -127,3 +127,26 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(model_lib.ModelLoadError, match="no config.json"):
         model_lib.check_model_dir(str(tmp_path / "empty"))
+
+
+def test_micro_batch_without_images_trains_with_zero_vision_grads(tiny_model_dir, encoded):
+    """Text-only rows (a JSONL set without image keys, say) reach no vision param: their gradients are zeros, not
+    an autograd error, and a step mixing such a micro-batch with one holding images trains."""
+    examples, processor = encoded
+    model, params = model_lib.load_model(str(tiny_model_dir))
+    spec = VisionSpec.from_config(model.config, processor.tokenizer.pad_token_id)
+    ids = torch.tensor(processor.tokenizer("Which colour is the sky? Answer: blue")["input_ids"])
+    labels = torch.full_like(ids, -100)
+    labels[-2:] = ids[-2:]
+    text_only = collate([(ids, labels)], [torch.empty(0, 1176)], [torch.empty(0, 3, dtype=torch.long)], spec)
+    assert "pixel_values" not in text_only
+    loss, grads = step_lib.make_loss_and_grad(model)(params, text_only, torch.ones(()))
+    assert torch.isfinite(loss)
+    vision = [k for k in grads if k.startswith("model.visual.")]
+    assert vision and all(not grads[k].any() for k in vision)
+    assert any(grads[k].any() for k in grads if k.startswith("model.language_model."))
+    tx, schedule = step_lib.make_optimizer(load_config("demo"), total_steps=4)
+    state = init_train_state(dict(params), tx)
+    state, metrics = step_lib.make_train_step(model, tx, schedule)(
+        state, [text_only, collate_encoded(examples[:2], spec)])
+    assert float(metrics["train/skipped_update"]) == 0.0 and int(state.step) == 1
