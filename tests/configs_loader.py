@@ -28,3 +28,17 @@ def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collectio
             node = node[p]
         node[leaf] = value
     return config
+
+
+def run_config(variant: str, tmp_path, name: str, model_dir, train_data, eval_data="",
+               **overrides) -> ml_collections.ConfigDict:
+    """A config of `variant` for a run named `name` under tmp_path on the given model and data (eval_data "" = no
+    evaluation), logging every step; more fields as dotted `overrides` (keys with dots: pass a dict with **)."""
+    c = load_config(variant)
+    c.runner.logger.log_path = str(tmp_path)
+    c.runner.logger.experiment_name = name
+    c.actor.model.model_path = str(model_dir)
+    c.data.train_data_paths = str(train_data)
+    c.data.eval_data_paths = str(eval_data)
+    c.runner.log_interval = 1
+    return override(c, overrides)

@@ -12,21 +12,13 @@ import torch
 from vlm_sft import checkpoint, export, faults, integrity
 from vlm_sft import main as main_lib
 from vlm_sft.models import ModelLoadError
-from configs_loader import load_config, override
-from test_checkpoint import CONFIG_JSON, make_state, save
+from configs_loader import run_config
+from test_checkpoint import make_state, save
 
 
 def small_config(tmp_path, model_dir, data_dir, name="run", **overrides):
-    c = load_config("demo")
-    c.runner.logger.log_path = str(tmp_path)
-    c.runner.logger.experiment_name = name
-    c.actor.model.model_path = str(model_dir)
-    c.data.train_data_paths = str(data_dir)
-    c.data.eval_data_paths = ""
-    c.runner.log_interval = 1
-    c.actor.global_batch_size = 8
-    c.actor.micro_batch_size = 8
-    return override(c, overrides)
+    return run_config("demo", tmp_path, name, model_dir, data_dir, **{
+        "actor.global_batch_size": 8, "actor.micro_batch_size": 8, **overrides})
 
 
 def shard_of(path) -> str:

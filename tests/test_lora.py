@@ -19,23 +19,15 @@ from vlm_sft.data.collate import collate_encoded
 from vlm_sft.data.encode import Encoder
 from vlm_sft.data.processor import load_processor
 from vlm_sft.data.vision import VisionSpec
-from configs_loader import CONFIG, load_config, override
+from configs_loader import CONFIG, override, run_config
 from test_resume import losses, read_checkpoint, read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def lora_config(tmp_path, model_dir, data_dir, name, **overrides):
-    c = load_config("demo,lora")
-    c.runner.logger.log_path = str(tmp_path)
-    c.runner.logger.experiment_name = name
-    c.actor.model.model_path = str(model_dir)
-    c.data.train_data_paths = str(data_dir)
-    c.data.eval_data_paths = ""
-    c.runner.log_interval = 1
-    c.runner.val_before_train = False
-    c.actor.optim.lr_warmup_steps = 0
-    return override(c, overrides)
+    return run_config("demo,lora", tmp_path, name, model_dir, data_dir, **{
+        "runner.val_before_train": False, "actor.optim.lr_warmup_steps": 0, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -11,25 +11,15 @@ from vlm_sft import testing
 from vlm_sft.config import ConfigError
 from vlm_sft.data.robo2vlm import RowError
 from vlm_sft.models import ModelLoadError
-from configs_loader import CONFIG, load_config, override
+from configs_loader import CONFIG, override, run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_config(tmp_path, model_dir, data_dir, **overrides):
-    c = load_config("demo")
-    c.runner.logger.log_path = str(tmp_path)
-    c.runner.logger.experiment_name = "run"
-    c.actor.model.model_path = str(model_dir)
-    c.data.train_data_paths = str(data_dir)
-    c.data.eval_data_paths = str(data_dir)
-    c.runner.max_steps = 4
-    c.runner.val_check_interval = 2
-    c.runner.log_interval = 1
-    c.actor.global_batch_size = 8
-    c.actor.micro_batch_size = 4
-    c.eval.max_new_tokens = 4
-    return override(c, overrides)
+    return run_config("demo", tmp_path, "run", model_dir, data_dir, data_dir, **{
+        "runner.max_steps": 4, "runner.val_check_interval": 2, "actor.global_batch_size": 8,
+        "actor.micro_batch_size": 4, "eval.max_new_tokens": 4, **overrides})
 
 
 def read_metrics(run_dir):

@@ -1,13 +1,11 @@
 """The functional model and train_step against Hugging Face's own model and a plain eager HF training loop."""
-import functools
 
 import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from vlm_sft import models as model_lib
-from vlm_sft import optim, step as step_lib
-from vlm_sft.config import ConfigError
+from vlm_sft import step as step_lib
 from vlm_sft.data import robo2vlm
 from vlm_sft.data.collate import collate, collate_encoded
 from vlm_sft.data.encode import Encoder

@@ -10,7 +10,7 @@ import pytest
 from vlm_sft import main as main_lib
 from vlm_sft import preflight, testing
 from vlm_sft.config import ConfigError
-from configs_loader import CONFIG, load_config, override
+from configs_loader import CONFIG, override, run_config
 
 BAD = {2: "image", 5: "answer", 7: "long", 9: "missing_image", 12: "json", 14: "no_image"}
 
@@ -31,19 +31,10 @@ def planted(tmp_path_factory):
 
 
 def check_config(tmp_path, model_dir, data_dir, **overrides):
-    c = load_config()
-    c.runner.logger.log_path = str(tmp_path)
-    c.runner.logger.experiment_name = "check"
-    c.actor.model.model_path = str(model_dir)
-    c.data.train_data_paths = str(data_dir)
-    c.data.eval_data_paths = str(data_dir)
-    c.data.min_pixels = c.data.max_pixels = 56 * 56
-    c.data.max_prompt_length = 256
-    c.data.num_workers = 0
-    c.actor.global_batch_size = 4
-    c.actor.micro_batch_size = 2
-    c.runner.max_steps = 10
-    return override(c, overrides)
+    return run_config("", tmp_path, "check", model_dir, data_dir, data_dir, **{
+        "data.min_pixels": 56 * 56, "data.max_pixels": 56 * 56, "data.max_prompt_length": 256,
+        "data.num_workers": 0, "actor.global_batch_size": 4, "actor.micro_batch_size": 2, "runner.max_steps": 10,
+        **overrides})
 
 
 @pytest.fixture

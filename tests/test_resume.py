@@ -14,7 +14,7 @@ import torch
 from vlm_sft import checkpoint, export
 from vlm_sft import main as main_lib
 from vlm_sft.models import qwen2_5_vl
-from configs_loader import CONFIG, load_config, override
+from configs_loader import CONFIG, run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,15 +117,8 @@ def test_two_rank_full_shard_checkpoint_continues_on_one_rank(tmp_path, tiny_mod
 
 
 def small_config(tmp_path, model_dir, data_dir, name: str, **overrides):
-    c = load_config("demo")
-    c.runner.logger.log_path = str(tmp_path)
-    c.runner.logger.experiment_name = name
-    c.actor.model.model_path = str(model_dir)
-    c.data.train_data_paths = str(data_dir)
-    c.data.eval_data_paths = str(data_dir)
-    c.runner.log_interval = 1
-    c.eval.max_new_tokens = 8
-    return override(c, overrides)
+    return run_config("demo", tmp_path, name, model_dir, data_dir, data_dir,
+                      **{"eval.max_new_tokens": 8, **overrides})
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ import datetime
 import logging as std_logging
 import os
 import sys
-from typing import Any, Callable, Mapping, NoReturn
+from typing import Any, Mapping, NoReturn
 
 import torch
 import torch.distributed as dist

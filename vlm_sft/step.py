@@ -11,7 +11,6 @@ import contextlib
 from typing import Any, Callable, Collection, Sequence
 
 import torch
-import torch.utils._pytree as pytree
 
 from vlm_sft import compile as compile_lib
 from vlm_sft import models as model_lib
