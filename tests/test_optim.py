@@ -355,3 +355,55 @@ def test_adamw_on_sharded_dtensors_matches_plain_tensors(tmp_path):
     mp.spawn(_sharded_worker, args=(2, str(tmp_path / "store"), results), nprocs=2)
     diff, skipped = open(results).read().split()
     assert float(diff) < 1e-6 and int(skipped) == 1
+
+
+# The _foreach overloads that DTensor has sharding rules for in torch 2.11 (torch/distributed/tensor/_ops:
+# _pointwise_ops.py's for_each_ops and for_each_linearity_ops, _math_ops.py's _foreach_norm), the oldest torch the
+# trainer runs on (the lent GPU image of 2026-11 has 2.11). Torch 2.13 registers more (out-of-place
+# _foreach_lerp among them), so a sharded run here passes with an op that fails there: "Operator
+# aten._foreach_lerp.Scalar does not have a sharding strategy registered" on the first sharded GPU step.
+DTENSOR_FOREACH_OPS_TORCH_2_11 = {
+    "_foreach_abs.default", "_foreach_abs_.default", "_foreach_addcdiv_.Scalar", "_foreach_addcdiv_.ScalarList",
+    "_foreach_addcdiv_.Tensor", "_foreach_addcmul.Scalar", "_foreach_addcmul_.Scalar",
+    "_foreach_addcmul_.ScalarList", "_foreach_addcmul_.Tensor", "_foreach_clamp_max_.Scalar",
+    "_foreach_clamp_min_.Scalar", "_foreach_div_.List", "_foreach_div_.Scalar", "_foreach_div_.ScalarList",
+    "_foreach_div_.Tensor", "_foreach_div.List", "_foreach_div.Scalar", "_foreach_div.ScalarList",
+    "_foreach_div.Tensor", "_foreach_lerp_.Scalar", "_foreach_maximum_.List", "_foreach_mul.Scalar",
+    "_foreach_mul.ScalarList", "_foreach_mul.Tensor", "_foreach_mul.List", "_foreach_mul_.Scalar",
+    "_foreach_mul_.ScalarList", "_foreach_mul_.Tensor", "_foreach_mul_.List", "_foreach_neg.default",
+    "_foreach_neg_.default", "_foreach_reciprocal_.default", "_foreach_sub.Scalar", "_foreach_sub_.Scalar",
+    "_foreach_sub.List", "_foreach_sub_.List", "_foreach_sub.ScalarList", "_foreach_sub_.ScalarList",
+    "_foreach_sqrt.default", "_foreach_sqrt_.default", "_foreach_zero_.default", "_foreach_exp.default",
+    "_foreach_exp_.default", "_foreach_add.Scalar", "_foreach_add_.Scalar", "_foreach_add_.ScalarList",
+    "_foreach_add.List", "_foreach_add_.List", "_foreach_norm.Scalar",
+}
+
+
+def test_update_uses_only_foreach_ops_that_dtensor_shards_on_torch_2_11():
+    """Every _foreach op of the full update (clip, Adam, decay mask, lr schedule and multipliers, skip-if-nonfinite,
+    donated apply) has a DTensor sharding rule on torch 2.11, so FSDP-sharded params update there too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(f"{func._schema.name.split('::')[-1]}.{func._overloadname}")
+            return func(*args, **(kwargs or {}))
+
+    model = TinyMLP()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    tx = optim.adamw(schedules.warmup_cosine(1e-2, 2, 10), weight_decay=0.01, max_grad_norm=1.0,
+                     mask={k: v.ndim > 1 for k, v in params.items()},
+                     lr_multipliers={k: (0.5 if k.startswith("fc1") else 1.0) for k in params})
+    opt_state = tx.init(params)
+    x, y = batches(1)[0]
+    grads = grads_of(model, params, x, y)
+    with RecordOps() as recorder:
+        updates, opt_state = tx.update(grads, opt_state, params)
+        optim.apply_updates(params, updates)
+    foreach = {op for op in recorder.ops if op.startswith("_foreach")}
+    assert {"_foreach_norm.Scalar", "_foreach_addcmul_.Scalar"} <= foreach  # the recorder saw the update
+    assert foreach <= DTENSOR_FOREACH_OPS_TORCH_2_11, sorted(foreach - DTENSOR_FOREACH_OPS_TORCH_2_11)

@@ -147,7 +147,10 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
     def update(updates: Updates, state: OptState, params: Params | None = None) -> tuple[Updates, OptState]:
         g, spec = _flatten(updates)
         g = _to_fp32(g)
-        mu = torch._foreach_lerp(_leaves_like(spec, state.mu, "adam mu"), g, 1.0 - b1)
+        # b1 * mu + (1 - b1) * g as mul + add_: DTensor registers no out-of-place _foreach_lerp before torch 2.13,
+        # and every op here must have a sharding rule on the oldest torch we run on (tests/test_optim.py checks).
+        mu = torch._foreach_mul(_leaves_like(spec, state.mu, "adam mu"), b1)
+        torch._foreach_add_(mu, g, alpha=1.0 - b1)
         nu = torch._foreach_mul(_leaves_like(spec, state.nu, "adam nu"), b2)
         torch._foreach_addcmul_(nu, g, g, value=1.0 - b2)
         count = state.count + 1
