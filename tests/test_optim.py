@@ -329,20 +329,26 @@ def _sharded_worker(rank: int, world: int, store_path: str, results: str) -> Non
 
         tx = optim.adamw(schedules.warmup_cosine(1e-2, 2, 4), weight_decay=0.01, max_grad_norm=1.0)
         sharded = {k: place(v.clone()) for k, v in full.items()}
+        donated = {k: place(v.clone()) for k, v in full.items()}  # the trainer's path: tx.update_, in place
         plain = {k: v.clone() for k, v in full.items()}
-        s_state, p_state = tx.init(sharded), tx.init(plain)
+        s_state, d_state, p_state = tx.init(sharded), tx.init(donated), tx.init(plain)
         for grads in grad_seq:
             norm = optim.global_norm({k: place(v) for k, v in grads.items()})
             assert not isinstance(norm, DTensor)
             u, s_state = tx.update({k: place(v) for k, v in grads.items()}, s_state, sharded)
             sharded = optim.apply_updates(sharded, u)
+            d_state = tx.update_({k: place(v.clone()) for k, v in grads.items()}, d_state, donated)  # donates
             u, p_state = tx.update(grads, p_state, plain)
             plain = optim.apply_updates(plain, u)
         assert isinstance(sharded["w"], DTensor) and sharded["w"].placements == (Shard(0),)
+        assert isinstance(donated["w"], DTensor) and donated["w"].placements == (Shard(0),)
         diff = max(float((sharded[k].full_tensor() - plain[k]).abs().max()) for k in full)
+        diff = max([diff] + [float((donated[k].full_tensor() - plain[k]).abs().max()) for k in full])
+        skipped = int(s_state[0].total_notfinite) if int(d_state[0].total_notfinite) == int(
+            s_state[0].total_notfinite) else -1
         if rank == 0:
             with open(results, "w") as f:
-                f.write(f"{diff} {int(s_state[0].total_notfinite)}")
+                f.write(f"{diff} {skipped}")
         dist.barrier()  # no rank tears gloo down while the other still talks to it (aborts otherwise)
     finally:
         dist.destroy_process_group()
@@ -350,7 +356,8 @@ def _sharded_worker(rank: int, world: int, store_path: str, results: str) -> Non
 
 
 def test_adamw_on_sharded_dtensors_matches_plain_tensors(tmp_path):
-    """Two gloo processes, Shard(0) params and grads: same result as one process, NaN step skipped on both."""
+    """Two gloo processes, Shard(0) params and grads: same result as one process, NaN step skipped on both, for the
+    pure update and the donated one."""
     results = str(tmp_path / "result.txt")
     mp.spawn(_sharded_worker, args=(2, str(tmp_path / "store"), results), nprocs=2)
     diff, skipped = open(results).read().split()
@@ -381,7 +388,7 @@ DTENSOR_FOREACH_OPS_TORCH_2_11 = {
 
 def test_update_uses_only_foreach_ops_that_dtensor_shards_on_torch_2_11():
     """Every _foreach op of the full update (clip, Adam, decay mask, lr schedule and multipliers, skip-if-nonfinite,
-    donated apply) has a DTensor sharding rule on torch 2.11, so FSDP-sharded params update there too."""
+    donated apply), pure and donated (update_), has a DTensor sharding rule on torch 2.11, so FSDP-sharded params update there too."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class RecordOps(TorchDispatchMode):
@@ -404,6 +411,63 @@ def test_update_uses_only_foreach_ops_that_dtensor_shards_on_torch_2_11():
     with RecordOps() as recorder:
         updates, opt_state = tx.update(grads, opt_state, params)
         optim.apply_updates(params, updates)
+        tx.update_(grads, opt_state, params)
     foreach = {op for op in recorder.ops if op.startswith("_foreach")}
     assert {"_foreach_norm.Scalar", "_foreach_addcmul_.Scalar"} <= foreach  # the recorder saw the update
     assert foreach <= DTENSOR_FOREACH_OPS_TORCH_2_11, sorted(foreach - DTENSOR_FOREACH_OPS_TORCH_2_11)
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_donated_update_equals_the_pure_update_bit_for_bit(monkeypatch, grad_dtype):
+    """tx.update_ (in place, chunked; what the trainer's eager step runs) == tx.update + apply_updates exactly:
+    clipping on, a decay mask, per-module lr multipliers, a schedule, a NaN step skipped, chunks of a few leaves,
+    a bf16 param, and bf16 grads."""
+    monkeypatch.setattr(optim, "DONATED_CHUNK_NUMEL", 40)  # several chunks over these small leaves
+    model = TinyMLP()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    params["fc2.bias"] = params["fc2.bias"].to(torch.bfloat16)
+    tx = optim.adamw(schedules.warmup_cosine(1e-2, 2, 10), weight_decay=0.01, max_grad_norm=1.0,
+                     mask={k: v.ndim > 1 for k, v in params.items()},
+                     lr_multipliers={k: (0.5 if k.startswith("fc1") else 1.0) for k in params})
+    g = torch.Generator().manual_seed(3)
+    grad_seq = [{k: (3 * torch.randn(v.shape, generator=g)).to(grad_dtype) for k, v in params.items()}
+                for _ in range(6)]
+    grad_seq[3]["fc1.weight"][0, 0] = float("nan")
+
+    pure, donated = {k: v.clone() for k, v in params.items()}, {k: v.clone() for k, v in params.items()}
+    pure_state, donated_state = tx.init(pure), tx.init(donated)
+    held = dict(donated)
+    for grads in grad_seq:
+        updates, pure_state = tx.update({k: v.clone() for k, v in grads.items()}, pure_state, pure)
+        pure = optim.apply_updates(pure, updates)
+        donated_state = tx.update_({k: v.clone() for k, v in grads.items()}, donated_state, donated)
+    assert all(donated[k] is held[k] for k in params)  # written in place
+    for k in params:
+        assert torch.equal(donated[k], pure[k]), k
+    assert pytree.tree_structure(donated_state) == pytree.tree_structure(pure_state)
+    for a, b in zip(pytree.tree_leaves(donated_state), pytree.tree_leaves(pure_state)):
+        assert torch.equal(a, b)
+    assert int(donated_state[0].total_notfinite) == 1 and int(donated_state[0].inner_state[1].count) == 5
+
+
+def test_the_train_step_updates_moments_in_place():
+    """The eager step's update holds no second copy of the Adam moments: the state's moment tensors after a step
+    are the ones it got (donated), and the values equal the pure update's."""
+    from vlm_sft import step as step_lib
+
+    model = TinyMLP()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    tx = optim.adamw(1e-2, weight_decay=0.01, max_grad_norm=1.0)
+    state = TrainState(torch.zeros((), dtype=torch.int64), params, tx.init(params))
+    mu_before = dict(state.opt_state[0].inner_state[1].mu)
+    x, y = batches(1)[0]
+    grads = grads_of(model, params, x, y)
+    expected_updates, _ = tx.update({k: v.clone() for k, v in grads.items()}, tx.init(params), params)
+    expected = optim.apply_updates({k: v.clone() for k, v in params.items()}, expected_updates, donate=False)
+    apply_update = step_lib.make_apply_update(tx, lambda step: torch.tensor(1e-2))
+    new_state, metrics = apply_update(state, grads)
+    mu_after = new_state.opt_state[0].inner_state[1].mu
+    assert all(mu_after[k] is mu_before[k] for k in params)
+    for k in params:
+        assert torch.equal(new_state.params[k], expected[k]), k
+    assert float(metrics["train/skipped_update"]) == 0.0

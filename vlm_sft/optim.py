@@ -14,9 +14,11 @@ The roundings differ in one place: torch decays by p * fp32(1 - lr*wd), whose fa
 error every step (e.g. 1 - 1e-7 rounds to 1 - 1.19e-7); lr * wd * p here has no such bias (tested against an
 fp64 AdamW).
 
-Memory: transforms are pure, so while `update` runs the old and the new Adam moments both exist. Compiled, the
-elementwise work fuses and only the new moments are materialised (one extra copy of m and v at peak); eager,
-every intermediate is a full-size tensor list. Compile the update for large unsharded models.
+Memory: transforms are pure, so while `update` runs the old and the new Adam moments both exist, and eagerly
+every intermediate is a full-size tensor list (at Qwen2.5-VL-3B on one H200 the pure eager update ran out of
+139 GiB). `adamw(...).update_` is the same update with donated buffers, as JAX's donate_argnums: moments, params
+and grads are written in place, chunk by chunk, so its temporaries are one chunk's; the trainer's eager step
+uses it (step.make_apply_update), and tests hold it equal to `update` + `apply_updates`.
 """
 from typing import Any, Callable, NamedTuple
 
@@ -31,10 +33,16 @@ Schedule = Callable[[torch.Tensor], torch.Tensor]
 
 
 class GradientTransformation(NamedTuple):
-    """A pure optimizer piece: `init(params) -> state`, `update(updates, state, params) -> (updates, state)`."""
+    """A pure optimizer piece: `init(params) -> state`, `update(updates, state, params) -> (updates, state)`.
+
+    `update_` (optional): the same update with its buffers donated, `update_(updates, state, params) -> state`:
+    params, updates and the state's tensors are written in place, so the step holds no second copy of the
+    moments (see `adamw`). Same values as `update` followed by `apply_updates`.
+    """
 
     init: Callable[[Params], OptState]
     update: Callable[[Updates, OptState, Params | None], tuple[Updates, OptState]]
+    update_: Callable[..., OptState] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -299,7 +307,115 @@ def adamw(
     )
     if skip_nonfinite:
         inner = apply_if_finite(inner)
-    return chain(inner, scale_by_learning_rate(learning_rate, lr_multipliers))
+    tx = chain(inner, scale_by_learning_rate(learning_rate, lr_multipliers))
+    donated = _adamw_donated(learning_rate, b1, b2, eps, weight_decay, mask, max_grad_norm, skip_nonfinite,
+                             lr_multipliers)
+    return GradientTransformation(tx.init, tx.update, donated)
+
+
+# Leaves are updated in groups of at most this many elements, so the donated update's temporaries (the fp32
+# gradient of a bf16 grad, sqrt(v) + eps, the direction) are one group's, not the whole model's.
+DONATED_CHUNK_NUMEL = 1 << 27
+
+
+def _local_numel(x: torch.Tensor) -> int:
+    return x.to_local().numel() if isinstance(x, DTensor) else x.numel()
+
+
+def _chunks(leaves: list[torch.Tensor], max_numel: int) -> list[list[int]]:
+    groups, current, size = [], [], 0
+    for i, x in enumerate(leaves):
+        n = _local_numel(x)
+        if current and size + n > max_numel:
+            groups.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += n
+    return groups + ([current] if current else [])
+
+
+def _adamw_donated(learning_rate, b1, b2, eps, weight_decay, mask, max_grad_norm, skip_nonfinite, lr_multipliers):
+    """`adamw`'s update with donated buffers: the same ops as the chain, in the same order, written in place.
+
+    The skip of a non-finite update is decided on the host (one sync), which is why it is the eager step's path
+    and the pure `update` stays the one to trace. The state has exactly the chain's structure, so checkpoints do
+    not care which path wrote them.
+    """
+
+    def update_(updates: Updates, state: OptState, params: Params, grad_norm: torch.Tensor | None = None
+                ) -> OptState:
+        g, spec = _flatten(updates)
+        p = _leaves_like(spec, params, "params")
+        inner_state, sched_state = state
+        finite_state = inner_state if skip_nonfinite else None
+        if skip_nonfinite:
+            inner_state = finite_state.inner_state
+        if len(inner_state) != 3:
+            raise ValueError(f"optim.adamw: state has {len(inner_state)} inner entries for 3 transforms")
+        _, adam_state, _ = inner_state
+        if callable(learning_rate):
+            lr = torch.as_tensor(learning_rate(sched_state.count), dtype=torch.float32,
+                                 device=sched_state.count.device)
+        else:
+            lr = float(learning_rate)
+        new_sched = ScaleByScheduleState(sched_state.count + 1)
+        norm = global_norm(updates) if grad_norm is None else grad_norm
+        ok = torch.isfinite(norm)
+        if skip_nonfinite and not bool(ok):  # params and moments untouched; the schedule still advances
+            return (ApplyIfFiniteState(inner_state, ok, finite_state.total_notfinite + 1), new_sched)
+
+        mu = _leaves_like(spec, adam_state.mu, "adam mu")
+        nu = _leaves_like(spec, adam_state.nu, "adam nu")
+        count = adam_state.count + 1
+        t = count.to(torch.float64)
+        inv_bc1 = (1.0 / (1.0 - torch.pow(b1, t))).to(torch.float32)
+        bc2_sqrt = torch.sqrt(1.0 - torch.pow(b2, t)).to(torch.float32)
+        coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0) if max_grad_norm > 0 else None
+        if weight_decay == 0:
+            decay = [False] * len(g)
+        elif mask is None:
+            decay = [True] * len(g)
+        else:
+            decay = _leaves_like(spec, mask(params) if callable(mask) else mask, "the weight decay mask")
+        factors = None if lr_multipliers is None else _leaves_like(spec, lr_multipliers, "the lr multipliers")
+
+        for idx in _chunks(g, DONATED_CHUNK_NUMEL):
+            gc = [g[i] for i in idx]
+            if coef is not None and all(x.dtype == torch.float32 for x in gc):
+                torch._foreach_mul_(gc, coef)  # the donated grads
+            elif coef is not None:  # as the pure clip: a bf16 0-dim grad times the fp32 coef promotes to fp32
+                gc = torch._foreach_mul(gc, coef)
+            gc = _to_fp32(gc)
+            m, v = [mu[i] for i in idx], [nu[i] for i in idx]
+            torch._foreach_mul_(m, b1)
+            torch._foreach_add_(m, gc, alpha=1.0 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, gc, gc, value=1.0 - b2)
+            del gc
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, bc2_sqrt)
+            torch._foreach_add_(denom, eps)
+            direction = torch._foreach_div(m, denom)
+            del denom
+            torch._foreach_mul_(direction, inv_bc1)
+            decayed = [j for j, i in enumerate(idx) if decay[i]]
+            if decayed:
+                torch._foreach_add_([direction[j] for j in decayed], [p[idx[j]] for j in decayed], alpha=weight_decay)
+            if factors is None:
+                torch._foreach_mul_(direction, -lr)
+            else:
+                for factor in sorted({factors[i] for i in idx}):
+                    torch._foreach_mul_([d for d, i in zip(direction, idx) if factors[i] == factor], -lr * factor)
+            with torch.no_grad():
+                torch._foreach_add_([p[i] for i in idx], direction)
+
+        new_adam = ScaleByAdamState(count, adam_state.mu, adam_state.nu)
+        new_inner = (inner_state[0], new_adam, inner_state[2])
+        if skip_nonfinite:
+            return (ApplyIfFiniteState(new_inner, ok, finite_state.total_notfinite), new_sched)
+        return (new_inner, new_sched)
+
+    return update_
 
 
 def apply_updates(params: Params, updates: Updates, *, donate: bool = True) -> Params:

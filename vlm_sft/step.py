@@ -68,8 +68,11 @@ def make_apply_update(tx: optim.GradientTransformation, schedule: Callable[[torc
     def apply_update(state: TrainState, grads: dict) -> tuple[TrainState, Metrics]:
         grad_norm = optim.global_norm(grads)
         trained = {k: state.params[k] for k in grads}  # frozen leaves: not in grads, untouched
-        updates, opt_state = tx.update(grads, state.opt_state, trained)
-        trained = optim.apply_updates(trained, updates)
+        if tx.update_ is not None:  # donated: params, grads and moments written in place (no second copy)
+            opt_state = tx.update_(grads, state.opt_state, trained, grad_norm=grad_norm)
+        else:
+            updates, opt_state = tx.update(grads, state.opt_state, trained)
+            trained = optim.apply_updates(trained, updates)
         params = {k: trained.get(k, v) for k, v in state.params.items()}
         metrics = {"train/grad_norm": grad_norm, "train/learning_rate": schedule(state.step),
                    "train/skipped_update": (~torch.isfinite(grad_norm)).to(torch.float32)}
