@@ -92,7 +92,7 @@ def make_train_step(model: model_lib.Model, tx: optim.GradientTransformation,
     compile=False runs eagerly. compile=True compiles by region (vlm_sft/compile.py): the model's regions through
     `block_call`, which must then be a compiling one (compile_lib.make_block_call or sharding.make_block_call with
     compile=True). Between the regions the step runs eagerly: the loop over blocks, torch.autograd.grad, the sum
-    of the micro-batches' gradients, and the update (clipping + AdamW, foreach ops over the whole params dict).
+    of the micro-batches' gradients, and the update (clipping + AdamW, foreach ops in place: tx.update_).
     Compile time therefore does not grow with depth or with the accumulation count. The update stays eager because
     compiled it is one graph over every param (824 tensors at the 3B's depth: inductor took over 10 CPU-minutes on
     it, measured on CPU with torch 2.13) and, over DTensors, it misses the on-disk caches in a restarted process.
