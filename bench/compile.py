@@ -53,8 +53,9 @@ def child(args: argparse.Namespace) -> None:
     model, params = model_lib.load_model(args.model_dir)
     spec = VisionSpec.from_config(model.config, pad_token_id=151643)
     g = torch.Generator().manual_seed(0)
-    steps = [[robo2vlm_like_batch(g, spec, rows=args.micro_batch, grid=image_grid(*IMAGE_SIZES[i % 3]), prompt=100,
-                                  answer=8, buckets=(256,))] for i in range(args.steps)]
+    grid_rule = dict(patch=spec.patch_size, min_pixels=3136, max_pixels=12845056)  # Qwen2.5-VL's processor
+    steps = [[robo2vlm_like_batch(g, spec, rows=args.micro_batch, grid=image_grid(*IMAGE_SIZES[i % 3], **grid_rule),
+                                  prompt=100, answer=8, buckets=(256,))] for i in range(args.steps)]
     settings = dict(checkpointing=args.checkpointing, lr=1e-5, weight_decay=0.01, max_grad_norm=1.0)
     compiled = common.trainer_step_fn(model, params, sharding, compile=True, **settings)
     before, t0 = compile_lib.CompileStats.now(), time.perf_counter()
@@ -100,6 +101,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="distinct batches per timed round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--depth", default="36,32", help="TEXT_LAYERS,VISION_BLOCKS (default: the 3B's; smaller "
+                        "depths keep the bench's code path tested, tests/test_perf.py)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steady", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default="", help=argparse.SUPPRESS)
@@ -113,10 +116,12 @@ def main() -> None:
     from vlm_sft import testing
     import common
 
+    text_layers, vision_depth = (int(x) for x in args.depth.split(","))
+    depth = dict(text_layers=text_layers, vision_depth=vision_depth)
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_compile_")
-    model_dir = os.path.join(workdir, "model_36x32")
+    model_dir = os.path.join(workdir, f"model_{text_layers}x{vision_depth}")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        testing.make_tiny_model_dir(model_dir, **DEPTH)
+        testing.make_tiny_model_dir(model_dir, **depth)
     rows = []
     for setting in args.checkpointing.split(","):
         checkpointing = setting.strip() == "1"
@@ -127,8 +132,8 @@ def main() -> None:
         rows.append((checkpointing, cold, warm, load, os.getloadavg()[0]))
 
     print(f"# bench/compile.py: {common.machine()}")
-    print(f"tiny widths at Qwen2.5-VL-3B depth ({DEPTH['text_layers']} text layers, {DEPTH['vision_depth']} vision "
-          f"blocks), fp32, micro-batch {args.micro_batch}, images {', '.join(f'{w}x{h}' for w, h in IMAGE_SIZES)}; "
+    at = "Qwen2.5-VL-3B depth" if depth == DEPTH else "depth"
+    print(f"tiny widths at {at} ({text_layers} text layers, {vision_depth} vision blocks), fp32, micro-batch {args.micro_batch}, images {', '.join(f'{w}x{h}' for w, h in IMAGE_SIZES)}; "
           f"steady = median over {args.steps} batches x {args.rounds} rounds, compiled and eager alternating\n")
     print("| checkpointing | cold first step (s) | warm first step (s) | warm: code generated / loaded | "
           "graphs (first step / later) | steady compiled (s) | steady eager (s) | eager / compiled | "

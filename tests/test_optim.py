@@ -340,6 +340,12 @@ def _sharded_worker(rank: int, world: int, store_path: str, results: str) -> Non
             d_state = tx.update_({k: place(v.clone()) for k, v in grads.items()}, d_state, donated)  # donates
             u, p_state = tx.update(grads, p_state, plain)
             plain = optim.apply_updates(plain, u)
+        # The donated update runs on the local shards when every leaf is sharded alike (no DTensor dispatch), and
+        # keeps the DTensors when a leaf's shardings differ.
+        local = optim._local_shards(list(donated.values()), [place(v) for v in full.values()])
+        assert not any(isinstance(x, DTensor) for leaves in local for x in leaves)
+        mixed = optim._local_shards([donated["w"]], [distribute_tensor(full["w"], mesh, [Replicate()])])
+        assert all(isinstance(x, DTensor) for leaves in mixed for x in leaves)
         assert isinstance(sharded["w"], DTensor) and sharded["w"].placements == (Shard(0),)
         assert isinstance(donated["w"], DTensor) and donated["w"].placements == (Shard(0),)
         diff = max(float((sharded[k].full_tensor() - plain[k]).abs().max()) for k in full)

@@ -183,3 +183,17 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
                         re.MULTILINE)
         assert row and all(float(v) > 0 for v in row.groups()), out.stdout[-3000:]
     # (That a restart compiles from the cache is tested where it can be counted: test_compile.py's deep model.)
+
+
+@pytest.mark.slow
+def test_bench_compile_runs_at_a_small_depth(tmp_path):
+    """bench/compile.py end to end (cold process, warm process on the same cache dir, steady compiled vs eager) at
+    2 text layers and 4 vision blocks: its table row is printed and the warm process generated no code."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compile.py"), "--workdir", str(tmp_path),
+                          "--depth", "2,4", "--checkpointing", "0", "--steps", "1", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    row = re.search(r"^\| off \| ([\d.]+) \| ([\d.]+) \| 0 / (\d+) \| (\d+) / 0 \|", out.stdout, re.MULTILINE)
+    assert row and int(row.group(3)) > 0 and int(row.group(4)) > 0, out.stdout[-3000:]
+    assert "(2 text layers, 4 vision blocks)" in out.stdout
