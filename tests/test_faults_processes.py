@@ -137,7 +137,7 @@ def test_a_failing_rank_brings_the_job_down_in_bounded_time(tmp_path, tiny_model
         first = next(l for l in output.splitlines() if l.startswith("error"))
         assert first.startswith("error (rank 1): ") and "train-00000-of-00001.parquet:60" in first, output[-3000:]
     if fault == "stalls":  # the rank that waited says why, naming the setting
-        assert (f"error (rank 0): a collective with the other ranks failed" in output
+        assert ("error (rank 0): a collective with the other ranks failed" in output
                 and f"runner.collective_timeout_s={TIMEOUT_S}" in output), output[-3000:]
 
 

@@ -188,3 +188,36 @@ def test_lora_compiled_step_equals_eager(tmp_path, tiny_model_dir, robo2vlm_dir)
     assert sorted(runs["compiled"]) == [1, 2, 3]
     for step, loss in runs["eager"].items():
         assert runs["compiled"][step] == pytest.approx(loss, abs=1e-5), (runs["eager"], runs["compiled"])
+
+
+@pytest.mark.slow
+def test_qwen3_vl_lora_adapter_loads_with_peft(tmp_path, tiny_qwen3_vl_dir, robo2vlm_dir):
+    """Qwen3-VL: 3 LoRA steps through the entry point, `export --adapter_only`, and peft's PeftModel on
+    transformers' Qwen3VLForConditionalGeneration gives the trainer's logits."""
+    peft = pytest.importorskip("peft")
+    config = run_config("demo,lora,qwen3", tmp_path, "run", tiny_qwen3_vl_dir, robo2vlm_dir, **{
+        "runner.val_before_train": False, "actor.optim.lr_warmup_steps": 0, "runner.max_steps": 3,
+        "actor.model.lora_target_modules": "all-linear"})
+    main_lib.run(config, "train")
+    ckpt = str(tmp_path / "run" / "checkpoints" / "step_3")
+    assert all(lora.is_adapter(n) for n in checkpoint.saved_params(ckpt))
+
+    processor = load_processor(str(tiny_qwen3_vl_dir))
+    encoder = Encoder(processor, max_prompt_length=512)
+    source = robo2vlm.Robo2VLMSource(robo2vlm.find_parquet_files(str(robo2vlm_dir), "train"))
+    model_config = transformers.AutoConfig.from_pretrained(str(tiny_qwen3_vl_dir))
+    spec = model_lib.load_model(str(tiny_qwen3_vl_dir))[0].vision_spec(pad_token_id=processor.tokenizer.pad_token_id)
+    batch = collate_encoded([encoder(source[i]) for i in range(3)], spec)
+    ours = trainer_logits(ckpt, tiny_qwen3_vl_dir, config, batch)
+
+    out = tmp_path / "adapter"
+    assert export.cli(["--checkpoint", ckpt, "--output_dir", str(out), "--adapter_only"]) == 0
+    adapter_config = json.load(open(out / "adapter_config.json"))
+    assert any(m.startswith("model.visual.blocks.") for m in adapter_config["target_modules"])
+    base = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
+        str(tiny_qwen3_vl_dir), dtype=torch.float32, local_files_only=True)
+    with_adapter = peft.PeftModel.from_pretrained(base, str(out))
+    image_token_id = model_config.image_token_id
+    torch.testing.assert_close(hf_logits(with_adapter, batch, image_token_id), ours, rtol=1e-5, atol=1e-5)
+    with with_adapter.disable_adapter():  # the adapter matters: the base alone is far from the trainer's logits
+        assert (hf_logits(with_adapter, batch, image_token_id) - ours).abs().max() > 1e-4

@@ -197,3 +197,14 @@ def test_bench_compile_runs_at_a_small_depth(tmp_path):
     row = re.search(r"^\| off \| ([\d.]+) \| ([\d.]+) \| 0 / (\d+) \| (\d+) / 0 \|", out.stdout, re.MULTILINE)
     assert row and int(row.group(3)) > 0 and int(row.group(4)) > 0, out.stdout[-3000:]
     assert "(2 text layers, 4 vision blocks)" in out.stdout
+
+
+def test_bench_update_runs(tmp_path):
+    """bench/update.py at a small depth: both contestants timed, the ratio printed."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "update.py"), "--workdir", str(tmp_path),
+                          "--depth", "2,4", "--iters", "3"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for name in ("pure", "donated"):
+        assert re.search(rf"^\| {name} \| [\d.]+ \| [\d.]+ \|$", out.stdout, re.MULTILINE), out.stdout
+    assert re.search(r"^ratio pure / donated: first [\d.]+x, later [\d.]+x$", out.stdout, re.MULTILINE)
