@@ -3,7 +3,7 @@ import pathlib
 
 import pytest
 
-from vlm_sft import testing
+from vlm_sft import sharding, testing
 from vlm_sft.data import processor as processor_lib
 
 
@@ -43,3 +43,12 @@ def robo2vlm_dir(tmp_path_factory):
 def tiny_processor(tiny_model_dir):
     """load_processor(tiny_model_dir) with the Hub's default pixel budget. Shared: do not mutate it."""
     return processor_lib.load_processor(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def device():
+    """The process group of this test process (a mesh of one; created once per module if none exists)."""
+    device, created = sharding.init_process_group(sharding.ProcessInfo())
+    yield device
+    if created:
+        sharding.destroy_process_group()

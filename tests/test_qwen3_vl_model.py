@@ -166,14 +166,6 @@ def test_unsupported_model_directory_is_one_line_listing_the_families(tmp_path, 
 # --------------------------------------------------------------------------------------------------------------
 # Sharding (a mesh of one here; 2 gloo ranks in test_distributed.py) and compile.
 
-@pytest.fixture(scope="module")
-def device():
-    device, created = sharding.init_process_group(sharding.ProcessInfo())
-    yield device
-    if created:
-        sharding.destroy_process_group()
-
-
 @pytest.mark.parametrize("strategy", ["no_shard", "full_shard", "hybrid_shard"])
 def test_sharded_and_checkpointed_loss_and_grads_equal_the_plain_model(device, tiny_qwen3_vl_dir, strategy):
     model, params = model_lib.load_model(str(tiny_qwen3_vl_dir))

@@ -23,14 +23,6 @@ from vlm_sft.state import init_train_state
 from configs_loader import load_config
 
 
-@pytest.fixture(scope="module")
-def device():
-    device, created = sharding.init_process_group(sharding.ProcessInfo())
-    yield device
-    if created:
-        sharding.destroy_process_group()
-
-
 def make_sharding(strategy="full_shard", param_dtype="fp32", reduce_dtype="fp32"):
     c = load_config("demo")
     c.actor.fsdp_config.sharding_strategy = strategy

@@ -141,6 +141,20 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
+def _bias_corrections(count: torch.Tensor, b1: float, b2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 / (1 - b1^t) and sqrt(1 - b2^t) at t = count, in float64 (torch.optim computes them as Python floats):
+    in fp32, 1 - 0.999^t loses ~1e-5 of its value to cancellation at small t."""
+    t = count.to(torch.float64)
+    return (1.0 / (1.0 - torch.pow(b1, t))).to(torch.float32), torch.sqrt(1.0 - torch.pow(b2, t)).to(torch.float32)
+
+
+def _scheduled_lr(learning_rate: float | Schedule, count: torch.Tensor) -> torch.Tensor | float:
+    """The lr at schedule step `count`: a tensor for a schedule (a changing lr never recompiles), else a float."""
+    if callable(learning_rate):
+        return torch.as_tensor(learning_rate(count), dtype=torch.float32, device=count.device)
+    return float(learning_rate)
+
+
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
     """Adam's direction m_hat / (sqrt(v_hat) + eps), with moments and bias correction as torch.optim.Adam."""
     if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
@@ -162,11 +176,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         nu = torch._foreach_mul(_leaves_like(spec, state.nu, "adam nu"), b2)
         torch._foreach_addcmul_(nu, g, g, value=1.0 - b2)
         count = state.count + 1
-        # Bias corrections in float64 (torch.optim computes them as Python floats): in fp32, 1 - 0.999^t loses
-        # ~1e-5 of its value to cancellation at small t.
-        t = count.to(torch.float64)
-        inv_bc1 = (1.0 / (1.0 - torch.pow(b1, t))).to(torch.float32)
-        bc2_sqrt = torch.sqrt(1.0 - torch.pow(b2, t)).to(torch.float32)
+        inv_bc1, bc2_sqrt = _bias_corrections(count, b1, b2)
         denom = torch._foreach_sqrt(nu)
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
@@ -231,10 +241,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule, multipliers: Any | N
 
     def update(updates: Updates, state: OptState, params: Params | None = None) -> tuple[Updates, OptState]:
         leaves, spec = _flatten(updates)
-        if callable(learning_rate):
-            lr = torch.as_tensor(learning_rate(state.count), dtype=torch.float32, device=state.count.device)
-        else:
-            lr = float(learning_rate)
+        lr = _scheduled_lr(learning_rate, state.count)
         if multipliers is None:
             scaled = torch._foreach_mul(leaves, -lr)
         else:
@@ -367,18 +374,13 @@ def _adamw_donated(learning_rate, b1, b2, eps, weight_decay, mask, max_grad_norm
                 ) -> OptState:
         g, spec = _flatten(updates)
         p = _leaves_like(spec, params, "params")
-        inner_state, sched_state = state
-        finite_state = inner_state if skip_nonfinite else None
-        if skip_nonfinite:
-            inner_state = finite_state.inner_state
+        outer_state, sched_state = state
+        finite_state = outer_state if skip_nonfinite else None
+        inner_state = outer_state.inner_state if skip_nonfinite else outer_state
         if len(inner_state) != 3:
             raise ValueError(f"optim.adamw: state has {len(inner_state)} inner entries for 3 transforms")
         _, adam_state, _ = inner_state
-        if callable(learning_rate):
-            lr = torch.as_tensor(learning_rate(sched_state.count), dtype=torch.float32,
-                                 device=sched_state.count.device)
-        else:
-            lr = float(learning_rate)
+        lr = _scheduled_lr(learning_rate, sched_state.count)
         new_sched = ScaleByScheduleState(sched_state.count + 1)
         norm = global_norm(updates) if grad_norm is None else grad_norm
         ok = torch.isfinite(norm)
@@ -388,9 +390,7 @@ def _adamw_donated(learning_rate, b1, b2, eps, weight_decay, mask, max_grad_norm
         mu = _leaves_like(spec, adam_state.mu, "adam mu")
         nu = _leaves_like(spec, adam_state.nu, "adam nu")
         count = adam_state.count + 1
-        t = count.to(torch.float64)
-        inv_bc1 = (1.0 / (1.0 - torch.pow(b1, t))).to(torch.float32)
-        bc2_sqrt = torch.sqrt(1.0 - torch.pow(b2, t)).to(torch.float32)
+        inv_bc1, bc2_sqrt = _bias_corrections(count, b1, b2)
         coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0) if max_grad_norm > 0 else None
         if weight_decay == 0:
             decay = [False] * len(g)
