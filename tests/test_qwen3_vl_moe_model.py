@@ -1,0 +1,158 @@
+"""Qwen3-VL-MoE's functional forward (grouped-GEMM experts, router aux loss) against transformers'
+Qwen3VLMoeForConditionalGeneration, on a tiny MoE trained first by a plain loop over HF's own forward (a random
+router routes almost uniformly: a wrong expert or a wrong routing weight would hardly move its loss)."""
+import pytest
+import torch
+from transformers import Qwen3VLMoeForConditionalGeneration
+
+from vlm_sft import models as model_lib
+from vlm_sft import step as step_lib
+from vlm_sft import testing
+from vlm_sft.models import moe
+from test_qwen3_vl_model import PAD, ROWS, hf_inputs, make_batch
+
+MOE = "model.language_model.layers.0.mlp."
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory):
+    return testing.make_tiny_qwen3_vl_moe_dir(tmp_path_factory.mktemp("tiny_qwen3_vl_moe"))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_moe_dir):
+    """HF's module after 30 AdamW steps of its own forward (torch.optim, HF's loss) on colour-naming batches."""
+    hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(tiny_moe_dir, dtype=torch.float32)
+    hf.train()
+    model, _ = model_lib.model_from_module(hf, model_lib.family_named("qwen3_vl_moe"))
+    spec = model.vision_spec(PAD)
+    hf.requires_grad_(True)
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-2, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    with torch.random.fork_rng(devices=[]):
+        for step in range(30):
+            batch = make_batch(g, spec, [ROWS[(step + i) % len(ROWS)] for i in range(4)])
+            loss = hf(**hf_inputs(batch)).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+    hf.zero_grad(set_to_none=True)
+    return hf, spec, losses
+
+
+def functional(hf):
+    model, params = model_lib.model_from_module(hf, model_lib.family_named("qwen3_vl_moe"))
+    hf.requires_grad_(True)  # model_from_module froze the module; HF's grads are the reference here
+    return model, params
+
+
+def test_loss_aux_loss_and_every_grad_equal_hf_on_a_trained_model(trained):
+    hf, spec, losses = trained
+    assert losses[-1] < 0.5 * losses[0], losses
+    model, params = functional(hf)
+    batch = make_batch(torch.Generator().manual_seed(1), spec, ROWS)
+    coef = 0.05  # larger than the directory's 0.001, so the aux term's gradient is well above the tolerance
+    hf.config.text_config.router_aux_loss_coef = coef
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    nll, aux = model_lib.token_nll_aux(model, leaves, batch)
+    ours = nll.mean() + coef * aux["aux_loss"]
+    grads = torch.autograd.grad(ours, list(leaves.values()), materialize_grads=True)
+    out = hf(**hf_inputs(batch), output_router_logits=True)
+    out.loss.backward()
+    torch.testing.assert_close(aux["aux_loss"], out.aux_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, out.loss, rtol=1e-5, atol=1e-5)
+    hf_params = dict(hf.named_parameters())
+    for name, g in zip(leaves, grads):
+        theirs = hf_params[name].grad
+        torch.testing.assert_close(g, torch.zeros_like(g) if theirs is None else theirs, rtol=1e-5, atol=1e-5,
+                                   msg=name)
+    hf.zero_grad(set_to_none=True)
+    # Trained routing is uneven: the busiest expert gets more than its even share in some layer.
+    assert float(aux["max_expert_load"]) > 1.2, aux
+
+
+def test_swapping_experts_changes_the_loss(trained):
+    """Expert e's weights serve the tokens routed to e: two much-used experts of each MoE layer (those the token
+    embeddings route to most) swapped, the router unchanged, move the trained loss far beyond the tolerance."""
+    hf, spec, _ = trained
+    model, params = functional(hf)
+    batch = make_batch(torch.Generator().manual_seed(2), spec, ROWS)
+    with torch.no_grad():
+        base = float(model_lib.token_nll(model, params, batch).mean())
+        swapped = dict(params)
+        for layer in (0, 2):
+            prefix = f"model.language_model.layers.{layer}.mlp."
+            x = params["model.language_model.embed_tokens.weight"][batch["input_ids"]].reshape(-1, 64)
+            _, _, ids = moe.route(x, params[prefix + "gate.weight"], 2)
+            busiest = torch.bincount(ids.reshape(-1), minlength=8).topk(2).indices
+            for name in ("experts.gate_up_proj", "experts.down_proj"):
+                w = params[prefix + name].clone()
+                w[busiest] = w[busiest.flip(0)]
+                swapped[prefix + name] = w
+        moved = abs(float(model_lib.token_nll(model, swapped, batch).mean()) - base)
+    assert moved > 1e-2, moved
+
+
+def test_rows_routed_together_equal_each_row_alone(trained):
+    """The experts see the micro-batch's tokens pooled (sorted by expert across rows): each row's token losses
+    must be the ones it gets alone (padding included in the pool)."""
+    hf, spec, _ = trained
+    model, params = functional(hf)
+    together = make_batch(torch.Generator().manual_seed(3), spec, ROWS)
+    g = torch.Generator().manual_seed(3)
+    alone = [make_batch(g, spec, [row]) for row in ROWS]
+    with torch.no_grad():
+        nll = model_lib.token_nll(model, params, together)
+        each = torch.cat([model_lib.token_nll(model, params, b) for b in alone])
+    torch.testing.assert_close(nll, each, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_mm_paths_equal_a_loop_over_experts():
+    """Both dispatch paths (bf16: torch._grouped_mm; other dtypes: the custom op), forward and backward, equal
+    one matmul per expert's rows; an expert with no rows gets a zero gradient."""
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 4])
+    offs = counts.cumsum(0).to(torch.int32)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        a = torch.randn(12, 16, generator=g).to(dtype).requires_grad_()
+        b = torch.randn(4, 32, 16, generator=g).to(dtype).requires_grad_()
+        out = moe.grouped_mm(a, b.transpose(1, 2), offs)
+        ref = torch.cat([a[s:e] @ b[i].T for i, (s, e) in
+                         enumerate(zip([0] + offs[:-1].tolist(), offs.tolist()))])
+        grad = torch.randn(out.shape, generator=g).to(dtype)
+        ga, gb = torch.autograd.grad(out, [a, b], grad)
+        ra, rb = torch.autograd.grad(ref, [a, b], grad)
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(ga, ra, rtol=tol, atol=tol)
+        torch.testing.assert_close(gb, rb, rtol=tol, atol=tol)
+        assert not gb[1].any()
+
+
+def test_forward_has_no_graph_breaks(tiny_moe_dir):
+    """One graph for the whole forward: no host sync (.item(), nonzero, tolist) in the routing or the experts."""
+    model, params = model_lib.load_model(tiny_moe_dir)
+    batch = make_batch(torch.Generator().manual_seed(4), model.vision_spec(PAD), ROWS[:2])
+    explained = torch._dynamo.explain(model_lib.token_nll_aux)(model, params, batch)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+def test_train_step_logs_aux_loss_and_adds_it_with_its_coefficient(tiny_moe_dir):
+    model, params = model_lib.load_model(tiny_moe_dir)
+    batch = make_batch(torch.Generator().manual_seed(5), model.vision_spec(PAD), ROWS[:2])
+    plain = step_lib.make_loss_and_grad(model)
+    aux: dict = {}
+    weighted = step_lib.make_loss_and_grad(model, aux_loss_coef=0.5, aux=aux)
+    loss0, g0 = plain(params, batch, torch.ones(()))
+    loss1, g1 = weighted(params, batch, torch.ones(()))
+    assert float(loss0) == float(loss1)  # the returned loss is the CE either way
+    gate = MOE + "gate.weight"
+    leaves = {gate: params[gate].clone().requires_grad_()}
+    _, extra = model_lib.token_nll_aux(model, {**params, **leaves}, batch)
+    (aux_grad,) = torch.autograd.grad(extra["aux_loss"], [leaves[gate]])
+    torch.testing.assert_close(g1[gate] - g0[gate], 0.5 * aux_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(aux["aux_loss"], extra["aux_loss"].detach())
+    assert float(aux["max_expert_load"]) >= 1.0
