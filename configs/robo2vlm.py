@@ -9,10 +9,13 @@ Variants after the colon (comma separated):
   eval   eval-only: no training data (set data.eval_data_paths and actor.model.model_path).
   qwen3  Qwen3-VL (actor.model.model_type=qwen3_vl); with demo, the tiny random model is a Qwen3-VL shaped as the
          Hub ships Qwen3-VL-2B-Instruct.
+  qwen3_moe  Qwen3-VL-MoE (actor.model.model_type=qwen3_vl_moe, e.g. Qwen3-VL-30B-A3B-Instruct); with demo, a tiny
+         random MoE shaped as the Hub ships the 30B-A3B.
   lora   LoRA adapters (actor.model.is_lora) instead of full-parameter training; `:demo,lora` on the demo.
 
   python -m vlm_sft.main --config configs/robo2vlm.py:demo
   python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3
+  python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3_moe
   python -m vlm_sft.main --config configs/robo2vlm.py \
       --config.actor.model.model_path=/models/Qwen2.5-VL-3B-Instruct \
       --config.data.train_data_paths=/data/Robo2VLM-1/data --config.data.eval_data_paths=/data/Robo2VLM-1/data
@@ -25,10 +28,10 @@ import ml_collections
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
-    unknown = variants - {"demo", "eval", "qwen3", "lora"}
+    unknown = variants - {"demo", "eval", "qwen3", "qwen3_moe", "lora"}
     if unknown:
         raise ValueError(f"configs/robo2vlm.py: unknown variant(s) {sorted(unknown)}; known: demo, eval, qwen3, "
-                         "lora")
+                         "qwen3_moe, lora")
 
     c = ml_collections.ConfigDict()
 
@@ -106,7 +109,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.compile_cache_dir = ""
 
     c.actor.model = ml_collections.ConfigDict()
-    c.actor.model.model_type = "qwen2.5_vl"  # qwen2.5_vl | qwen3_vl; must agree with the directory's config.json
+    c.actor.model.model_type = "qwen2.5_vl"  # qwen2.5_vl | qwen3_vl | qwen3_vl_moe; must agree with the directory's config.json
     c.actor.model.precision = "fp32"   # master weights and optimizer state
     c.actor.model.model_path = ""
     c.actor.model.is_lora = False    # train LoRA adapters on a frozen base (vlm_sft/lora.py); RLinf's flag
@@ -126,6 +129,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # new: more frozen params: regexes searched in param names, e.g. "('^model\.visual\.blocks\.[0-3]\.',)"
     c.actor.model.freeze = ()
     c.actor.model.attn_implementation = "sdpa"  # new
+    # new (MoE families): weight of the router's load-balancing loss in the objective (logged as train/aux_loss;
+    # train/loss stays the answer cross-entropy). None: the directory's router_aux_loss_coef when its config sets
+    # output_router_logits (as transformers adds it), else 0.
+    c.actor.model.router_aux_loss_coef = ml_collections.config_dict.placeholder(float)
 
     c.actor.optim = ml_collections.ConfigDict()
     c.actor.optim.lr = 1e-5
@@ -196,6 +203,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         if "demo" in variants:
             c.runner.logger.experiment_name = "demo_qwen3"  # its own run dir: own demo assets and checkpoints
             c.data.min_pixels = 64 * 64  # patch 16, merge 2: a 64x48 demo image -> 4x4 patches -> 4 image tokens
+            c.data.max_pixels = 64 * 64
+
+    if "qwen3_moe" in variants:
+        c.actor.model.model_type = "qwen3_vl_moe"
+        c.runner.logger.experiment_name = "qwen3_vl_moe_sft_robo2vlm"
+        if "demo" in variants:
+            c.runner.logger.experiment_name = "demo_qwen3_moe"
+            c.data.min_pixels = 64 * 64  # as the Qwen3-VL demo: patch 16, merge 2 -> 4 image tokens
             c.data.max_pixels = 64 * 64
 
     if "eval" in variants:

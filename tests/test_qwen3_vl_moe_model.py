@@ -156,3 +156,54 @@ def test_train_step_logs_aux_loss_and_adds_it_with_its_coefficient(tiny_moe_dir)
     torch.testing.assert_close(g1[gate] - g0[gate], 0.5 * aux_grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(aux["aux_loss"], extra["aux_loss"].detach())
     assert float(aux["max_expert_load"]) >= 1.0
+
+
+def _grouped_mm_flops(a, b, offs, *args, out_shape=None, **kwargs) -> int:
+    """(shapes) [N, K] x [E, K, M] (N rows, each through one expert) or [K, N] x [N, M] per group: 2 * K * N * M."""
+    return 2 * a[0] * a[1] * b[-1]
+
+
+def test_flop_formula_counts_active_experts_only(tiny_moe_dir):
+    """FlopCounterMode over forward + backward of an unpadded batch: the formula, counting of each stacked expert
+    tensor only the top_k / E share a token runs, equals every matmul, grouped GEMM and attention run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vlm_sft import perf
+    from vlm_sft.data.collate import collate
+    from test_perf import CPU_ATTENTION_FLOPS, equal_rows
+
+    model, params = model_lib.load_model(tiny_moe_dir)
+    batch = collate(*equal_rows(rows=3, grid=(1, 8, 6), text=21, answer=5, pixel_dim=3 * 2 * 16 * 16),
+                    model.vision_spec(PAD), pad_multiple=1)
+    assert bool(batch["attention_mask"].all())
+    mapping = {**CPU_ATTENTION_FLOPS, torch.ops.vlm_sft.grouped_mm: _grouped_mm_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        step_lib.make_loss_and_grad(model)(params, batch, torch.tensor(1.0))
+    fm = perf.FlopModel.from_model(model.config, {k: v.shape for k, v in params.items()}, model.lm_head_name)
+    pos_embed_flops = 4 * fm.pos_embed * batch["pixel_values"].shape[0]
+    assert fm.batch_flops(batch) - pos_embed_flops == pytest.approx(counter.get_total_flops(), rel=1e-3)
+
+
+def test_qwen3_vl_30b_a3b_active_params():
+    """The 30B-A3B shape on the meta device (48 layers, 128 experts, 8 per token, moe_intermediate 768): ~31B
+    params, of which ~3.3B active per token (Qwen's "A3B", embedding included), what MFU counts."""
+    import transformers
+
+    from vlm_sft import perf
+
+    config = transformers.Qwen3VLMoeConfig.from_dict(testing.tiny_qwen3_vl_moe_hub_config(**A3B_SHAPE))
+    with torch.device("meta"):
+        module = transformers.Qwen3VLMoeForConditionalGeneration(config)
+    shapes = {n: p.shape for n, p in module.named_parameters()}
+    assert sum(s.numel() for s in shapes.values()) == pytest.approx(31.1e9, rel=0.01)
+    fm = perf.FlopModel.from_model(config, shapes, "lm_head.weight")
+    embed = shapes["model.language_model.embed_tokens.weight"].numel()
+    assert fm.text_params + fm.head_params + embed == pytest.approx(3.3e9, rel=0.03)
+    assert fm.text_attention == 48 * 32 * 2 * 128
+
+
+# Qwen3-VL-30B-A3B-Instruct's config.json sizes (tiny_qwen3_vl_moe_hub_config keywords).
+A3B_SHAPE = dict(text_hidden=2048, text_layers=48, text_heads=32, text_kv_heads=4, text_head_dim=128,
+                 text_intermediate=6144, vision_hidden=1152, vision_depth=27, vision_heads=16,
+                 vision_intermediate=4304, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
+                 num_experts=128, num_experts_per_tok=8, moe_intermediate=768, mlp_only_layers=())

@@ -41,6 +41,7 @@ def _setup(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: torch.Tensor):
     a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()  # an expanded gradient (of a sum) has zero strides, which the kernel refuses
     if b.dim() == 3:  # out[n] = a[n] @ b[e(n)]
         grad_a = _grouped_mm_any_dtype(grad, b.transpose(-2, -1), offs)
         grad_b = _grouped_mm_any_dtype(a.transpose(0, 1), grad, offs)
