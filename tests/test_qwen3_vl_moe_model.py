@@ -207,3 +207,76 @@ A3B_SHAPE = dict(text_hidden=2048, text_layers=48, text_heads=32, text_kv_heads=
                  text_intermediate=6144, vision_hidden=1152, vision_depth=27, vision_heads=16,
                  vision_intermediate=4304, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
                  num_experts=128, num_experts_per_tok=8, moe_intermediate=768, mlp_only_layers=())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What trains, and the export.
+
+def test_lora_targets_attention_and_dense_mlps_by_default_and_refuses_stacked_experts(tiny_moe_dir):
+    from vlm_sft import trainable
+    from vlm_sft.lora import LoraError
+    from configs_loader import load_config
+
+    config = load_config("demo,qwen3_moe,lora")
+    plan = trainable.make_plan(config, trainable.skeleton(tiny_moe_dir))
+    layer = "model.language_model.layers."
+    assert {m[len(layer):].split(".", 1)[1] for m in plan.lora_modules} == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}  # the dense layer's MLP; no router, no experts
+    assert {m.split(".")[3] for m in plan.lora_modules if ".mlp." in m} == {"1"}
+    config.actor.model.lora_target_modules = r"mlp\.experts"
+    with pytest.raises(LoraError, match=r"matches 'model.language_model.layers.0.mlp.experts', whose experts are "
+                                        r"stacked 3-D tensors.*freeze them"):
+        trainable.make_plan(config, trainable.skeleton(tiny_moe_dir))
+
+
+def test_frozen_router_and_experts_get_no_gradient_and_the_router_still_routes(tiny_moe_dir):
+    from vlm_sft import trainable
+    from configs_loader import load_config
+
+    config = load_config("demo,qwen3_moe")
+    config.actor.model.freeze = (r"\.mlp\.gate\.weight$", r"\.mlp\.experts\.")
+    plan = trainable.make_plan(config, trainable.skeleton(tiny_moe_dir))
+    assert all(".mlp.gate." in n or ".mlp.experts." in n for n in plan.frozen) and len(plan.frozen) == 6
+    model, params = model_lib.load_model(tiny_moe_dir)
+    batch = make_batch(torch.Generator().manual_seed(6), model.vision_spec(PAD), ROWS[:2])
+    aux: dict = {}
+    loss, grads = step_lib.make_loss_and_grad(model, trainable=plan.trainable, aux_loss_coef=0.01, aux=aux)(
+        params, batch, torch.ones(()))
+    full_loss, _ = step_lib.make_loss_and_grad(model, aux_loss_coef=0.01)(params, batch, torch.ones(()))
+    assert sorted(grads) == sorted(plan.trainable) and not set(grads) & set(plan.frozen)
+    assert float(grads["model.language_model.layers.1.mlp.up_proj.weight"].abs().sum()) > 0
+    assert float(loss) == float(full_loss) and float(aux["max_expert_load"]) > 1.0  # routed as before
+
+
+def test_export_loads_in_hf_with_the_hubs_expert_layout_and_the_trainers_logits(tiny_moe_dir, tmp_path):
+    import json
+    import os
+
+    import safetensors
+    import transformers
+
+    from vlm_sft import checkpoint, export
+    from test_export import assert_same_label_logits, save_trained_checkpoint
+
+    ckpt = save_trained_checkpoint(tiny_moe_dir, tmp_path / "ckpt")
+    out = str(tmp_path / "hf")
+    export.export_checkpoint(ckpt, out, max_shard_bytes=2 * 1024 ** 2)
+    weight_map = json.load(open(os.path.join(out, "model.safetensors.index.json")))["weight_map"]
+    base_map = json.load(open(os.path.join(tiny_moe_dir, "model.safetensors.index.json")))["weight_map"]
+    assert sorted(weight_map) == sorted(base_map) and "lm_head.weight" in weight_map
+    name = MOE + "experts.gate_up_proj"
+    with safetensors.safe_open(os.path.join(out, weight_map[name]), "pt") as f:
+        assert list(f.get_slice(name).get_shape()) == [8, 64, 96]  # [E, H, 2I], as the Hub (4.57) ships it
+    transformers.utils.logging.set_verbosity_warning()
+    try:
+        hf, info = Qwen3VLMoeForConditionalGeneration.from_pretrained(
+            out, dtype=torch.float32, local_files_only=True, output_loading_info=True)
+    finally:
+        transformers.utils.logging.set_verbosity_error()
+    assert {k: list(v) for k, v in info.items() if v} == {}  # no missing, unexpected or mismatched keys
+    model, params = model_lib.load_model(tiny_moe_dir)
+    params = checkpoint.restore_params(ckpt, params)
+    torch.testing.assert_close(hf.state_dict()[name], params[name].float())
+    assert_same_label_logits(model, params, hf, make_batch(torch.Generator().manual_seed(0), model.vision_spec(PAD),
+                                                           ROWS))
