@@ -1,6 +1,8 @@
 """Qwen3-VL-MoE's functional forward (grouped-GEMM experts, router aux loss) against transformers'
 Qwen3VLMoeForConditionalGeneration, on a tiny MoE trained first by a plain loop over HF's own forward (a random
 router routes almost uniformly: a wrong expert or a wrong routing weight would hardly move its loss)."""
+import os
+
 import pytest
 import torch
 from transformers import Qwen3VLMoeForConditionalGeneration
@@ -15,8 +17,8 @@ MOE = "model.language_model.layers.0.mlp."
 
 
 @pytest.fixture(scope="module")
-def tiny_moe_dir(tmp_path_factory):
-    return testing.make_tiny_qwen3_vl_moe_dir(tmp_path_factory.mktemp("tiny_qwen3_vl_moe"))
+def tiny_moe_dir(tiny_qwen3_vl_moe_dir):
+    return str(tiny_qwen3_vl_moe_dir)
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +282,61 @@ def test_export_loads_in_hf_with_the_hubs_expert_layout_and_the_trainers_logits(
     torch.testing.assert_close(hf.state_dict()[name], params[name].float())
     assert_same_label_logits(model, params, hf, make_batch(torch.Generator().manual_seed(0), model.vision_spec(PAD),
                                                            ROWS))
+
+
+@pytest.mark.slow
+def test_compiled_step_is_one_region_per_block_kind_and_equals_eager(tiny_moe_dir):
+    """Compiled by region: both sparse layers share one graph of moe_decoder_block (and the dense layer its own),
+    a second step compiles nothing, and the losses and aux losses equal eager."""
+    from torch._dynamo.utils import counters
+
+    from vlm_sft import compile as compile_lib
+    from vlm_sft import optim
+    from vlm_sft.models import qwen3_vl_moe
+    from vlm_sft.state import init_train_state
+
+    model, params = model_lib.load_model(tiny_moe_dir)
+    g = torch.Generator().manual_seed(7)
+    steps = [[make_batch(g, model.vision_spec(PAD), ROWS[i:i + 2], length_buckets=(64,), pad_labels=True)]
+             for i in range(2)]
+
+    def run(compile: bool) -> list[tuple[float, float]]:
+        tx = optim.adamw(1e-3, max_grad_norm=1.0)
+        state = init_train_state({k: v.clone() for k, v in params.items()}, tx)
+        block_call = compile_lib.make_block_call(compile=compile)
+        train_step = step_lib.make_train_step(model, tx, lambda step: torch.tensor(1e-3), compile=compile,
+                                              block_call=block_call, aux_loss_coef=0.01)
+        out = []
+        for i, micro_batches in enumerate(steps):
+            state, metrics = train_step(state, micro_batches)
+            out.append((float(metrics["train/loss"]), float(metrics["train/aux_loss"])))
+            if i == 0 and compile:
+                graphs = counters["stats"]["unique_graphs"]
+                per_fn = compile_lib.graphs_per_function([qwen3_vl_moe.moe_decoder_block])
+                assert per_fn == {"moe_decoder_block": 1}, per_fn
+        if compile:
+            assert counters["stats"]["unique_graphs"] == graphs, "the second step recompiled"
+            assert counters["graph_break"] == {}
+        return out
+
+    eager = run(False)
+    counters.clear()
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.tensor(run(True)), torch.tensor(eager), atol=1e-5, rtol=0)
+
+
+def test_bench_memory_rows_for_30b_a3b():
+    """bench/memory.py's on-paper rows (meta device): full_shard on 8 GPUs holds 1/8 of the 16 bytes/param state;
+    checkpointing keeps one sparse layer gathered (its 128 experts, fp32 + bf16 at the cast) instead of all."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import memory
+
+    rows = {(r["mode"], r["gpus"], r["checkpointing"]): r for r in memory.moe_on_paper()}
+    full8 = rows["full", 8, True]
+    assert full8["trainable"] == pytest.approx(31.1e9, rel=0.01)
+    assert full8["state_gib"] == pytest.approx(16 * full8["trainable"] / 8 / 2 ** 30)
+    assert rows["full", 16, True]["state_gib"] == pytest.approx(full8["state_gib"] / 2)
+    assert 3 < full8["gather_gib"] < 4 < 50 < rows["full", 8, False]["gather_gib"]
+    assert rows["lora", 8, True]["total_gib"] < 24 < full8["total_gib"] < 80
