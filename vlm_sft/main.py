@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from vlm_sft import checkpoint as checkpoint_lib
 from vlm_sft import compile as compile_lib
 from vlm_sft import config as config_lib
+from vlm_sft import demo as demo_lib
 from vlm_sft import evaluate as evaluate_lib
 from vlm_sft import export as export_lib
 from vlm_sft import faults
@@ -48,34 +49,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "check"],
                           "train (then evaluate), evaluate only, or check every data row (no weights read)")
 
-DEMO = "demo"
 RANK_EXIT_GRACE_S = 2.0  # how long ranks other than 0 wait before exiting on an error rank 0 reports
-
-
-def prepare_demo(config: Any, run_dir: str) -> None:
-    """Replace the "demo" placeholders with a tiny random model and generated data, built once under the run dir."""
-    from vlm_sft import testing
-
-    root = os.path.join(run_dir, "demo_assets")
-    if config.actor.model.model_path == DEMO:
-        path = os.path.join(root, "model")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            model_type = config.actor.model.model_type
-            logging.info("demo: building a tiny random %s model in %s", model_type, path)
-            testing.make_tiny_model_dir_for(model_type, path + ".tmp", seed=0)
-            os.replace(path + ".tmp", path)
-        config.actor.model.model_path = path
-    if DEMO in (config.data.train_data_paths, config.data.eval_data_paths):
-        path = os.path.join(root, "data")
-        if not os.path.isdir(path):
-            logging.info("demo: writing Robo2VLM-format parquet files to %s", path)
-            rows = config.data.demo_rows
-            testing.make_robo2vlm_dir(path + ".tmp", n_train=rows, n_test=max(rows // 8, 1), seed=0,
-                                      fixed_choices=True)
-            os.replace(path + ".tmp", path)
-        for key in ("train_data_paths", "eval_data_paths"):
-            if config.data[key] == DEMO:
-                config.data[key] = path
 
 
 def column_keys(config: Any) -> dict[str, Any]:
@@ -123,7 +97,7 @@ def check_data(config: Any) -> dict[str, Any]:
     (vlm_sft/preflight.py) and written to <run dir>/preflight.json. Never reads the model's weights."""
     run_dir = config_lib.run_dir(config)
     os.makedirs(run_dir, exist_ok=True)
-    prepare_demo(config, run_dir)
+    demo_lib.prepare_demo(config, run_dir)
     splits = {}
     for field, split in (("train_data_paths", "train"), ("eval_data_paths", "test")):
         files = find_files(config, field, split)
@@ -287,10 +261,10 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     run_dir = config_lib.run_dir(config)
     check_writable(run_dir, "runner.logger.log_path")
     if rank == 0:  # builds the demo assets once; the other ranks wait, then only point the config at them
-        prepare_demo(config, run_dir)
+        demo_lib.prepare_demo(config, run_dir)
     sharding_lib.barrier()
     if rank != 0:
-        prepare_demo(config, run_dir)
+        demo_lib.prepare_demo(config, run_dir)
 
     # Everything that can be checked without loading the model, first.
     train_files = find_files(config, "train_data_paths", "train") if mode == "train" else []
