@@ -9,7 +9,7 @@ from transformers import Qwen3VLMoeForConditionalGeneration
 
 from vlm_sft import models as model_lib
 from vlm_sft import step as step_lib
-from vlm_sft import testing
+from vlm_sft import demo
 from vlm_sft.models import moe
 from test_qwen3_vl_model import PAD, ROWS, hf_inputs, make_batch
 
@@ -193,7 +193,7 @@ def test_qwen3_vl_30b_a3b_active_params():
 
     from vlm_sft import perf
 
-    config = transformers.Qwen3VLMoeConfig.from_dict(testing.tiny_qwen3_vl_moe_hub_config(**A3B_SHAPE))
+    config = transformers.Qwen3VLMoeConfig.from_dict(demo.tiny_qwen3_vl_moe_hub_config(**A3B_SHAPE))
     with torch.device("meta"):
         module = transformers.Qwen3VLMoeForConditionalGeneration(config)
     shapes = {n: p.shape for n, p in module.named_parameters()}

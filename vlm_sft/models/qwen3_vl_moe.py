@@ -21,8 +21,9 @@ import torch
 
 from vlm_sft.data.vision import Qwen3VLVisionSpec
 from vlm_sft.models import moe, qwen3_vl
-from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, ModelLoadError, Params,
-                                   _call, apply_module, decoder_block, plain_block_call)
+from vlm_sft.errors import ModelLoadError
+from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, Params, _call,
+                                   apply_module, decoder_block, plain_block_call)
 
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
