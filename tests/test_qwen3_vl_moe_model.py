@@ -340,3 +340,27 @@ def test_bench_memory_rows_for_30b_a3b():
     assert rows["full", 16, True]["state_gib"] == pytest.approx(full8["state_gib"] / 2)
     assert 3 < full8["gather_gib"] < 4 < 50 < rows["full", 8, False]["gather_gib"]
     assert rows["lora", 8, True]["total_gib"] < 24 < full8["total_gib"] < 80
+
+
+def test_router_aux_loss_coef_defaults_to_the_directorys_and_is_refused_for_dense_families():
+    import transformers
+
+    from vlm_sft import main as main_lib
+    from vlm_sft.errors import ConfigError
+    from configs_loader import load_config
+
+    config = load_config("demo,qwen3_moe")
+    moe_family = model_lib.family_named("qwen3_vl_moe")
+    asks = transformers.Qwen3VLMoeConfig.from_dict(demo.tiny_qwen3_vl_moe_hub_config(output_router_logits=True,
+                                                                                     router_aux_loss_coef=0.02))
+    silent = transformers.Qwen3VLMoeConfig.from_dict(demo.tiny_qwen3_vl_moe_hub_config())
+    assert main_lib.router_aux_loss_coef(config, moe_family, asks) == 0.02  # as transformers adds it
+    assert main_lib.router_aux_loss_coef(config, moe_family, silent) == 0.0
+    config.actor.model.router_aux_loss_coef = 0.5
+    assert main_lib.router_aux_loss_coef(config, moe_family, silent) == 0.5
+    with pytest.raises(ConfigError, match=r"router_aux_loss_coef=0.5: 'qwen3_vl' has no router"):
+        main_lib.router_aux_loss_coef(config, model_lib.family_named("qwen3_vl"))
+    config.actor.model.router_aux_loss_coef = -1.0
+    with pytest.raises(ConfigError, match=r"router_aux_loss_coef=-1.0: expected a number >= 0"):
+        from vlm_sft import config as config_lib
+        config_lib.validate(config, mode="train")
