@@ -36,6 +36,7 @@ from vlm_sft import step as step_lib
 from vlm_sft import trainable as trainable_lib
 from vlm_sft.data import loader as loader_lib
 from vlm_sft.data import robo2vlm, sources
+from vlm_sft.data import packing as packing_lib
 from vlm_sft.data.collate import check_length_buckets, collate_encoded
 from vlm_sft.data.encode import Encoder, PromptTooLong
 from vlm_sft.data.processor import load_processor
@@ -133,8 +134,8 @@ def check_data(config: Any) -> dict[str, Any]:
         check_length_buckets(config.data.length_buckets)
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
-    return preflight.check(config, splits, make_encoder(config),
-                           out_path=os.path.join(run_dir, "preflight.json"))
+    return preflight.check(config, splits, make_encoder(config), out_path=os.path.join(run_dir, "preflight.json"),
+                           world_size=int(os.environ.get("WORLD_SIZE", "1")))  # the packing a torchrun would get
 
 
 def available_memory_bytes() -> int:
@@ -376,12 +377,17 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     compiled = a.compile if a.compile is not None else device.type == "cuda"
     buckets = tuple(d.length_buckets) if compiled else ()
     source = make_source(train_files, config)
+    budget = a.max_tokens_per_micro_batch if d.packing else 0
+    if d.packing:  # each rank's share of a global batch packed into micro-batches of <= budget tokens
+        collate_fn = packing_lib.make_packed_collate(spec, budget, buckets)
+    else:
+        collate_fn = functools.partial(collate_encoded, spec=spec, length_buckets=buckets, pad_labels=compiled)
     loader = loader_lib.TrainLoader(
-        source, encoder, functools.partial(collate_encoded, spec=spec, length_buckets=buckets, pad_labels=compiled),
-        global_batch_size=a.global_batch_size,
+        source, encoder, collate_fn, global_batch_size=a.global_batch_size,
         micro_batch_size=a.micro_batch_size, world_size=world_size, rank=rank, seed=a.seed, shuffle=d.shuffle,
         num_workers=d.num_workers, bad_rows=d.bad_rows, lazy=d.lazy_loading,
-        position=checkpoint_lib.read_meta(resume_from)["data_position"] if resume_from else None)
+        position=checkpoint_lib.read_meta(resume_from)["data_position"] if resume_from else None, max_tokens=budget)
+    empty_micro_batch = functools.partial(collate_fn, []) if d.packing else None
     steps = total_steps(config, loader.steps_per_epoch)
     writer.total_steps = steps
     tx, schedule = step_lib.make_optimizer(config, steps, plan)
@@ -405,17 +411,20 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     if compiled:
         compile_lib.set_cache_dir(a.compile_cache_dir or os.path.join(r.logger.log_path, ".inductor_cache"))
     train_step = step_lib.make_train_step(step_model, tx, schedule, compile=compiled, block_call=block_call,
-                                          trainable=trained)
+                                          trainable=trained, loss_normalization=a.loss_normalization,
+                                          world_size=world_size)
     flop_model = perf.FlopModel.from_model(
         model.config, {k: v.shape for k, v in state.params.items() if not lora_lib.is_adapter(k)},
         model.lm_head_name, weight_grads=plan.weight_grads, lora_rank=plan.lora_rank)
     peak_flops = perf.device_peak_flops(device, sharding.param_dtype)
     logging.info("perf: %s; peak %s FLOP/s per device", perf.FORMULA,
                  f"{peak_flops:.3g}" if peak_flops else "unknown (no perf/mfu)")
-    logging.info("training %d steps: %d train rows (%d steps/epoch), global batch %d = %d ranks x %d micro-batches "
-                 "of %d; %s on mesh %s", steps, len(source), loader.steps_per_epoch, a.global_batch_size, world_size,
-                 config_lib.accumulation_steps(config, world_size), a.micro_batch_size,
-                 a.fsdp_config.sharding_strategy, tuple(sharding.mesh.shape))
+    per_rank = (f"packed into micro-batches of <= {budget} tokens" if d.packing else
+                f"{config_lib.accumulation_steps(config, world_size)} micro-batches of {a.micro_batch_size}")
+    logging.info("training %d steps: %d train rows (%d steps/epoch), global batch %d = %d ranks x %s; loss "
+                 "normalized by %s; %s on mesh %s", steps, len(source), loader.steps_per_epoch, a.global_batch_size,
+                 world_size, per_rank, a.loss_normalization, a.fsdp_config.sharding_strategy,
+                 tuple(sharding.mesh.shape))
 
     if config.runner.val_before_train and int(state.step) == 0:
         evaluate(0, state.params)
@@ -425,6 +434,9 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         """The next step's batch, already on its way to the device (pinned memory, non-blocking copies)."""
         t0 = time.perf_counter()
         fetched = next(batches)
+        # Every rank runs as many micro-batches; the global batch's answer-token count (one small collective).
+        fetched.micro_batches, fetched.global_label_tokens = packing_lib.balance(
+            fetched.micro_batches, empty_micro_batch, world_size=world_size, rank=rank)
         return fetched, [_to_device(b, device) for b in fetched.micro_batches], time.perf_counter() - t0
 
     upcoming = fetch() if int(state.step) < steps else None
@@ -435,7 +447,7 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         for source_name in batch.skipped_sources:
             logging.warning("skipped bad row %s", source_name)
         faults.stall_for_tests(rank, step)
-        state, metrics = train_step(state, micro_batches)
+        state, metrics = train_step(state, micro_batches, batch.global_label_tokens)
         # Fetch the next batch while the device still runs this step (reading the metrics below waits for it).
         upcoming = fetch() if step < steps else None
         t_data = upcoming[2] if upcoming else 0.0
