@@ -134,8 +134,11 @@ def check_data(config: Any) -> dict[str, Any]:
         check_length_buckets(config.data.length_buckets)
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
+    # The packing report is per rank of the run this machine would launch: cluster.num_nodes x its GPUs.
+    world = config.cluster.num_nodes * max(torch.cuda.device_count(), 1)
+    world = world if config.actor.global_batch_size % world == 0 else 1
     return preflight.check(config, splits, make_encoder(config), out_path=os.path.join(run_dir, "preflight.json"),
-                           world_size=int(os.environ.get("WORLD_SIZE", "1")))  # the packing a torchrun would get
+                           world_size=world)
 
 
 def available_memory_bytes() -> int:
