@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vlm_sft.data import packing
-from vlm_sft.data.robo2vlm import RowError
+from vlm_sft.errors import RowError
 
 _PREFETCH_FACTOR = 4  # micro-batches in flight per worker
 
@@ -218,6 +218,10 @@ class TrainLoader:
         self.position = _check_position(position, self.num_rows)
         self._dataset = _MicroBatchDataset(source, encode_fn, collate_fn, bad_rows, in_worker=num_workers > 0,
                                            max_tokens=max_tokens)
+
+    def empty_micro_batch(self) -> Any:
+        """A padding-only micro-batch (packing), for a rank that packed fewer than another (packing.balance)."""
+        return self._dataset.collate_fn([])
 
     @property
     def steps_per_epoch(self) -> int:
