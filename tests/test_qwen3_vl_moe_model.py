@@ -112,6 +112,34 @@ def test_rows_routed_together_equal_each_row_alone(trained):
     torch.testing.assert_close(nll, each, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_rows_equal_the_padded_batch_token_by_token_with_the_same_aux_loss(trained):
+    """The same rows packed into one sequence (attention within each row, data.packing): every token's NLL, every
+    gradient and the aux loss (over the real tokens only) as the padded batch gives them."""
+    from vlm_sft.data.collate import collate_packed
+    from test_packing import make_rows, ROWS as PACK_ROWS
+
+    hf, spec, _ = trained
+    model, params = functional(hf)
+    sequences, pixels, grids = make_rows(model, rows=PACK_ROWS)
+    total = sum(len(ids) for ids, _ in sequences)
+    from vlm_sft.data.collate import collate
+
+    def run(batch):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        nll, aux = model_lib.token_nll_aux(model, leaves, batch)
+        w = batch.get("label_weight", torch.ones_like(nll))
+        grads = torch.autograd.grad((nll * w).sum() + aux["aux_loss"], list(leaves.values()), materialize_grads=True)
+        return nll[w > 0].detach(), aux["aux_loss"].detach(), grads
+
+    ref_nll, ref_aux, ref_grads = run(collate(sequences, pixels, grids, spec))
+    nll, aux, grads = run(collate_packed(sequences, pixels, grids, spec, length=total + 21))
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux, ref_aux, rtol=1e-5, atol=1e-6)
+    for name, g, r in zip(params, grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=name)
+    hf.requires_grad_(True)
+
+
 def test_grouped_mm_paths_equal_a_loop_over_experts():
     """Both dispatch paths (bf16: torch._grouped_mm; other dtypes: the custom op), forward and backward, equal
     one matmul per expert's rows; an expert with no rows gets a zero gradient."""

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from vlm_sft.data.vision import Qwen3VLVisionSpec
 from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, Params, apply_module,
-                                   decoder_stack, embed_tokens, plain_block_call, scatter_rows, vision_block,
-                                   vision_rotary)
+                                   decoder_stack, embed_tokens, plain_block_call, scatter_rows, text_layout,
+                                   vision_block, vision_rotary)
 
 DEEPSTACK = VISUAL + "deepstack_merger_list."
 
@@ -76,7 +76,8 @@ def forward_hidden(model: Model, params: Params, batch: Batch, block_call: Block
     """Final-norm hidden states [B, L, H] of the text model for the batch (images scattered into their tokens,
     DeepStack features added after the first decoder layers)."""
     h, after_layer = text_inputs(model, params, batch, block_call)
-    return decoder_stack(model, params, h, batch["position_ids"], block_call, after_layer)
+    return decoder_stack(model, params, h, batch["position_ids"], block_call, after_layer,
+                         layout=text_layout(batch, h))
 
 
 def hub_name(name: str) -> str:

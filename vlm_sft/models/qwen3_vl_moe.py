@@ -15,15 +15,16 @@ Hub layout: transformers 4.57 wrote the experts transposed, `gate_up_proj` [E, H
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from vlm_sft.data.vision import Qwen3VLVisionSpec
 from vlm_sft.models import moe, qwen3_vl
 from vlm_sft.errors import ModelLoadError
-from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, Params, _call,
-                                   apply_module, decoder_block, plain_block_call)
+from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, Params, _call, _sub,
+                                   apply_module, decoder_block, packed_decoder_block, packed_self_attention,
+                                   plain_block_call, text_layout)
 
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
@@ -32,19 +33,36 @@ def is_sparse(layer: torch.nn.Module) -> bool:
     return hasattr(layer.mlp, "experts")
 
 
+def _sparse_layer(layer: torch.nn.Module, p: Params, h: torch.Tensor, attention: Callable[[torch.Tensor], torch.Tensor],
+                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-norm attention (given) and MoE MLP with residuals: (hidden, router stats [2, E])."""
+    h = h + attention(_call(layer.input_layernorm, _sub(p, "input_layernorm."), h))
+    x = _call(layer.post_attention_layernorm, _sub(p, "post_attention_layernorm."), h)
+    y, stats = moe.sparse_moe(x, p["mlp.gate.weight"], p["mlp.experts.gate_up_proj"], p["mlp.experts.down_proj"],
+                              layer.mlp.gate.top_k, layer.mlp.experts.act_fn, mask)
+    return h + y, stats
+
+
 def moe_decoder_block(layer: torch.nn.Module, p: Params, h: torch.Tensor,
                       position_embeddings: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sparse decoder layer: (hidden, router stats [2, E]). Attention as the dense layers (causal sdpa, no
     mask: right-padded rows), then the MoE MLP on models/moe.py's grouped GEMMs instead of HF's loop."""
-    sub = lambda prefix: {k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)}  # noqa: E731
-    x = _call(layer.input_layernorm, sub("input_layernorm."), h)
-    attn, _ = _call(layer.self_attn, sub("self_attn."), x, position_embeddings, None)
-    h = h + attn
-    x = _call(layer.post_attention_layernorm, sub("post_attention_layernorm."), h)
-    y, stats = moe.sparse_moe(x, p["mlp.gate.weight"], p["mlp.experts.gate_up_proj"], p["mlp.experts.down_proj"],
-                              layer.mlp.gate.top_k, layer.mlp.experts.act_fn, mask)
-    return h + y, stats
+    def attention(x: torch.Tensor) -> torch.Tensor:
+        return _call(layer.self_attn, _sub(p, "self_attn."), x, position_embeddings, None)[0]
+
+    return _sparse_layer(layer, p, h, attention, mask)
+
+
+def packed_moe_decoder_block(layer: torch.nn.Module, p: Params, h: torch.Tensor,
+                             position_embeddings: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                             layout: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe_decoder_block on a packed sequence: attention within each row (common.packed_self_attention); the
+    experts need nothing more (each token is routed on its own)."""
+    def attention(x: torch.Tensor) -> torch.Tensor:
+        return packed_self_attention(layer.self_attn, _sub(p, "self_attn."), x, position_embeddings, layout, impl)
+
+    return _sparse_layer(layer, p, h, attention, mask)
 
 
 def _templates(layers: torch.nn.ModuleList) -> list[torch.nn.Module]:
@@ -62,21 +80,28 @@ def forward_aux(model: Model, params: Params, batch: Batch, block_call: BlockCal
     text = model.module.model.language_model
     position_embeddings = text.rotary_emb(h, batch["position_ids"])
     mask = batch["attention_mask"]
+    layout = text_layout(batch, h)  # packed rows: attention within each row
     stats = []
     for i, (layer, template) in enumerate(zip(text.layers, _templates(text.layers))):
         p = model.block_params(params, f"{TEXT}layers.{i}.")
-        if is_sparse(layer):
+        if is_sparse(layer) and layout is None:
             h, s = block_call(moe_decoder_block, template, p, h, position_embeddings, mask, remat=True)
-            stats.append(s)
-        else:
+        elif is_sparse(layer):
+            h, s = block_call(packed_moe_decoder_block, template, p, h, position_embeddings, mask, *layout,
+                              remat=True)
+        elif layout is None:
             h = block_call(decoder_block, template, p, h, position_embeddings, remat=True)
+        else:
+            h = block_call(packed_decoder_block, template, p, h, position_embeddings, *layout, remat=True)
+        if is_sparse(layer):
+            stats.append(s)
         if after_layer is not None:
             h = after_layer(i, h)
     h = block_call(apply_module, text.norm, model.block_params(params, TEXT + "norm."), h)
     if not stats:
         return h, {}
     stats = torch.stack(stats)                                       # [layers, 2, E]
-    rows = mask.sum().to(torch.float32) * len(stats)
+    rows = (mask.sum().to(torch.float32) * len(stats)).clamp(min=1)  # a padding-only micro-batch: no rows
     return h, {"aux_loss": moe.load_balancing_loss(stats.sum(0), rows),
                "max_expert_load": moe.max_expert_load(stats[:, 0].detach()).amax()}
 
