@@ -86,7 +86,7 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers={d.num_workers}: expected >= 0")
     if not d.image_keys:
-        raise ConfigError("data.image_keys is empty: name the image column(s), e.g. ['image']")
+        raise ConfigError("data.image_keys is empty: name the image column(s), e.g. '(\"image\",)'")
     train = split_paths(d.train_data_paths)
     evals = split_paths(d.eval_data_paths)
     if mode == "train" and train and r.max_steps <= 0 and r.max_epochs <= 0:
@@ -100,6 +100,8 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
     if not config.eval.generate and not config.eval.choice_scoring and evals:
         raise ConfigError("eval.generate and eval.choice_scoring are both False but data.eval_data_paths is set")
     validate_runner(r)
+    from vlm_sft import loggers  # names known, their packages installed (else the pip command)
+    loggers.check_backends(r.logger.logger_backends)
 
 
 def validate_runner(r: Any) -> None:
