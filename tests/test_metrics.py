@@ -37,19 +37,22 @@ class FakeClock:
 
 def test_write_appends_flushed_json_lines_and_tensorboard_scalars(tmp_path):
     run_dir = str(tmp_path / "run")
-    writer = MetricsWriter(run_dir, enabled=True, total_steps=10)
+    clock = FakeClock()
+    writer = MetricsWriter(run_dir, enabled=True, total_steps=10, clock=clock)
+    clock.now += 3.0
     writer.write(1, {"train/loss": torch.tensor(2.5), "train/learning_rate": 1e-5, "time/step": 0.25})
     # Flushed before close: a killed run keeps its lines.
     lines = open(os.path.join(run_dir, "metrics.jsonl")).read().splitlines()
     assert [json.loads(line) for line in lines] == [
-        {"step": 1, "train/loss": 2.5, "train/learning_rate": 1e-5, "time/step": 0.25}
+        {"step": 1, "time/elapsed": 3.0, "train/loss": 2.5, "train/learning_rate": 1e-5, "time/step": 0.25}
     ]
+    clock.now += 1.5
     writer.write(2, {"train/loss": 1.5, "eval/eval_accuracy": 0.75})
     writer.close()
 
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [r["step"] for r in records] == [1, 2]
-    assert records[1] == {"step": 2, "train/loss": 1.5, "eval/eval_accuracy": 0.75}
+    assert records[1] == {"step": 2, "time/elapsed": 4.5, "train/loss": 1.5, "eval/eval_accuracy": 0.75}
     assert all(type(v) in (int, float) for r in records for v in r.values())
 
     scalars = read_tensorboard_scalars(os.path.join(run_dir, "tensorboard"))
@@ -77,8 +80,9 @@ def test_disabled_writer_creates_no_files(tmp_path):
 
 
 def test_bad_values_and_backends_are_rejected(tmp_path):
-    with pytest.raises(ValueError, match="logger_backends.*wandb"):
-        MetricsWriter(str(tmp_path), enabled=False, total_steps=1, backends=("tensorboard", "wandb"))
+    with pytest.raises(ValueError, match=r"logger_backends: unknown backend\(s\) \['mlflow'\]; known: tensorboard, "
+                                         "wandb, swanlab"):
+        MetricsWriter(str(tmp_path), enabled=False, total_steps=1, backends=("tensorboard", "mlflow"))
     writer = MetricsWriter(str(tmp_path), enabled=True, total_steps=1, backends=())
     with pytest.raises(ValueError, match="'train/loss'"):
         writer.write(1, {"train/loss": "low"})

@@ -1,9 +1,12 @@
-"""The one place metrics leave the trainer: `<run_dir>/metrics.jsonl`, TensorBoard, and a console line.
+"""The one place metrics leave the trainer: `<run_dir>/metrics.jsonl`, the logger backends, and a console line.
 
-metrics.jsonl gets one JSON object per `write` ({"step": N, "train/loss": ..., ...}), flushed at once so a
-killed run keeps every line it logged; it is the file tests and scripts read. TensorBoard (tensorboardX, under
-`<run_dir>/tensorboard/`) gets the same scalars. Only rank 0 writes: other ranks build the writer with
-enabled=False and it touches no file.
+metrics.jsonl gets one JSON object per `write` ({"step": N, "time/elapsed": s, "train/loss": ..., ...}), flushed at
+once so a killed run keeps every line it logged; it is the file tests, scripts and `vlm_sft.report` read.
+`time/elapsed` is the wall-clock seconds since this process opened the writer (it restarts with a resumed run).
+Every backend of `runner.logger.logger_backends` (vlm_sft/loggers.py: TensorBoard, wandb, swanlab) gets the same
+scalars; a backend that fails mid-run (network gone, disk full) is dropped with one warning and the others go on:
+logging never stops training. Only rank 0 writes: other ranks build the writer with enabled=False and it touches
+no file and starts no backend.
 
 Keys the console line shows when present: train/loss, train/learning_rate, train/grad_norm, perf/tokens_per_sec,
 perf/mfu (a fraction, shown as %), eval/eval_accuracy. The ETA comes from wall-clock time between recent
@@ -19,7 +22,9 @@ from typing import Any, Callable, Mapping
 
 from absl import logging
 
-BACKENDS = ("tensorboard",)
+from vlm_sft import loggers
+
+ELAPSED = "time/elapsed"
 
 # (key, label, format) for the console line, in display order.
 _CONSOLE_FIELDS = (
@@ -62,7 +67,7 @@ def _as_floats(scalars: Mapping[str, Any]) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """Writes scalars to metrics.jsonl and TensorBoard, and prints progress lines with an ETA."""
+    """Writes scalars to metrics.jsonl and every logger backend, and prints progress lines with an ETA."""
 
     def __init__(
         self,
@@ -71,42 +76,57 @@ class MetricsWriter:
         enabled: bool,
         total_steps: int,
         backends: tuple[str, ...] | list[str] = ("tensorboard",),
+        project: str = "vlm_sft",
+        experiment: str | None = None,
+        run_config: Mapping[str, Any] | None = None,
         window: int = 20,
         clock: Callable[[], float] = time.monotonic,
     ):
-        unknown = sorted(set(backends) - set(BACKENDS))
-        if unknown:
-            raise ValueError(
-                f"runner.logger.logger_backends: unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}"
-            )
+        """project / experiment: the backends' project and run name (experiment defaults to the run dir's name);
+        run_config: the config the backends record for the run."""
+        loggers.check_backends(backends)
         if window < 2:
             raise ValueError(f"metrics: window must be >= 2 console lines, got {window}")
         self.enabled = enabled
         self.total_steps = total_steps
         self._clock = clock
+        self._started = clock()
         self._marks: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
         self._jsonl = None
-        self._tb = None
+        self._backends: list[loggers.Backend] = []
         if enabled:
             os.makedirs(run_dir, exist_ok=True)
+            self._backends = loggers.open_backends(
+                backends, run_dir, project=project,
+                experiment=experiment or os.path.basename(os.path.normpath(run_dir)), run_config=run_config)
             self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
-            if "tensorboard" in backends:
-                from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(logdir=os.path.join(run_dir, "tensorboard"))
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The backends still logging (a failed one drops out)."""
+        return tuple(b.name for b in self._backends)
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-        """Appends {"step": step, **scalars} to metrics.jsonl (flushed) and to TensorBoard."""
+        """Appends {"step": step, "time/elapsed": s, **scalars} to metrics.jsonl (flushed) and to every backend."""
         values = _as_floats(scalars)
         if not self.enabled:
             return
         step = int(step)
+        values = {ELAPSED: self._clock() - self._started, **values}
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
-        if self._tb is not None:
-            for key, value in values.items():
-                self._tb.add_scalar(key, value, step)
-            self._tb.flush()
+        for backend in list(self._backends):
+            try:
+                backend.log(step, values)
+            except Exception as e:  # noqa: BLE001 - any failure of a logging library must not stop training
+                self._drop(backend, e)
+
+    def _drop(self, backend: loggers.Backend, error: BaseException) -> None:
+        """One warning; the backend is not closed (closing may wait on the same dead network)."""
+        self._backends.remove(backend)
+        logging.warning("runner.logger.logger_backends: %s failed (%s: %s); it logs nothing more in this run, "
+                        "metrics.jsonl%s go on", backend.name, type(error).__name__, error,
+                        "".join(f", {b.name}" for b in self._backends))
 
     def seconds_per_step(self) -> float:
         """Wall-clock seconds per step over the recent console calls; nan before two calls."""
@@ -141,9 +161,13 @@ class MetricsWriter:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        backends, self._backends = self._backends, []
+        for backend in backends:
+            try:
+                backend.close()
+            except Exception as e:  # noqa: BLE001 - the run's results are already written
+                logging.warning("runner.logger.logger_backends: %s failed to close (%s: %s)", backend.name,
+                                type(e).__name__, e)
 
     def __enter__(self) -> "MetricsWriter":
         return self
