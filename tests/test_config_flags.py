@@ -42,8 +42,9 @@ def test_sequence_fields_take_tuple_literals():
     c = parse("--config.data.image_keys=('image', 'wrist')",
               "--config.runner.logger.logger_backends=('tensorboard', 'wandb', 'swanlab')",
               "--config.data.length_buckets=(64, 128)",
-              r"--config.actor.model.freeze=('^model\.visual\.blocks\.[0-1]\.',)",
-              r"--config.actor.optim.lr_multipliers=(('^model\.visual\.merger\.', 0.5), ('^model\.visual\.', 0.1))",
+              r"--config.actor.model.freeze=('^model\\.visual\\.blocks\\.[0-1]\\.',)",
+              r"--config.actor.optim.lr_multipliers="
+              r"(('^model\\.visual\\.merger\\.', 0.5), ('^model\\.visual\\.', 0.1))",
               "--config.data.train_data_paths=a.parquet,b.parquet")
     assert c.data.image_keys == ("image", "wrist")
     assert c.runner.logger.logger_backends == ("tensorboard", "wandb", "swanlab")

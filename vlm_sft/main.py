@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import sys
 import threading
@@ -31,6 +32,7 @@ from vlm_sft import lora as lora_lib
 from vlm_sft import models as model_lib
 from vlm_sft import perf
 from vlm_sft import preflight
+from vlm_sft import report as report_lib
 from vlm_sft import sharding as sharding_lib
 from vlm_sft import step as step_lib
 from vlm_sft import trainable as trainable_lib
@@ -281,6 +283,19 @@ def check_writable(path: str, field: str) -> None:
         raise config_lib.ConfigError(str(e)) from None
 
 
+def finish_logging(writer: MetricsWriter, run_dir: str) -> None:
+    """Closes the metrics and backends; rank 0 writes the run report (vlm_sft/report.py) into the run dir. A
+    report that cannot be made is a warning: the run's results are already saved."""
+    writer.close()
+    if not writer.enabled:
+        return
+    try:
+        paths = report_lib.write_report(run_dir, require_png=False)
+        logging.info("report: %s", ", ".join(paths))
+    except Exception as e:  # noqa: BLE001
+        logging.warning("report: not written (%s: %s)", type(e).__name__, e)
+
+
 def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.device,
          preemption: faults.Preemption) -> dict[str, float]:
     world_size, rank = proc.world_size, proc.rank
@@ -319,6 +334,10 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     if rank == 0:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             f.write(config_json)
+    # Before any weights load: a logger backend that cannot start (no login, no network) fails the run now.
+    lg = r.logger
+    writer = MetricsWriter(run_dir, enabled=rank == 0, total_steps=0, backends=lg.logger_backends,
+                           project=lg.project_name, experiment=lg.experiment_name, run_config=json.loads(config_json))
     torch.manual_seed(config.actor.seed)
     d = config.data
     try:
@@ -348,7 +367,6 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     tokenizer = processor.tokenizer
     spec = model.vision_spec(pad_token_id=tokenizer.pad_token_id)
     eval_source = make_source(eval_files, config) if eval_files else None
-    writer = MetricsWriter(run_dir, enabled=rank == 0, total_steps=0)
     last: dict[str, float] = {}
 
     def evaluate(step: int, params: dict) -> None:
@@ -367,7 +385,7 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
             saved = plan.trainable if plan.frozen else None  # a plan with frozen parts saves the trained leaves
             params = checkpoint_lib.restore_params(resume_from, params, names=saved)
         evaluate(checkpoint_lib.read_meta(resume_from)["step"] if resume_from else 0, params)
-        writer.close()
+        finish_logging(writer, run_dir)
         return last
 
     a = config.actor
@@ -470,7 +488,7 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
             t_last = time.perf_counter()
         if stop:
             saver.wait()
-            writer.close()
+            finish_logging(writer, run_dir)
             signalled = preemption.signal_name or "a signal to another rank"
             raise faults.Preempted(f"stopped after step {step} on {signalled}: checkpoint {last_ckpt} saved; run the "
                                    "same command again to continue from it (runner.resume=auto)")
@@ -480,7 +498,7 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
             t_last = time.perf_counter()
     saver.wait()
     evaluate(steps, state.params)
-    writer.close()
+    finish_logging(writer, run_dir)
     if r.export_hf and rank == 0 and last_ckpt:  # from the final checkpoint: no gather, one shard in memory
         out = export_lib.export_checkpoint(last_ckpt, os.path.join(run_dir, "hf_export"), overwrite=True)
         logging.info("exported %s to %s", last_ckpt, out)

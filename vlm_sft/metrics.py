@@ -2,10 +2,11 @@
 
 metrics.jsonl gets one JSON object per `write` ({"step": N, "time/elapsed": s, "train/loss": ..., ...}), flushed at
 once so a killed run keeps every line it logged; it is the file tests, scripts and `vlm_sft.report` read.
-`time/elapsed` is the wall-clock seconds since this process opened the writer (it restarts with a resumed run).
-Every backend of `runner.logger.logger_backends` (vlm_sft/loggers.py: TensorBoard, wandb, swanlab) gets the same
-scalars; a backend that fails mid-run (network gone, disk full) is dropped with one warning and the others go on:
-logging never stops training. Only rank 0 writes: other ranks build the writer with enabled=False and it touches
+`time/elapsed` is the wall-clock seconds since this process opened the writer (it restarts with a resumed run);
+like `step` it is the file's own bookkeeping (the backends keep their own clocks). Every backend of
+`runner.logger.logger_backends` (vlm_sft/loggers.py: TensorBoard, wandb, swanlab) gets every scalar written; a
+backend that fails mid-run (network gone, disk full) is dropped with one warning and the others go on: logging
+never stops training. Only rank 0 writes: other ranks build the writer with enabled=False and it touches
 no file and starts no backend.
 
 Keys the console line shows when present: train/loss, train/learning_rate, train/grad_norm, perf/tokens_per_sec,
@@ -107,13 +108,13 @@ class MetricsWriter:
         return tuple(b.name for b in self._backends)
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-        """Appends {"step": step, "time/elapsed": s, **scalars} to metrics.jsonl (flushed) and to every backend."""
+        """Appends {"step": step, "time/elapsed": s, **scalars} to metrics.jsonl (flushed); scalars to every
+        backend."""
         values = _as_floats(scalars)
         if not self.enabled:
             return
         step = int(step)
-        values = {ELAPSED: self._clock() - self._started, **values}
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.write(json.dumps({"step": step, ELAPSED: self._clock() - self._started, **values}) + "\n")
         self._jsonl.flush()
         for backend in list(self._backends):
             try:
