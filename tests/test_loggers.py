@@ -14,6 +14,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -200,8 +201,54 @@ def test_a_failing_backend_warns_once_and_the_others_go_on(tmp_path, monkeypatch
     assert wandb_run.history == {(1, "train/loss"): 3.0}
 
 
+def test_a_backend_that_cannot_start_fails_at_start_with_the_offline_hint(tmp_path, monkeypatch):
+    for key, value in offline_env(tmp_path / "settings").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("WANDB_MODE", "online")  # online without a login
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    with pytest.raises(config_lib.ConfigError, match=r"logger_backends: wandb did not start \(UsageError: .*API key"
+                                                     r".*\); without network or login set WANDB_MODE=offline"):
+        MetricsWriter(str(tmp_path / "run"), enabled=True, total_steps=1, backends=("tensorboard", "wandb"))
+
+
 def test_other_ranks_start_no_backend(tmp_path):
     writer = MetricsWriter(str(tmp_path / "rank1"), enabled=False, total_steps=1, backends=("wandb", "swanlab"))
     writer.write(1, {"train/loss": 1.0})
     writer.close()
     assert not (tmp_path / "rank1").exists()
+
+
+@pytest.mark.slow
+def test_report_cli_on_a_run_still_going_then_killed(tmp_path, tiny_model_dir, robo2vlm_dir):
+    """A real run, stalled before step 3: the report reads it while it runs, and again after SIGKILL."""
+    args = [sys.executable, "-m", "vlm_sft.main", f"--config={CONFIG}:demo",
+            f"--config.runner.logger.log_path={tmp_path}", "--config.runner.logger.experiment_name=live", f"--config.actor.model.model_path={tiny_model_dir}",
+            f"--config.data.train_data_paths={robo2vlm_dir}", "--config.data.eval_data_paths=",
+            "--config.runner.log_interval=1", "--config.runner.max_steps=4", "--config.actor.global_batch_size=8",
+            "--config.actor.micro_batch_size=4"]
+    run_dir = tmp_path / "live"
+    with open(tmp_path / "live.log", "w") as log:  # a file, not an unread pipe that could fill and block
+        proc = subprocess.Popen(args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "VLM_SFT_TEST_STALL": "0:3:600"})
+    try:
+        deadline = time.monotonic() + 600
+        while not (run_dir / "metrics.jsonl").exists() or len(read_rows(run_dir)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "live.log").read_text()[-3000:]
+            time.sleep(0.1)
+        for killed in (False, True):
+            if killed:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+            out = subprocess.run([sys.executable, "-m", "vlm_sft.report", str(run_dir)], cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stderr
+            check_png(run_dir / "curves.png")
+            rows = read_rows(run_dir)
+            text = (run_dir / "summary.md").read_text()
+            assert "| steps | 2 of 4 |" in text and "| final eval/eval_accuracy | not evaluated |" in text
+            assert f"| final train/loss | {rows[-1]['train/loss']:.4f} |" in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
