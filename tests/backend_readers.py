@@ -53,7 +53,7 @@ def _leveldb_records(path: str):
 
 
 def read_wandb_runs(run_dir) -> list[BackendRun]:
-    """Every offline run under `<run_dir>/wandb/`, oldest first."""
+    """Every offline run under `<run_dir>/wandb/`, oldest first (by the second each started)."""
     from wandb.proto import wandb_internal_pb2
 
     runs = []

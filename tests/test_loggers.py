@@ -9,6 +9,7 @@ killed run leaves it, opens with PIL at the expected size with metrics.jsonl's f
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -201,15 +202,31 @@ def test_a_failing_backend_warns_once_and_the_others_go_on(tmp_path, monkeypatch
     assert wandb_run.history == {(1, "train/loss"): 3.0}
 
 
-def test_a_backend_that_cannot_start_fails_at_start_with_the_offline_hint(tmp_path, monkeypatch):
+def test_a_backend_that_cannot_start_fails_at_start_with_the_offline_hint(tmp_path):
+    """wandb online without a login; a fresh process (wandb reads its environment once per process)."""
+    env = {**offline_env(tmp_path / "settings"), "WANDB_MODE": "online", "NETRC": str(tmp_path / "no_netrc")}
+    env.pop("WANDB_API_KEY", None)
+    code = ("from vlm_sft.metrics import MetricsWriter\n"
+            f"MetricsWriter({str(tmp_path / 'run')!r}, enabled=True, total_steps=1, backends=('tensorboard', 'wandb'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0
+    assert re.search(r"ConfigError: runner.logger.logger_backends: wandb did not start \(UsageError: .*API key.*\); "
+                     r"without network or login set WANDB_MODE=offline$", out.stderr.strip().splitlines()[-1])
+
+
+def test_a_fresh_start_in_an_old_run_dir_starts_new_backend_runs(tmp_path, monkeypatch):
     for key, value in offline_env(tmp_path / "settings").items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setenv("WANDB_MODE", "online")  # online without a login
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
-    with pytest.raises(config_lib.ConfigError, match=r"logger_backends: wandb did not start \(UsageError: .*API key"
-                                                     r".*\); without network or login set WANDB_MODE=offline"):
-        MetricsWriter(str(tmp_path / "run"), enabled=True, total_steps=1, backends=("tensorboard", "wandb"))
+    run_dir = tmp_path / "run"
+    ids = []
+    for resume in (False, True, False):
+        with MetricsWriter(str(run_dir), enabled=True, total_steps=1, backends=("wandb",), resume=resume) as w:
+            w.write(1, {"train/loss": 1.0})
+        ids.append(json.loads((run_dir / "logger_ids.json").read_text())["wandb"])
+        time.sleep(1.1)  # wandb names an offline run's directory by its id and start second
+    assert ids[1] == ids[0] and ids[2] != ids[0]
+    assert sorted(r.run_id for r in read_wandb_runs(run_dir)) == sorted(ids)  # one file each
 
 
 def test_other_ranks_start_no_backend(tmp_path):

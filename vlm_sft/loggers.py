@@ -158,13 +158,15 @@ class _KeepSignalHandlers:
 
 
 def open_backends(names: tuple[str, ...] | list[str], run_dir: str, *, project: str, experiment: str,
-                  run_config: Mapping[str, Any] | None = None) -> list[Backend]:
-    """The named backends, started; wandb and swanlab continue the runs recorded in logger_ids.json.
+                  run_config: Mapping[str, Any] | None = None, resume: bool = True) -> list[Backend]:
+    """The named backends, started. resume: wandb and swanlab continue the runs recorded in logger_ids.json (a
+    run resumed from a checkpoint); else they start new runs (a fresh start from step 0 in an old run dir: its
+    steps would go back in time in the old run, which wandb drops).
 
     A backend that cannot start (no network and no offline mode, no login) is a ConfigError naming it: better
     than a run whose dashboard silently stays empty."""
     names = check_backends(names)
-    ids = read_ids(run_dir) if set(names) - {"tensorboard"} else {}
+    ids = read_ids(run_dir) if resume and set(names) - {"tensorboard"} else {}
     opened: list[Backend] = []
     try:
         for name in names:

@@ -334,10 +334,12 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     if rank == 0:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             f.write(config_json)
-    # Before any weights load: a logger backend that cannot start (no login, no network) fails the run now.
+    # Before any weights load: a logger backend that cannot start (no login, no network) fails the run now. A
+    # training run resumed from a checkpoint continues its backend runs.
     lg = r.logger
     writer = MetricsWriter(run_dir, enabled=rank == 0, total_steps=0, backends=lg.logger_backends,
-                           project=lg.project_name, experiment=lg.experiment_name, run_config=json.loads(config_json))
+                           project=lg.project_name, experiment=lg.experiment_name, run_config=json.loads(config_json),
+                           resume=bool(resume_from and train_files))
     torch.manual_seed(config.actor.seed)
     d = config.data
     try:

@@ -80,11 +80,13 @@ class MetricsWriter:
         project: str = "vlm_sft",
         experiment: str | None = None,
         run_config: Mapping[str, Any] | None = None,
+        resume: bool = True,
         window: int = 20,
         clock: Callable[[], float] = time.monotonic,
     ):
         """project / experiment: the backends' project and run name (experiment defaults to the run dir's name);
-        run_config: the config the backends record for the run."""
+        run_config: the config the backends record for the run; resume: continue the backend runs of this run dir
+        (vlm_sft/loggers.py open_backends)."""
         loggers.check_backends(backends)
         if window < 2:
             raise ValueError(f"metrics: window must be >= 2 console lines, got {window}")
@@ -99,7 +101,8 @@ class MetricsWriter:
             os.makedirs(run_dir, exist_ok=True)
             self._backends = loggers.open_backends(
                 backends, run_dir, project=project,
-                experiment=experiment or os.path.basename(os.path.normpath(run_dir)), run_config=run_config)
+                experiment=experiment or os.path.basename(os.path.normpath(run_dir)), run_config=run_config,
+                resume=resume)
             self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
 
     @property
