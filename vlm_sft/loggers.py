@@ -19,7 +19,7 @@ import signal
 import threading
 from typing import Any, Mapping, Protocol
 
-from vlm_sft.config import ConfigError
+from vlm_sft.errors import ConfigError
 from vlm_sft.faults import STOP_SIGNALS
 
 BACKENDS = ("tensorboard", "wandb", "swanlab")
@@ -34,13 +34,14 @@ FIELD = "runner.logger.logger_backends"
 
 
 class Backend(Protocol):
-    """Where scalars go: `log` one step's {name: float}; `close` flushes and ends the backend's run."""
+    """Where scalars go: `log` one step's {name: float}; `close` flushes and ends the backend's run (marked failed
+    where the backend has the notion, when the training run ended on an error)."""
 
     name: str
 
     def log(self, step: int, scalars: Mapping[str, float]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 def check_backends(names: Any) -> tuple[str, ...]:
@@ -78,7 +79,7 @@ class TensorBoard:
             self._writer.add_scalar(key, value, step)
         self._writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self._writer.close()
 
 
@@ -98,8 +99,8 @@ class Wandb:
     def log(self, step: int, scalars: Mapping[str, float]) -> None:
         self._run.log(dict(scalars), step=step)
 
-    def close(self) -> None:
-        self._run.finish()
+    def close(self, failed: bool = False) -> None:
+        self._run.finish(exit_code=1 if failed else 0)
 
 
 class SwanLab:
@@ -117,8 +118,11 @@ class SwanLab:
     def log(self, step: int, scalars: Mapping[str, float]) -> None:
         self._run.log(dict(scalars), step=step)
 
-    def close(self) -> None:
-        self._run.finish()
+    def close(self, failed: bool = False) -> None:
+        if failed:
+            self._run.finish(state="crashed", error="the training run stopped on an error (see its log)")
+        else:
+            self._run.finish()
 
 
 def read_ids(run_dir: str) -> dict[str, str]:

@@ -161,14 +161,15 @@ class MetricsWriter:
         logging.info(line)
         return line
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Closes metrics.jsonl and ends every backend's run (failed: the training run ended on an error)."""
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
         backends, self._backends = self._backends, []
         for backend in backends:
             try:
-                backend.close()
+                backend.close(failed=failed)
             except Exception as e:  # noqa: BLE001 - the run's results are already written
                 logging.warning("runner.logger.logger_backends: %s failed to close (%s: %s)", backend.name,
                                 type(e).__name__, e)
@@ -176,5 +177,5 @@ class MetricsWriter:
     def __enter__(self) -> "MetricsWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
