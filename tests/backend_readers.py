@@ -17,12 +17,14 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 @dataclasses.dataclass
 class BackendRun:
-    """One process's offline run: its id, project, name, config and {(step, key): value} history."""
+    """One process's offline run: its id, project, name, config, {(step, key): value} history, and how it ended
+    (wandb: the exit code; swanlab: the finish state's name; None: no end recorded)."""
     run_id: str
     project: str
     name: str
     config: dict
     history: dict[tuple[int, str], float]
+    ended: int | str | None = None
 
 
 def _leveldb_records(path: str):
@@ -72,6 +74,8 @@ def read_wandb_runs(run_dir) -> list[BackendRun]:
                 for key, value in items.items():
                     if not key.startswith("_"):  # wandb's own _runtime, _timestamp
                         history[(step, key)] = value
+            elif kind == "exit" and run is not None:
+                run.ended = record.exit.exit_code
         assert run is not None, f"{path}: no run record"
         runs.append(run)
     return runs
@@ -95,6 +99,9 @@ def read_swanlab_runs(run_dir) -> list[BackendRun]:
             elif kind == "scalar":
                 if not record.scalar.key.startswith("__swanlab__"):  # its own system metrics
                     history[(record.scalar.step, record.scalar.key)] = record.scalar.value.number
+            elif kind == "finish" and run is not None:
+                from swanlab.proto.swanlab.run.v1.run_pb2 import RunState
+                run.ended = RunState.Name(record.finish.state)
         reader.close()
         assert run is not None, f"{path}: no start record"
         runs.append(run)

@@ -6,6 +6,7 @@ runs, read back with each library's own record schema, hold exactly metrics.json
 across the resume; the report written at its end, and by `python -m vlm_sft.report` on a copy cut mid-line as a
 killed run leaves it, opens with PIL at the expected size with metrics.jsonl's figures.
 """
+import contextlib
 import json
 import logging
 import os
@@ -75,7 +76,7 @@ def test_wandb_offline_run_holds_metrics_jsonl_and_the_resume_continues_it(logge
     runs = read_wandb_runs(logged_run)
     assert len(runs) == 2  # one offline run file per process, both the same wandb run
     run_id = json.loads((logged_run / "logger_ids.json").read_text())["wandb"]
-    assert [r.run_id for r in runs] == [run_id, run_id]
+    assert [r.run_id for r in runs] == [run_id, run_id] and [r.ended for r in runs] == [0, 0]
     assert {(r.project, r.name) for r in runs} == {("vlm_sft_tests", "run")}
     assert {s for s, _ in runs[0].history} == {1, 2, 3} and {s for s, _ in runs[1].history} == {4, 5}
     history = {**runs[0].history, **runs[1].history}
@@ -93,7 +94,7 @@ def test_wandb_offline_run_holds_metrics_jsonl_and_the_resume_continues_it(logge
 def test_swanlab_offline_run_holds_metrics_jsonl_and_the_resume_continues_it(logged_run):
     runs = read_swanlab_runs(logged_run)
     run_id = json.loads((logged_run / "logger_ids.json").read_text())["swanlab"]
-    assert [r.run_id for r in runs] == [run_id, run_id]
+    assert [r.run_id for r in runs] == [run_id, run_id] and [r.ended for r in runs] == ["RUN_STATE_FINISHED"] * 2
     assert {(r.project, r.name) for r in runs} == {("vlm_sft_tests", "run")}
     assert {s for s, _ in runs[1].history} == {4, 5}
     assert {**runs[0].history, **runs[1].history} == scalars(read_rows(logged_run))
@@ -193,10 +194,11 @@ def test_a_failing_backend_warns_once_and_the_others_go_on(tmp_path, monkeypatch
     warnings = [r.getMessage() for r in caplog.records if "wandb failed" in r.getMessage()]
     assert len(warnings) == 1 and "metrics.jsonl, tensorboard, swanlab go on" in warnings[0]
     assert writer.backends == ("tensorboard", "swanlab")
-    writer.close()
+    writer.close(failed=True)
     run_dir = tmp_path / "run"
     assert [r["step"] for r in read_rows(run_dir)] == [1, 2, 3]
     (swanlab_run,) = read_swanlab_runs(run_dir)
+    assert swanlab_run.ended == "RUN_STATE_CRASHED"
     assert swanlab_run.history == {(1, "train/loss"): 3.0, (2, "train/loss"): 2.0, (3, "train/loss"): 1.0}
     (wandb_run,) = read_wandb_runs(run_dir)
     assert wandb_run.history == {(1, "train/loss"): 3.0}
@@ -221,12 +223,17 @@ def test_a_fresh_start_in_an_old_run_dir_starts_new_backend_runs(tmp_path, monke
     run_dir = tmp_path / "run"
     ids = []
     for resume in (False, True, False):
-        with MetricsWriter(str(run_dir), enabled=True, total_steps=1, backends=("wandb",), resume=resume) as w:
-            w.write(1, {"train/loss": 1.0})
+        with contextlib.suppress(RuntimeError):
+            with MetricsWriter(str(run_dir), enabled=True, total_steps=1, backends=("wandb",), resume=resume) as w:
+                w.write(1, {"train/loss": 1.0})
+                if len(ids) == 2:
+                    raise RuntimeError("the training run fails")
         ids.append(json.loads((run_dir / "logger_ids.json").read_text())["wandb"])
         time.sleep(1.1)  # wandb names an offline run's directory by its id and start second
     assert ids[1] == ids[0] and ids[2] != ids[0]
+    runs = {r.run_id: r for r in read_wandb_runs(run_dir) if r.run_id == ids[2]}
     assert sorted(r.run_id for r in read_wandb_runs(run_dir)) == sorted(ids)  # one file each
+    assert runs[ids[2]].ended == 1  # the failed run is marked failed
 
 
 def test_other_ranks_start_no_backend(tmp_path):
