@@ -2,13 +2,13 @@
 
 Each backend takes every scalar the trainer writes (MetricsWriter fans out to them; metrics.jsonl is written
 beside them, always). `runner.logger.project_name` / `experiment_name` are the backend's project and run name, and
-the resolved config is the run's config. wandb and swanlab are optional extras, checked when the config is
-validated, so a missing one fails before any data or weights are read.
+the resolved config is the run's config. wandb and swanlab are optional extras, checked with the run's other
+checks (main.run_checks), so a missing one fails before any data or weights are read, with the pip command.
 
 Offline: each library's own switch, `WANDB_MODE=offline` (files under `<run dir>/wandb/`, `wandb sync` later) and
 `SWANLAB_MODE=offline` or `local` (under `<run dir>/swanlog/`). The backend run ids are kept in
-`<run dir>/logger_ids.json`, so a resumed run (same run dir) continues the same backend run instead of starting a
-new one.
+`<run dir>/logger_ids.json`, so a run resumed from a checkpoint continues the same backend run instead of
+starting a new one.
 """
 from __future__ import annotations
 
