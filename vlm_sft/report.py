@@ -212,6 +212,7 @@ def plot_curves(run_dir: str, metrics: Metrics, path: str) -> None:
     """The five panels over steps, PNG_SIZE pixels; written to a temporary file first, so a reader never sees
     half a PNG."""
     Figure, FigureCanvasAgg = import_matplotlib()
+    from matplotlib.ticker import MaxNLocator
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 3).flatten()
@@ -226,6 +227,7 @@ def plot_curves(run_dir: str, metrics: Metrics, path: str) -> None:
                 plotted = True
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if steps and max(steps) > min(steps):
             ax.set_xlim(min(steps), max(steps))  # every panel on the same steps
         ax.grid(True, alpha=0.3)
@@ -240,7 +242,8 @@ def plot_curves(run_dir: str, metrics: Metrics, path: str) -> None:
     for ax in axes[len(PANELS):]:
         ax.set_axis_off()
     fig.suptitle(f"{os.path.basename(os.path.normpath(run_dir))}: step {summarize(metrics.rows)['steps']}")
-    fig.tight_layout()
+    # Fixed margins: tight_layout would measure every label first (a third of the time of the whole plot).
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.9, wspace=0.22, hspace=0.35)
     tmp = path + ".tmp"
     fig.savefig(tmp, format="png", dpi=DPI)
     os.replace(tmp, path)
