@@ -129,3 +129,21 @@ def test_console_line_shows_progress_and_eta_from_recent_steps(tmp_path):
 )
 def test_format_eta(seconds, text):
     assert format_eta(seconds) == text
+
+
+def test_elapsed_continues_in_a_resumed_run_and_restarts_in_a_fresh_one(tmp_path):
+    clock = FakeClock()
+    with MetricsWriter(str(tmp_path), enabled=True, total_steps=9, backends=(), clock=clock) as writer:
+        clock.now += 5.0
+        writer.write(1, {"train/loss": 1.0})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "time/elap')  # a killed process's half line
+    with MetricsWriter(str(tmp_path), enabled=True, total_steps=9, backends=(), clock=clock, resume=True) as writer:
+        clock.now += 2.0
+        writer.write(2, {"train/loss": 0.5})
+    with MetricsWriter(str(tmp_path), enabled=True, total_steps=9, backends=(), clock=clock, resume=False) as writer:
+        clock.now += 1.0
+        writer.write(1, {"train/loss": 1.0})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[1] == '{"step": 2, "time/elap'  # the cut line stays alone: the resumed run's lines parse
+    assert [json.loads(lines[i])["time/elapsed"] for i in (0, 2, 3)] == [5.0, 7.0, 1.0]  # 5 s + 2 s; fresh: 1 s

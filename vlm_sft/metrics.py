@@ -2,12 +2,13 @@
 
 metrics.jsonl gets one JSON object per `write` ({"step": N, "time/elapsed": s, "train/loss": ..., ...}), flushed at
 once so a killed run keeps every line it logged; it is the file tests, scripts and `vlm_sft.report` read.
-`time/elapsed` is the wall-clock seconds since this process opened the writer (it restarts with a resumed run);
-like `step` it is the file's own bookkeeping (the backends keep their own clocks). Every backend of
-`runner.logger.logger_backends` (vlm_sft/loggers.py: TensorBoard, wandb, swanlab) gets every scalar written; a
-backend that fails mid-run (network gone, disk full) is dropped with one warning and the others go on: logging
-never stops training. Only rank 0 writes: other ranks build the writer with enabled=False and it touches
-no file and starts no backend.
+`time/elapsed` is the run's wall-clock seconds so far: this process's since it opened the writer, plus, for a run
+resumed from a checkpoint, the last value the earlier processes logged (the time after a killed process's last line
+is lost); a fresh start counts from 0. Like `step` it is the file's own bookkeeping (the backends keep their own
+clocks). Every backend of `runner.logger.logger_backends` (vlm_sft/loggers.py: TensorBoard, wandb, swanlab) gets
+every scalar written; a backend that fails mid-run (network gone, disk full) is dropped with one warning and the
+others go on: logging never stops training. Only rank 0 writes: other ranks build the writer with enabled=False and
+it touches no file and starts no backend.
 
 Keys the console line shows when present: train/loss, train/learning_rate, train/grad_norm, perf/tokens_per_sec,
 perf/mfu (a fraction, shown as %), eval/eval_accuracy. The ETA comes from wall-clock time between recent
@@ -67,6 +68,31 @@ def _as_floats(scalars: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def last_elapsed(path: str, tail_bytes: int = 1 << 16) -> float:
+    """time/elapsed of the last complete line of metrics.jsonl that has one (0.0 for none); reads the tail only."""
+    if not os.path.isfile(path):
+        return 0.0
+    with open(path, "rb") as f:
+        f.seek(max(os.path.getsize(path) - tail_bytes, 0))
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            value = json.loads(line).get(ELAPSED)
+        except (ValueError, AttributeError):
+            continue  # a killed run's half line, or the first, cut one of the tail
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 0.0
+
+
+def _ends_mid_line(path: str) -> bool:
+    if os.path.getsize(path) == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 class MetricsWriter:
     """Writes scalars to metrics.jsonl and every logger backend, and prints progress lines with an ETA."""
 
@@ -86,7 +112,7 @@ class MetricsWriter:
     ):
         """project / experiment: the backends' project and run name (experiment defaults to the run dir's name);
         run_config: the config the backends record for the run; resume: continue the backend runs of this run dir
-        (vlm_sft/loggers.py open_backends)."""
+        (vlm_sft/loggers.py open_backends) and its time/elapsed."""
         loggers.check_backends(backends)
         if window < 2:
             raise ValueError(f"metrics: window must be >= 2 console lines, got {window}")
@@ -94,6 +120,7 @@ class MetricsWriter:
         self.total_steps = total_steps
         self._clock = clock
         self._started = clock()
+        self._elapsed_before = 0.0
         self._marks: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
         self._jsonl = None
         self._backends: list[loggers.Backend] = []
@@ -103,7 +130,11 @@ class MetricsWriter:
                 backends, run_dir, project=project,
                 experiment=experiment or os.path.basename(os.path.normpath(run_dir)), run_config=run_config,
                 resume=resume)
-            self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(run_dir, "metrics.jsonl")
+            self._elapsed_before = last_elapsed(path) if resume else 0.0
+            self._jsonl = open(path, "a", encoding="utf-8")
+            if _ends_mid_line(path):  # a killed process's half line: ours start on a line of their own
+                self._jsonl.write("\n")
 
     @property
     def backends(self) -> tuple[str, ...]:
@@ -117,7 +148,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         step = int(step)
-        self._jsonl.write(json.dumps({"step": step, ELAPSED: self._clock() - self._started, **values}) + "\n")
+        elapsed = self._elapsed_before + self._clock() - self._started
+        self._jsonl.write(json.dumps({"step": step, ELAPSED: elapsed, **values}) + "\n")
         self._jsonl.flush()
         for backend in list(self._backends):
             try:

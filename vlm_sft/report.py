@@ -86,8 +86,9 @@ def series(rows: Iterable[dict], key: str) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
-def processes(rows: list[dict]) -> list[list[dict]]:
-    """The rows split by the process that wrote them: time/elapsed restarts from 0 in a resumed run."""
+def lineages(rows: list[dict]) -> list[list[dict]]:
+    """The rows split where time/elapsed goes back: a fresh start (from step 0) in an old run dir; a resumed run
+    continues its time."""
     parts: list[list[dict]] = []
     last = None
     for row in rows:
@@ -115,10 +116,8 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
     loss = series(rows, "train/loss")
     figures["steps"] = loss[-1][0] if loss else 0
     figures["final_loss"] = loss[-1][1] if loss else None
-    parts = processes(rows)
-    elapsed = [max((r["time/elapsed"] for r in part if "time/elapsed" in r), default=None) for part in parts]
+    elapsed = [max((r["time/elapsed"] for r in part if "time/elapsed" in r), default=None) for part in lineages(rows)]
     figures["wall_time_s"] = sum(e for e in elapsed if e is not None) if any(e is not None for e in elapsed) else None
-    figures["restarts"] = max(len(parts) - 1, 0)
     figures["tokens_per_sec"] = _median(series(rows, "perf/tokens_per_sec"))
     figures["mfu"] = _median(series(rows, "perf/mfu"))
     memory = series(rows, "perf/max_memory_gib")
@@ -174,7 +173,7 @@ def summary_markdown(run_dir: str, metrics: Metrics, config: dict | None) -> str
         row(f"final {key}", f"{final[1]:.4f} at step {final[0]}")
         row(f"best {key}", f"{best[1]:.4f} at step {best[0]}")
     steps = f"{f['steps']}" + (f" of {total}" if isinstance(total, int) and total > 0 else "")
-    row("steps", steps + (f" ({f['restarts']} restart{'s' if f['restarts'] != 1 else ''})" if f["restarts"] else ""))
+    row("steps", steps)
     row("final train/loss", "none logged" if f["final_loss"] is None else f"{f['final_loss']:.4f}")
     row("wall time", "unknown" if f["wall_time_s"] is None else
         f"{format_duration(f['wall_time_s'])} ({f['wall_time_s']:.1f} s, to the last logged line)")
