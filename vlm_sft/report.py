@@ -231,11 +231,11 @@ def plot_curves(run_dir: str, metrics: Metrics, path: str) -> None:
             ax.set_xlim(min(steps), max(steps))  # every panel on the same steps
         ax.grid(True, alpha=0.3)
         if title == "eval accuracy":
-            ax.set_ylim(0.0, 1.0)
+            ax.set_ylim(-0.02, 1.02)  # an accuracy of 1 stays visible
         if title == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
         if plotted and len(keys) > 1:
-            ax.legend(fontsize="small")
+            ax.legend(fontsize="small", loc="lower right")
         if not plotted:
             ax.text(0.5, 0.5, "not logged yet", ha="center", va="center", transform=ax.transAxes, color="gray")
     for ax in axes[len(PANELS):]:
