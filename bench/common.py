@@ -136,6 +136,13 @@ class Result:
         return statistics.median(self.step_times)
 
 
+def rows_of(batch: Batch) -> int:
+    """Samples in a micro-batch: its rows, or with packing the rows packed into its one sequence."""
+    if "row_ids" in batch:
+        return int(batch["row_ids"][batch["attention_mask"] > 0].unique().numel())
+    return len(batch["input_ids"])
+
+
 def run_rounds(contestants: dict[str, Callable[[Sequence[Batch]], torch.Tensor]], steps: Sequence[Sequence[Batch]],
                *, warmup: int, rounds: int, device: torch.device, flops: Callable[[Sequence[Batch]], float]
                ) -> dict[str, Result]:
@@ -151,7 +158,7 @@ def run_rounds(contestants: dict[str, Callable[[Sequence[Batch]], torch.Tensor]]
         for i in range(1, warmup):
             step(steps[i % len(steps)])
         sync(device)
-        results[name] = Result(name, first, [], sum(len(b["input_ids"]) for b in steps[0]),
+        results[name] = Result(name, first, [], sum(rows_of(b) for b in steps[0]),
                                statistics.mean(sum(float(b["attention_mask"].sum()) for b in s) for s in steps),
                                statistics.mean(flops(s) for s in steps), loss, loss)
     for _ in range(rounds):
