@@ -307,3 +307,24 @@ def test_compiled_packed_step_equals_eager(family):
     compiled, graphs = run(True)
     assert graphs[1] == graphs[2] == graphs[0]
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_balance_gives_every_rank_as_many_micro_batches(monkeypatch, family):
+    """A rank that packed fewer micro-batches than another repeats its last one without labels (same work, no
+    gradient, no tokens counted); the global answer-token count is summed over ranks."""
+    from vlm_sft import sharding
+
+    model, params, spec = family
+    sequences, pixels, grids = make_rows(model)
+    mine = [collate_packed(sequences[:2], pixels[:2], grids[:2], spec, length=256)]
+    other = 3.0, 50.0  # the other rank: 3 micro-batches, 50 answer tokens
+    monkeypatch.setattr(sharding, "all_reduce_sum", lambda t: t + torch.tensor([0.0, other[0], other[1]],
+                                                                                  dtype=t.dtype))
+    out, tokens = packing.balance(mine, None, world_size=2, rank=0)
+    assert len(out) == 3 and out[0] is mine[0] and tokens == 50.0 + packing.label_count(mine[0])
+    assert packing.label_count(out[2]) == 0 and int(out[2]["attention_mask"].sum()) == 0
+    assert torch.equal(out[2]["pixel_values"], mine[0]["pixel_values"])
+    with torch.no_grad():
+        assert float(step_lib.token_mean(model_lib.token_nll(model, params, out[2]), out[2])) == 0.0
+    out, _ = packing.balance([], lambda: collate_packed([], [], [], spec, length=64), world_size=2, rank=0)
+    assert len(out) == 3 and all(b["input_ids"].shape == (1, 64) for b in out)

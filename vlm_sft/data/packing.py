@@ -76,13 +76,23 @@ def label_count(batch: dict | None) -> float:
     return float(len(batch["label_ids"]))
 
 
+def without_labels(batch: dict) -> dict:
+    """The same micro-batch with every label weighing 0 and no real token counted: the same work and the same
+    collectives (images included) as `batch`, no gradient, nothing in the token metrics."""
+    out = dict(batch)
+    out["label_weight"] = torch.zeros_like(batch["label_weight"])
+    out["attention_mask"] = torch.zeros_like(batch["attention_mask"])
+    return out
+
+
 def balance(micro_batches: list, empty: Callable[[], dict] | None, *, world_size: int, rank: int
             ) -> tuple[list, float]:
     """(micro-batches, answer tokens of the whole global batch), in one small collective when world_size > 1.
 
     Ranks pack their shares independently, so their micro-batch counts may differ; every rank must run as many
-    (the sharded gathers are collectives), so a rank with fewer gets padding-only micro-batches (`empty()`,
-    no labels, zero gradient). The token count is the denominator of actor.loss_normalization=tokens.
+    (the sharded gathers are collectives), so a rank with fewer repeats its last micro-batch without labels
+    (without_labels: the vision tower runs where the others' may too), or runs `empty()` (padding only) when it
+    has none. The token count is the denominator of actor.loss_normalization=tokens.
     """
     tokens = sum(label_count(b) for b in micro_batches)
     if world_size == 1:
@@ -94,7 +104,9 @@ def balance(micro_batches: list, empty: Callable[[], dict] | None, *, world_size
     total = sharding_lib.all_reduce_sum(counts)
     most = int(total[:-1].max())
     if most > len(micro_batches):
-        if empty is None:
+        last = next((b for b in reversed(micro_batches) if b is not None and "label_weight" in b), None)
+        if last is None and empty is None:
             raise ValueError(f"rank {rank} has {len(micro_batches)} micro-batches, another has {most}")
-        micro_batches = list(micro_batches) + [empty() for _ in range(most - len(micro_batches))]
+        filler = (lambda: without_labels(last)) if last is not None else empty
+        micro_batches = list(micro_batches) + [filler() for _ in range(most - len(micro_batches))]
     return micro_batches, float(total[-1])
