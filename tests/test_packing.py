@@ -186,6 +186,7 @@ def test_pack_rows_fits_the_budget_and_keeps_every_row_once():
 def test_packed_length_takes_a_budget_bucket():
     buckets = packing.budget_buckets(1024, [128, 256, 512, 1024, 2048])
     assert buckets == tuple(range(64, 1025, 64))
+    assert packing.budget_buckets(16384, [128, 256, 512, 1024, 2048]) == (128, 256, 512, *range(1024, 16385, 1024))
     assert [packing.padded_length(n, 1024, buckets) for n in (1, 64, 65, 824, 1024)] == [64, 64, 128, 832, 1024]
     assert packing.budget_buckets(1000, [128])[-2:] == (960, 1000)
     assert packing.padded_length(13, 1000, ()) == 16 and packing.padded_length(999, 1000, ()) == 1000

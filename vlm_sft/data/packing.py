@@ -39,14 +39,15 @@ def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 def budget_buckets(max_tokens: int, length_buckets: Sequence[int], parts: int = BUDGET_PARTS) -> tuple[int, ...]:
     """The padded lengths a packed micro-batch may take when shapes must be static (`length_buckets` given, i.e.
-    compiled): the budget's sixteenths (multiples of 8), so a full micro-batch pads at most budget/16 and the text
-    regions compile at most 16 lengths. Coarser buckets pad much more: rows of ~410 tokens fill a 1024 budget to
-    824, which the length bucket 1024 pads by 20%, the sixteenth 832 by 1%. No length buckets: () (each
-    micro-batch padded to a multiple of 8, never past the budget)."""
+    compiled): the budget's sixteenths (multiples of 8), below the first of them the length buckets, so a full
+    micro-batch pads at most budget/16 and a small one (a short step's only micro-batch) to its length bucket.
+    Coarser buckets pad much more: rows of ~410 tokens fill a 1024 budget to 824, which the length bucket 1024
+    pads by 20%, the sixteenth 832 by 1%. No length buckets: () (each micro-batch padded to a multiple of 8,
+    never past the budget)."""
     if not length_buckets:
         return ()
     step = -(-max_tokens // parts // 8) * 8
-    return tuple(b for b in range(step, max_tokens, step)) + (max_tokens,)
+    return tuple(b for b in length_buckets if b < step) + tuple(range(step, max_tokens, step)) + (max_tokens,)
 
 
 def padded_length(tokens: int, max_tokens: int, buckets: Sequence[int], pad_multiple: int = 8) -> int:
