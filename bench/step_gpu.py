@@ -4,14 +4,17 @@ Face loop.
   python bench/step_gpu.py                 # one H100/H200: random-weight 3B, bf16 compute, fp32 master weights
   python bench/step_gpu.py --family qwen3_vl   # the same at the Qwen3-VL-4B-Instruct shape
   python bench/step_gpu.py --family qwen3_vl_moe   # Qwen3-VL-30B-A3B's layer shape, 4 of its 48 decoder layers
-  python bench/step_gpu.py --accum 8       # RLinf's per-GPU batch (256 on 8 GPUs = 8 micro-batches of 4)
+  python bench/step_gpu.py --no-packing    # the trainer on RLinf's padded micro-batches of 4 rows instead
+  python bench/step_gpu.py --rows-per-step 16 --max-tokens 8192   # other accumulation / budget
   python bench/step_gpu.py --tiny          # the same code path on a tiny model (runs on CPU; used by the tests)
 
 Shape: Qwen2.5-VL-3B-Instruct or Qwen3-VL-4B-Instruct (rlinf_facts.md) with random weights; full-parameter AdamW
 (lr 1e-5, wd 0.01, clip 1.0). Batches: Robo2VLM-like rows, each one 640x480 image (Qwen2.5-VL: 1564 patches of 14,
 391 image tokens; Qwen3-VL: 1200 patches of 16, 300 image tokens), ~100 prompt tokens and 8 answer tokens +
-<|im_end|>; micro-batch 4. Token ids and pixels are random: speed does not depend on
-their values. Contestants run one after the other (both would not fit in memory at once), same batches:
+<|im_end|>; RLinf's accumulation: 32 rows per GPU per step (global batch 256 on 8 GPUs). The trainer packs them
+(data.packing: micro-batches of <= --max-tokens tokens, varlen attention, loss_normalization=tokens); the HF loop
+takes them as RLinf does, padded micro-batches of --micro-batch rows. Token ids and pixels are random: speed does
+not depend on their values. Contestants run one after the other (both would not fit in memory at once), same batches:
   vlm-sft compiled  the trainer's own path: params as DTensors on a mesh of one (sharding.py, no_shard), gathered
                     per block in bf16 (mixed_precision param_dtype bf16, reduce fp32), make_train_step(compile=True)
   HF eager          fp32 module under torch.autocast(bf16), loss.backward(), clip_grad_norm_, fused AdamW
@@ -39,7 +42,8 @@ from configs.robo2vlm import get_config  # noqa: E402
 from vlm_sft import models as model_lib  # noqa: E402
 from vlm_sft import perf  # noqa: E402
 from vlm_sft import sharding as sharding_lib  # noqa: E402
-from vlm_sft.data.collate import collate  # noqa: E402
+from vlm_sft.data import packing  # noqa: E402
+from vlm_sft.data.collate import collate, collate_packed  # noqa: E402
 from vlm_sft.data.vision import Spec  # noqa: E402
 from vlm_sft.demo import tiny_hub_config, tiny_qwen3_vl_hub_config, tiny_qwen3_vl_moe_hub_config  # noqa: E402
 
@@ -83,6 +87,14 @@ def image_grid(width: int, height: int, *, patch: int, min_pixels: int, max_pixe
 def robo2vlm_like_batch(g: torch.Generator, spec: Spec, *, rows: int, grid: tuple[int, int, int],
                         prompt: int, answer: int, buckets: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """One micro-batch: per row one image, prompt +-5 tokens of text, `answer` tokens + <|im_end|> labelled."""
+    sequences, pixels, grids = robo2vlm_like_rows(g, spec, rows=rows, grid=grid, prompt=prompt, answer=answer)
+    return collate(sequences, pixels, grids, spec, length_buckets=buckets, pad_labels=True)
+
+
+def robo2vlm_like_rows(g: torch.Generator, spec: Spec, *, rows: int, grid: tuple[int, int, int], prompt: int,
+                       answer: int) -> tuple[list, list, list]:
+    """(sequences, pixels, grids): per row one image, prompt +-5 tokens of text, `answer` tokens + <|im_end|>
+    labelled."""
     t, h, w = grid
     sequences, pixels = [], []
     for _ in range(rows):
@@ -92,7 +104,22 @@ def robo2vlm_like_batch(g: torch.Generator, spec: Spec, *, rows: int, grid: tupl
         target = torch.randint(100, 150000, (answer,), generator=g).tolist() + [IM_END]
         sequences.append((torch.tensor(ids + target), torch.tensor([-100] * len(ids) + target)))
         pixels.append(torch.randn(t * h * w, 3 * 2 * spec.patch_size ** 2, generator=g))
-    return collate(sequences, pixels, [torch.tensor([grid])] * rows, spec, length_buckets=buckets, pad_labels=True)
+    return sequences, pixels, [torch.tensor([grid])] * rows
+
+
+def step_batches(rows: tuple[list, list, list], spec: Spec, *, micro_batch: int, max_tokens: int,
+                 buckets: tuple[int, ...]) -> tuple[list[dict], list[dict]]:
+    """One step's rows as (packed micro-batches, padded micro-batches of `micro_batch` rows)."""
+    sequences, pixels, grids = rows
+    padded = [collate(sequences[i:i + micro_batch], pixels[i:i + micro_batch], grids[i:i + micro_batch], spec,
+                      length_buckets=buckets, pad_labels=True) for i in range(0, len(sequences), micro_batch)]
+    budget_buckets = packing.budget_buckets(max_tokens, buckets)
+    packed = []
+    for group in packing.pack_rows([len(ids) for ids, _ in sequences], max_tokens):
+        length = packing.padded_length(sum(len(sequences[i][0]) for i in group), max_tokens, budget_buckets)
+        packed.append(collate_packed([sequences[i] for i in group], [pixels[i] for i in group],
+                                     [grids[i] for i in group], spec, length=length))
+    return packed, padded
 
 
 def build_module(config: transformers.PretrainedConfig, device: torch.device, seed: int) -> torch.nn.Module:
@@ -122,7 +149,11 @@ def main() -> None:
                         help="model family: Qwen2.5-VL-3B, Qwen3-VL-4B or Qwen3-VL-30B-A3B (4 layers) shape")
     parser.add_argument("--tiny", action="store_true", help="tiny model (CPU is fine): exercises the code path")
     parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--rows-per-step", type=int, default=0,
+                        help="rows per GPU per optimizer step (default 32, RLinf's 256 on 8 GPUs; 8 with --tiny)")
+    parser.add_argument("--max-tokens", type=int, default=16384, help="actor.max_tokens_per_micro_batch")
+    parser.add_argument("--no-packing", action="store_true",
+                        help="the trainer on padded micro-batches of --micro-batch rows too (data.packing=False)")
     parser.add_argument("--steps", type=int, default=3, help="distinct steps per timed round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
@@ -158,10 +189,14 @@ def main() -> None:
     grid = image_grid(width, height, patch=spec.patch_size, min_pixels=min_pixels, max_pixels=max_pixels)
     buckets = tuple(config.data.length_buckets)
     g = torch.Generator().manual_seed(0)
-    steps = [[{k: v.to(device) for k, v in robo2vlm_like_batch(
-        g, spec, rows=args.micro_batch, grid=grid, prompt=args.prompt_tokens, answer=args.answer_tokens,
-        buckets=buckets).items()} for _ in range(args.accum)] for _ in range(args.steps)]
-    host_steps = [[{k: v.cpu() for k, v in b.items()} for b in s] for s in steps]
+    rows_per_step = args.rows_per_step or (8 if args.tiny else 32)
+    both = [step_batches(robo2vlm_like_rows(g, spec, rows=rows_per_step, grid=grid, prompt=args.prompt_tokens,
+                                            answer=args.answer_tokens), spec, micro_batch=args.micro_batch,
+                         max_tokens=args.max_tokens, buckets=buckets) for _ in range(args.steps)]
+    to_device = lambda s: [{k: v.to(device) for k, v in b.items()} for b in s]  # noqa: E731
+    padded_steps = [to_device(padded) for _, padded in both]
+    steps = padded_steps if args.no_packing else [to_device(packed) for packed, _ in both]
+    host_steps = [padded if args.no_packing else packed for packed, padded in both]
     peak_flops = perf.device_peak_flops(device, compute_dtype)
 
     # vlm-sft: the trainer's own path (as main.py builds it).
@@ -170,7 +205,8 @@ def main() -> None:
     flop_model = perf.FlopModel.from_model(hf_config, {k: v.shape for k, v in params.items()}, model.lm_head_name)
     flops = lambda s: flop_model.step_flops([{k: v.cpu() for k, v in b.items()} for b in s])  # noqa: E731
     ours = common.trainer_step_fn(model, params, sharding, compile=not args.eager, checkpointing=args.checkpointing,
-                                  lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM)
+                                  lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM,
+                                  loss_normalization="micro_batch" if args.no_packing else "tokens")
     del params  # the full fp32 copy: the step holds the sharded one
     free(device)
     results = common.run_rounds({name: ours}, steps, warmup=args.warmup, rounds=args.rounds,
@@ -183,7 +219,7 @@ def main() -> None:
         hf = common.hf_step_fn(build_module(hf_config, device, seed=0), lr=LR, weight_decay=WEIGHT_DECAY,
                                max_grad_norm=MAX_GRAD_NORM,
                                autocast_dtype=compute_dtype if compute_dtype != torch.float32 else None)
-        results.update(common.run_rounds({"HF eager": hf}, steps, warmup=args.warmup, rounds=args.rounds,
+        results.update(common.run_rounds({"HF eager": hf}, padded_steps, warmup=args.warmup, rounds=args.rounds,
                                          device=device, flops=flops))
         results["HF eager"].peak_memory_gib = perf.max_memory_gib(device) if device.type == "cuda" else None
         del hf
@@ -192,7 +228,11 @@ def main() -> None:
     shape = f"tiny {args.family}" if args.tiny else shape_name
     print(f"# bench/step_gpu.py: {common.machine()}")
     print(f"{shape} ({n_params / 1e9:.2f}B params), {dtype_name} compute, fp32 master weights and AdamW state; "
-          f"micro-batch {args.micro_batch} x {args.accum} per step; images {width}x{height} (grid {grid}); "
+          f"{rows_per_step} rows per step, "
+          + (f"micro-batches of {args.micro_batch} rows" if args.no_packing else
+             f"packed into {sum(len(p) for p, _ in both) / len(both):g} micro-batches of <= {args.max_tokens} "
+             f"tokens (HF: micro-batches of {args.micro_batch} rows)")
+          + f"; images {width}x{height} (grid {grid}); "
           f"prompt ~{args.prompt_tokens} + answer {args.answer_tokens} tokens; padding "
           f"{perf.padding_fraction([b for s in host_steps for b in s]):.0%} of the trainer's positions; "
           f"activation checkpointing {args.checkpointing}")

@@ -39,8 +39,9 @@ def final_params(run_dir: str) -> dict[str, torch.Tensor]:
 
 
 def train(root, nproc: int, *overrides: str, model_dir, data_dir) -> str:
-    """10 steps of the demo config on the given model and data (global batch 16 of micro-batches of 4, so 1 rank
-    accumulates 4 micro-batches, 2 ranks 2 each, 4 ranks 1), then eval on 16 test rows in batches of 3.
+    """10 steps of the demo config on the given model and data (global batch 16, packed by default: each rank packs
+    its 16 / nproc rows into micro-batches; with data.packing=False micro-batches of 4, so 1 rank accumulates 4
+    micro-batches, 2 ranks 2 each, 4 ranks 1), then eval on 16 test rows in batches of 3.
 
     lr 1e-3 rather than the demo's 3e-3: the k_proj biases have a true gradient of exactly zero (softmax ignores
     a per-query constant), so theirs is rounding noise whose sign depends on the reduction order, and Adam scales
@@ -85,11 +86,13 @@ def runs(tmp_path_factory, tiny_model_dir, robo2vlm_dir):
     (2, ("--config.actor.fsdp_config.sharding_strategy=full_shard",
          "--config.actor.fsdp_config.gradient_checkpointing=True")),
     (2, ("--config.actor.fsdp_config.sharding_strategy=no_shard",)),
+    (2, ("--config.actor.fsdp_config.sharding_strategy=full_shard", "--config.data.packing=False")),
     (4, ("--config.actor.fsdp_config.sharding_strategy=hybrid_shard", "--config.cluster.num_nodes=2",
          "--config.actor.fsdp_config.gradient_checkpointing=True")),
     (2, ("--config.actor.fsdp_config.sharding_strategy=full_shard",
          "--config.actor.fsdp_config.gradient_checkpointing=True", "--config.actor.compile=True")),
-], ids=["full_shard_2", "no_shard_2", "hybrid_shard_2x2", "full_shard_2_compiled_checkpointing"])
+], ids=["full_shard_2", "no_shard_2", "full_shard_2_unpacked", "hybrid_shard_2x2",
+       "full_shard_2_compiled_checkpointing"])
 def test_n_ranks_take_the_same_steps_as_one_process(runs, nproc, overrides):
     assert_same_steps(runs(1), runs(nproc, *overrides))
 
