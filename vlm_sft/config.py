@@ -11,7 +11,7 @@ SHARDING_STRATEGIES = ("no_shard", "full_shard", "hybrid_shard")
 SCHEDULERS = ("cosine", "constant", "linear")
 TRUNCATION = ("text", "error")
 BAD_ROWS = ("error", "skip")
-MODES = ("train", "eval", "check")
+MODES = ("train", "eval", "check", "plan")
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

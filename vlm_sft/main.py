@@ -30,6 +30,7 @@ from vlm_sft import integrity
 from vlm_sft import lora as lora_lib
 from vlm_sft import models as model_lib
 from vlm_sft import perf
+from vlm_sft import planner
 from vlm_sft import preflight
 from vlm_sft import sharding as sharding_lib
 from vlm_sft import step as step_lib
@@ -37,7 +38,7 @@ from vlm_sft import trainable as trainable_lib
 from vlm_sft.data import loader as loader_lib
 from vlm_sft.data import robo2vlm, sources
 from vlm_sft.data.collate import check_length_buckets, collate_encoded
-from vlm_sft.data.encode import Encoder, PromptTooLong
+from vlm_sft.data.encode import IMAGE_TOKEN, Encoder, PromptTooLong
 from vlm_sft.data.processor import load_processor
 from vlm_sft.data.vision import Spec
 from vlm_sft.metrics import MetricsWriter
@@ -45,8 +46,9 @@ from vlm_sft.state import init_train_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/robo2vlm.py:demo",
                                           lock_config=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "check"],
-                          "train (then evaluate), evaluate only, or check every data row (no weights read)")
+_MODE = flags.DEFINE_enum("mode", "train", list(config_lib.MODES),
+                          "train (then evaluate), evaluate only, check every data row, or plan the memory per "
+                          "device (check and plan read no weights)")
 
 DEMO = "demo"
 RANK_EXIT_GRACE_S = 2.0  # how long ranks other than 0 wait before exiting on an error rank 0 reports
@@ -135,6 +137,32 @@ def check_data(config: Any) -> dict[str, Any]:
         raise config_lib.ConfigError(str(e)) from None
     return preflight.check(config, splits, make_encoder(config),
                            out_path=os.path.join(run_dir, "preflight.json"))
+
+
+def plan_memory(config: Any, launched_world_size: int) -> dict[str, Any]:
+    """--mode=plan: the per-device memory estimate of the configured run (vlm_sft/planner.py), printed and written
+    to <run dir>/plan.json. Reads config.json, the processor files and a sample of rows; never the weights."""
+    run_dir = config_lib.run_dir(config)
+    os.makedirs(run_dir, exist_ok=True)
+    prepare_demo(config, run_dir)
+    report = planner_estimate(config, launched_world_size)
+    planner.write_report(report, os.path.join(run_dir, "plan.json"))
+    print(planner.format_plan(report))
+    return report
+
+
+def planner_estimate(config: Any, launched_world_size: int, *, device_type: str | None = None,
+                     runtime_gib: float | None = None) -> dict[str, Any]:
+    """The planner's report for the config: skeleton and data sample (train split, else eval), no weights."""
+    sharding_lib.check_config(config, planner.plan_world_size(config, launched_world_size))
+    check_model_files(config.actor.model.model_path, config.actor.model.model_type)
+    files = find_files(config, "train_data_paths", "train") or find_files(config, "eval_data_paths", "test")
+    encoder = make_encoder(config)
+    image_token_id = encoder.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    stats = planner.sample_rows(make_source(files, config, lazy=True), encoder, image_token_id)
+    module = trainable_lib.skeleton(config.actor.model.model_path)
+    return planner.plan(config, module, stats, launched_world_size=launched_world_size, device_type=device_type,
+                        runtime_gib=runtime_gib)
 
 
 def available_memory_bytes() -> int:
@@ -250,6 +278,8 @@ def run(config: Any, mode: str) -> dict[str, Any]:
             raise config_lib.ConfigError("--mode=check runs as one process (its workers are data.num_workers); "
                                          "run it without torchrun")
         return check_data(config)
+    if mode == "plan":
+        return plan_memory(config, proc.world_size)
     sharding_lib.check_config(config, proc.world_size)
     device, created = sharding_lib.init_process_group(proc, timeout_s=config.runner.collective_timeout_s)
     preemption = faults.Preemption()
