@@ -155,7 +155,11 @@ def planner_estimate(config: Any, launched_world_size: int, *, device_type: str 
                      runtime_gib: float | None = None) -> dict[str, Any]:
     """The planner's report for the config: skeleton and data sample (train split, else eval), no weights."""
     sharding_lib.check_config(config, planner.plan_world_size(config, launched_world_size))
-    check_model_files(config.actor.model.model_path, config.actor.model.model_type)
+    planner.device_memory_gib(config)  # a bad runner.device_memory_gib fails before any row is read
+    path = config.actor.model.model_path
+    if not os.path.isfile(os.path.join(path, "config.json")):  # weights not needed: plan before downloading them
+        raise model_lib.ModelLoadError(f"actor.model.model_path={path!r}: no config.json (--mode=plan needs the "
+                                       "model directory's config.json and processor files, not its weights)")
     files = find_files(config, "train_data_paths", "train") or find_files(config, "eval_data_paths", "test")
     encoder = make_encoder(config)
     image_token_id = encoder.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -163,6 +167,18 @@ def planner_estimate(config: Any, launched_world_size: int, *, device_type: str 
     module = trainable_lib.skeleton(config.actor.model.model_path)
     return planner.plan(config, module, stats, launched_world_size=launched_world_size, device_type=device_type,
                         runtime_gib=runtime_gib)
+
+
+def log_planned_memory(config: Any, skeleton: torch.nn.Module, files: list[str], encoder: Encoder,
+                       world_size: int, device: torch.device) -> float:
+    """The planner's peak (GiB per device) for this run, logged before the weights load; main logs it again
+    beside the measured peak after the first step."""
+    image_token_id = encoder.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    stats = planner.sample_rows(make_source(files, config, lazy=True), encoder, image_token_id)
+    this_run = planner.apply_overrides(config, {"runner.plan_world_size": world_size})
+    report = planner.plan(this_run, skeleton, stats, launched_world_size=world_size, device_type=device.type)
+    logging.info("%s", planner.format_plan(report))
+    return report["per_device"]["peak_gib"]
 
 
 def available_memory_bytes() -> int:
@@ -328,7 +344,8 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     check_eager_loading_fits(config, train_files + eval_files, local_processes=proc.local_world_size)
     check_model_files(config.actor.model.model_path, config.actor.model.model_type)
     # What trains (freezing, LoRA, lr groups), matched against a meta-device skeleton: no weights read yet.
-    plan = trainable_lib.make_plan(config, trainable_lib.skeleton(config.actor.model.model_path))
+    skeleton = trainable_lib.skeleton(config.actor.model.model_path)
+    plan = trainable_lib.make_plan(config, skeleton)
     try:
         check_length_buckets(config.data.length_buckets)
     except ValueError as e:
@@ -359,6 +376,8 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         raise model_lib.ModelLoadError(f"actor.model.model_path={config.actor.model.model_path!r}: the tokenizer "
                                        f"or image processor does not load ({type(e).__name__}: {e})") from None
     processor = encoder.processor
+    planned = log_planned_memory(config, skeleton, train_files, encoder, world_size, device) if (
+        train_files and rank == 0) else None
     logging.info("loading model weights from %s", config.actor.model.model_path)
     try:
         model, params = model_lib.load_model(config.actor.model.model_path,
@@ -487,6 +506,11 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         step_mfu = perf.mfu(scalars["perf/flops"], step_time, peak_flops, world_size)
         if step_mfu is not None:
             scalars["perf/mfu"] = step_mfu
+        if step == 1 and planned is not None:
+            measured = "peak allocated" if device.type == "cuda" else "peak resident set"
+            logging.info("memory: planned %.2f GiB per device, %s after step 1: %.2f GiB", planned -
+                         (planner.RUNTIME_CUDA_GIB if device.type == "cuda" else 0.0), measured,
+                         scalars["perf/max_memory_gib"])
         if step % r.log_interval == 0 or step == steps or step == 1:
             writer.write(step, scalars)
             writer.console(step, scalars)
