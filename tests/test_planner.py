@@ -10,9 +10,8 @@ import transformers
 
 from configs.robo2vlm import get_config
 from vlm_sft import config as config_lib
-from vlm_sft import main as main_lib
-from vlm_sft import planner, testing, trainable
-from vlm_sft.models import qwen2_5_vl
+from vlm_sft import demo as testing
+from vlm_sft import planner
 from vlm_sft.preflight import RowStats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

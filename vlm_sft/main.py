@@ -119,7 +119,7 @@ def plan_memory(config: Any, launched_world_size: int) -> dict[str, Any]:
     to <run dir>/plan.json. Reads config.json, the processor files and a sample of rows; never the weights."""
     run_dir = config_lib.run_dir(config)
     os.makedirs(run_dir, exist_ok=True)
-    prepare_demo(config, run_dir)
+    demo_lib.prepare_demo(config, run_dir)
     report = planner_estimate(config, launched_world_size)
     planner.write_report(report, os.path.join(run_dir, "plan.json"))
     print(planner.format_plan(report))
@@ -144,10 +144,11 @@ def planner_estimate(config: Any, launched_world_size: int, *, device_type: str 
                         runtime_gib=runtime_gib)
 
 
-def log_planned_memory(config: Any, skeleton: torch.nn.Module, files: list[str], encoder: Encoder,
-                       world_size: int, device: torch.device) -> float:
-    """The planner's peak (GiB per device) for this run, logged before the weights load; main logs it again
-    beside the measured peak after the first step."""
+def log_planned_memory(config: Any, files: list[str], world_size: int, device: torch.device) -> float:
+    """The planner's peak (GiB per device) for this run, logged at its start; the loop logs it again beside the
+    measured peak after the first step."""
+    skeleton = trainable_lib.skeleton(config.actor.model.model_path)
+    encoder = make_encoder(config)
     image_token_id = encoder.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     stats = planner.sample_rows(make_source(files, config, lazy=True), encoder, image_token_id)
     this_run = planner.apply_overrides(config, {"runner.plan_world_size": world_size})
@@ -336,6 +337,7 @@ class Log:
     writer: MetricsWriter
     last: dict[str, float]
     evaluate: Callable[[int, dict], None]
+    planned_gib: float | None = None  # the planner's peak per device (rank 0), logged again after step 1
 
 
 @dataclasses.dataclass
@@ -353,8 +355,12 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     checked = run_checks(config, mode, proc)
     config_json = write_config(config, checked.run_dir, proc.rank)
     torch.manual_seed(config.actor.seed)
+    # The planner's estimate before the weights load (on CPU its runtime term is this process's resident set).
+    planned = log_planned_memory(config, checked.train_files, proc.world_size, device) if (
+        checked.train_files and proc.rank == 0) else None
     loaded = load_model_and_plan(config, checked.plan, checked.eval_files, device)
     log = make_log(config, loaded, checked, proc)
+    log.planned_gib = planned
     if not checked.train_files:
         eval_only(loaded.params, checked, log)
         return log.last
@@ -390,8 +396,7 @@ def run_checks(config: Any, mode: str, proc: sharding_lib.ProcessInfo) -> Checke
     check_eager_loading_fits(config, train_files + eval_files, local_processes=proc.local_world_size)
     check_model_files(config.actor.model.model_path, config.actor.model.model_type)
     # What trains (freezing, LoRA, lr groups), matched against a meta-device skeleton: no weights read yet.
-    skeleton = trainable_lib.skeleton(config.actor.model.model_path)
-    plan = trainable_lib.make_plan(config, skeleton)
+    plan = trainable_lib.make_plan(config, trainable_lib.skeleton(config.actor.model.model_path))
     try:
         check_length_buckets(config.data.length_buckets)
     except ValueError as e:
@@ -430,8 +435,6 @@ def load_model_and_plan(config: Any, plan: trainable_lib.TrainPlan, eval_files: 
         raise model_lib.ModelLoadError(f"actor.model.model_path={config.actor.model.model_path!r}: the tokenizer "
                                        f"or image processor does not load ({type(e).__name__}: {e})") from None
     processor = encoder.processor
-    planned = log_planned_memory(config, skeleton, train_files, encoder, world_size, device) if (
-        train_files and rank == 0) else None
     logging.info("loading model weights from %s", config.actor.model.model_path)
     try:
         model, params = model_lib.load_model(config.actor.model.model_path,
@@ -612,9 +615,9 @@ def train_loop(config: Any, state: Any, loader: loader_lib.TrainLoader, setup: S
         step_mfu = perf.mfu(scalars["perf/flops"], step_time, peak_flops, world_size)
         if step_mfu is not None:
             scalars["perf/mfu"] = step_mfu
-        if step == 1 and planned is not None:
+        if step == 1 and log.planned_gib is not None:
             measured = "peak allocated" if device.type == "cuda" else "peak resident set"
-            logging.info("memory: planned %.2f GiB per device, %s after step 1: %.2f GiB", planned -
+            logging.info("memory: planned %.2f GiB per device, %s after step 1: %.2f GiB", log.planned_gib -
                          (planner.RUNTIME_CUDA_GIB if device.type == "cuda" else 0.0), measured,
                          scalars["perf/max_memory_gib"])
         if step % r.log_interval == 0 or step == steps or step == 1:
