@@ -6,10 +6,11 @@
    per-block gather and LoRA merge) on one small Qwen2.5-VL, the same batches in every mode. Each mode runs in its
    own process (peak RSS is per process) and the table gives its peak RSS above the loaded model, the median step
    time, and both as ratios to full fine-tuning measured in the same run.
-2. On paper: per-GPU bytes of params, gradients and Adam state for Qwen2.5-VL-3B and -7B in each mode (no_shard
-   on 1 GPU, full_shard on 8), plus activations at micro-batch 4 x 512 tokens, to check the target "LoRA on the 3B
-   shape fits one 24 GB GPU at micro-batch 4". Trained leaves: fp32 master + fp32 gradient + 2 fp32 Adam moments
-   (16 bytes/param); frozen leaves held in the bf16 compute dtype (2 bytes/param), no gradient, no state.
+2. On paper (`--paper-only` prints just this, in seconds): the planner of --mode=plan (vlm_sft/planner.py) for
+   Qwen2.5-VL-3B/7B/32B/72B and Qwen3-VL-8B/32B at their Hub shapes, full_shard on 8/16/32 GPUs of 80 GB, bf16
+   compute, fp32 master weights and Adam, micro-batch 4 of Robo2VLM rows (one 640x480 image, ~100 text tokens),
+   global batch 256: full fine-tuning with and without checkpointing, a frozen vision tower, LoRA; per GPU GiB of
+   each term, whether it fits, and the planner's advice where it does not.
 """
 from __future__ import annotations
 
@@ -124,65 +125,78 @@ def measured(workdir: str, steps: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# On paper.
+# On paper: the planner (vlm_sft/planner.py, what --mode=plan prints) at the sizes users run.
 
-def shapes_3b() -> dict:
+def _qwen2_5(**shape) -> dict:
     from vlm_sft.demo import tiny_hub_config
-    return tiny_hub_config(text_hidden=2048, text_layers=36, text_heads=16, text_kv_heads=2, text_intermediate=11008,
-                           vision_hidden=1280, vision_depth=32, vision_heads=16, vision_intermediate=3420)
-
-
-def shapes_7b() -> dict:
-    from vlm_sft.demo import tiny_hub_config
-    c = tiny_hub_config(tie_word_embeddings=False, text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4,
-                        text_intermediate=18944, vision_hidden=1280, vision_depth=32, vision_heads=16,
-                        vision_intermediate=3420)
-    c["vocab_size"] = 152064
+    c = tiny_hub_config(**{"vision_hidden": 1280, "vision_depth": 32, "vision_heads": 16, **shape})
+    c["vocab_size"] = 151936 if c["tie_word_embeddings"] else 152064
     return c
 
 
-def plan_for(hub_config: dict, mode: str):
+def _qwen3(**shape) -> dict:
+    from vlm_sft.demo import tiny_qwen3_vl_hub_config
+    return tiny_qwen3_vl_hub_config(tie_word_embeddings=False, text_head_dim=128, vision_hidden=1152,
+                                    vision_depth=27, vision_heads=16, vision_intermediate=4304,
+                                    num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24], **shape)
+
+
+# config.json shapes of the Hub's checkpoints (only the sizes differ from the families' tiny builders).
+SIZES = {
+    "Qwen2.5-VL-3B": lambda: _qwen2_5(text_hidden=2048, text_layers=36, text_heads=16, text_kv_heads=2,
+                                      text_intermediate=11008, vision_intermediate=3420),
+    "Qwen2.5-VL-7B": lambda: _qwen2_5(tie_word_embeddings=False, text_hidden=3584, text_layers=28, text_heads=28,
+                                      text_kv_heads=4, text_intermediate=18944, vision_intermediate=3420),
+    "Qwen2.5-VL-32B": lambda: _qwen2_5(tie_word_embeddings=False, text_hidden=5120, text_layers=64, text_heads=40,
+                                       text_kv_heads=8, text_intermediate=27648, vision_intermediate=3456),
+    "Qwen2.5-VL-72B": lambda: _qwen2_5(tie_word_embeddings=False, text_hidden=8192, text_layers=80, text_heads=64,
+                                       text_kv_heads=8, text_intermediate=29568, vision_intermediate=3456),
+    "Qwen3-VL-8B": lambda: _qwen3(text_hidden=4096, text_layers=36, text_heads=32, text_kv_heads=8,
+                                  text_intermediate=12288),
+    "Qwen3-VL-32B": lambda: _qwen3(text_hidden=5120, text_layers=64, text_heads=64, text_kv_heads=8,
+                                   text_intermediate=25600),
+}
+SETTINGS = {  # name -> config overrides (dotted keys), on top of full_shard, micro-batch 4, global batch 256
+    "full": {},
+    "full+ckpt": {"actor.fsdp_config.gradient_checkpointing": True},
+    "frozen_vision+ckpt": {"actor.fsdp_config.gradient_checkpointing": True,
+                           "actor.model.freeze_vision_tower": True},
+    "lora+ckpt": {"actor.fsdp_config.gradient_checkpointing": True, "actor.model.is_lora": True},
+}
+
+
+def skeleton_of(hub: dict) -> torch.nn.Module:
     import transformers
-
-    from vlm_sft import trainable as trainable_lib
-
-    config = transformers.Qwen2_5_VLConfig.from_dict(hub_config)
+    config = transformers.AutoConfig.for_model(**hub)
     with torch.device("meta"):
-        module = transformers.Qwen2_5_VLForConditionalGeneration(config)
-    return config, trainable_lib.make_plan(_config(mode), module)
+        return transformers.AutoModelForImageTextToText.from_config(config)
 
 
-def activation_bytes(config, rows: int, length: int, patches_per_row: int, checkpointing: bool) -> float:
-    """bf16 activations kept for backward, rough: per decoder layer (6H + 2*kv + 3I) values per token (q, k, v, o,
-    attention out, norms, MLP gate/up/act); per vision block (6Hv + 3Iv) per patch. With checkpointing, each block
-    keeps only its input and one block's internals exist at a time. The lm_head runs at label tokens only."""
-    t, v = config.text_config, config.vision_config
-    kv = t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
-    per_token = 6 * t.hidden_size + 2 * kv + 3 * t.intermediate_size
-    per_patch = 6 * v.hidden_size + 3 * v.intermediate_size
-    tokens, patches = rows * length, rows * patches_per_row
-    if checkpointing:
-        values = (t.num_hidden_layers * t.hidden_size + per_token) * tokens + \
-            (v.depth * v.hidden_size + per_patch) * patches
-    else:
-        values = t.num_hidden_layers * per_token * tokens + v.depth * per_patch * patches
-    return 2.0 * values
+def robo2vlm_rows(image_tokens: int, n: int = 8) -> list:
+    """Robo2VLM rows at 640x480 (Qwen2.5-VL: 391 image tokens, Qwen3-VL: 300), ~100 text + 9 answer tokens."""
+    from vlm_sft.preflight import RowStats
+    return [RowStats(f"row:{i}", prompt_tokens=100 + image_tokens, image_tokens=image_tokens,
+                     sequence_tokens=109 + image_tokens) for i in range(n)]
 
 
-def on_paper() -> list[dict]:
+def on_paper(gpus: tuple[int, ...] = (8, 16, 32), device_gib: float = 80.0) -> list[dict]:
+    from vlm_sft import planner
+
     rows = []
-    for name, hub in (("Qwen2.5-VL-3B", shapes_3b()), ("Qwen2.5-VL-7B", shapes_7b())):
-        for mode in MODES:
-            config, plan = plan_for(hub, mode)
-            trained, frozen = plan.numel(plan.trainable), plan.numel(plan.frozen)
-            state = 16 * trained + 2 * frozen
-            # One 640x480 image per row: 1564 patches, 391 tokens; rows padded to the 512 bucket.
-            act = {ckpt: activation_bytes(config, 4, 512, 1564, ckpt) for ckpt in (False, True)}
-            rows.append({"model": name, "mode": mode, "trainable": trained, "frozen": frozen,
-                         "state_1gpu_gib": state / GIB, "state_8gpu_gib": state / 8 / GIB,
-                         "act_gib": act[False] / GIB, "act_ckpt_gib": act[True] / GIB,
-                         "total_1gpu_gib": (state + act[False]) / GIB,
-                         "total_1gpu_ckpt_gib": (state + act[True]) / GIB})
+    for name, hub in SIZES.items():
+        module = skeleton_of(hub())
+        stats = robo2vlm_rows(300 if "Qwen3" in name else 391)
+        for setting, overrides in SETTINGS.items():
+            for world in gpus:
+                c = _config("full")
+                c.actor.micro_batch_size, c.actor.global_batch_size = 4, 256
+                c.actor.fsdp_config.sharding_strategy = "full_shard"
+                c.actor.fsdp_config.mixed_precision.param_dtype = "bf16"
+                c.runner.device_memory_gib = device_gib
+                c = planner.apply_overrides(c, overrides)
+                report = planner.plan(c, module, stats, launched_world_size=world, device_type="cuda")
+                rows.append({"model": name, "setting": setting, "gpus": world, **report["per_device"],
+                             "fits": report["fits"], "advice": (report.get("advice") or {}).get("flags", "")})
     return rows
 
 
@@ -191,6 +205,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/bench_memory")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--child", choices=sorted(MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--paper-only", action="store_true", help="only the planner's table (seconds, no training)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.workdir, args.steps)))
@@ -199,8 +214,8 @@ def main() -> None:
 
     os.makedirs(args.workdir, exist_ok=True)
     print(f"# {machine()}")
-    results = measured(args.workdir, args.steps)
-    full = results[0]
+    results = [] if args.paper_only else measured(args.workdir, args.steps)
+    full = results[0] if results else None
     print("\n| mode | trainable params | frozen params | optimizer state (MiB) | peak RSS above the loaded model "
           "(GiB) | x full | step (s, median) | x full |")
     print("|---|---|---|---|---|---|---|---|")
@@ -208,13 +223,13 @@ def main() -> None:
         extra, extra_full = r["peak_gib"] - r["loaded_gib"], full["peak_gib"] - full["loaded_gib"]
         print(f"| {r['mode']} | {r['trainable']:,} | {r['frozen']:,} | {r['opt_state_gib'] * 1024:.1f} | "
               f"{extra:.3f} | {extra / extra_full:.2f} | {r['step_s']:.3f} | {r['step_s'] / full['step_s']:.2f} |")
-    print("\n| model | mode | trainable | frozen | params+grads+Adam, 1 GPU (GiB) | same, full_shard on 8 (GiB) | "
-          "activations mb4 x 512 (GiB) | with checkpointing (GiB) | 1 GPU total (GiB) | 1 GPU, checkpointing (GiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | setting | GPUs | params | grads | Adam | gathered | activations | peak (GiB/GPU) | fits 80 GB "
+          "| advice |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in on_paper():
-        print(f"| {r['model']} | {r['mode']} | {r['trainable'] / 1e9:.3g}B | {r['frozen'] / 1e9:.3g}B | "
-              f"{r['state_1gpu_gib']:.1f} | {r['state_8gpu_gib']:.1f} | {r['act_gib']:.1f} | {r['act_ckpt_gib']:.1f} | "
-              f"{r['total_1gpu_gib']:.1f} | {r['total_1gpu_ckpt_gib']:.1f} |")
+        print(f"| {r['model']} | {r['setting']} | {r['gpus']} | {r['params_gib']:.1f} | {r['grads_gib']:.1f} | "
+              f"{r['optimizer_gib']:.1f} | {r['gathered_gib']:.1f} | {r['activations_gib']:.1f} | {r['peak_gib']:.1f} | "
+              f"{'yes' if r['fits'] else 'no'} | {r['advice']} |")
 
 
 if __name__ == "__main__":

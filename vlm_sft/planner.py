@@ -346,6 +346,12 @@ def candidate_changes(config: Any, world_size: int) -> list[tuple[str, dict[str,
     if not f.gradient_checkpointing:
         out.append(("recompute each block in backward (~1/3 more compute)",
                     {"actor.fsdp_config.gradient_checkpointing": True}))
+    if f.sharding_strategy == "hybrid_shard":  # larger shard groups: less state per GPU, more traffic across nodes
+        size = shard_size(config, world_size) * 2
+        while size <= world_size:
+            if world_size % size == 0:
+                out.append((f"shard groups of {size} ranks", {"actor.fsdp_config.hybrid_shard_size": size}))
+            size *= 2
     budget = packing_budget(config)
     if budget:
         half = budget // 2
