@@ -66,7 +66,7 @@ def test_h200_3b_within_15_percent_of_measured():
     dict(shape=SHAPE_32B, world=8, fields={"actor__fsdp_config__sharding_strategy": "full_shard"}),
     dict(shape=SHAPE_3B, world=1, fields={"runner__device_memory_gib": 24.0}),          # 3B on a 24 GB card
     dict(shape=SHAPE_32B, world=32, fields={"actor__fsdp_config__sharding_strategy": "hybrid_shard",  # 4 nodes
-                                            "cluster__num_nodes": 4,
+                                            "cluster__num_nodes": 4, "actor__global_batch_size": 256,
                                             "actor__fsdp_config__gradient_checkpointing": True}),
 ])
 def test_advice_applied_makes_the_plan_fit(case):
