@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -29,6 +30,7 @@ from vlm_sft import evaluate as evaluate_lib
 from vlm_sft import export as export_lib
 from vlm_sft import faults
 from vlm_sft import integrity
+from vlm_sft import loading
 from vlm_sft import lora as lora_lib
 from vlm_sft import models as model_lib
 from vlm_sft import perf
@@ -436,21 +438,31 @@ def load_model_and_plan(config: Any, plan: trainable_lib.TrainPlan, eval_files: 
                                        f"or image processor does not load ({type(e).__name__}: {e})") from None
     processor = encoder.processor
     logging.info("loading model weights from %s", config.actor.model.model_path)
+    precision = config_lib.parse_dtype(config.actor.model.precision, "actor.model.precision")
+    sharding = sharding_lib.make_sharding(config, device)
+    m = config.actor.model
     try:
-        model, params = model_lib.load_model(config.actor.model.model_path,
-                                             attn_implementation=config.actor.model.attn_implementation,
-                                             model_type=config.actor.model.model_type)
+        if loading.has_safetensors(m.model_path):  # each rank reads only its rows, in the plan's dtypes
+            frozen = set(plan.frozen)
+            dtypes = {k: sharding.param_dtype if k in frozen else precision for k in plan.shapes}
+            model, params = loading.load_sharded(m.model_path, sharding, dtypes,
+                                                 attn_implementation=m.attn_implementation, model_type=m.model_type)
+        else:  # .bin weights: the whole model on every rank, then sharded
+            model, params = model_lib.load_model(m.model_path, attn_implementation=m.attn_implementation,
+                                                 model_type=m.model_type)
     except model_lib.ModelLoadError:
         raise
     except Exception as e:  # damage the header checks cannot see (e.g. a corrupted tensor record)
         raise model_lib.ModelLoadError(f"actor.model.model_path={config.actor.model.model_path!r}: the weights do "
                                        f"not load ({type(e).__name__}: {e})") from None
-    precision = config_lib.parse_dtype(config.actor.model.precision, "actor.model.precision")
-    sharding = sharding_lib.make_sharding(config, device)
     # step_model: the model whose blocks carry LoRA adapters (the train step's); evaluation reads merged params.
     step_model, params = apply_plan(model, params, plan, precision=precision, compute_dtype=sharding.param_dtype,
                                     seed=config.actor.seed)
-    params = sharding_lib.shard_model(model, params, sharding)  # DTensors on `device`; the full copy is freed
+    if loading.has_safetensors(m.model_path):  # only the LoRA adapters (created whole, alike on every rank) left
+        params = {**params, **sharding_lib.shard_params(
+            {k: v for k, v in params.items() if not isinstance(v, DTensor)}, sharding)}
+    else:
+        params = sharding_lib.shard_model(model, params, sharding)  # DTensors on `device`; the full copy is freed
     tokenizer = processor.tokenizer
     spec = model.vision_spec(pad_token_id=tokenizer.pad_token_id)
     eval_source = make_source(eval_files, config) if eval_files else None
