@@ -27,8 +27,8 @@ trainer holds, phase by phase (vlm_sft/sharding.py, step.py, optim.py):
 The data side comes from up to PLAN_ROWS rows of the training split (the eval split when there is none) through
 the configured reader and encoder (preflight.check_row): the longest sequence and the most image tokens of a row,
 times the micro-batch (padded as the collate pads); with packing (data.packing and
-actor.max_tokens_per_micro_batch, where present) the packing budget. On a CPU device, host memory while loading
-(today: every rank reads the whole model in fp32, then keeps its shard) may be the peak, so it is a phase too.
+actor.max_tokens_per_micro_batch, where present) the packing budget. Host memory while loading (loading.py: a
+rank's own shard plus one tensor's slice) is a phase too, the peak on a CPU device when it is the largest.
 The runtime term is the process's own footprint: on CPU this planning process's resident set (interpreter, torch,
 tokenizer), on CUDA the context and communication buffers (RUNTIME_CUDA_GIB), which max_memory_allocated omits.
 """
@@ -244,9 +244,11 @@ def estimate(shapes: Shapes, plan: Any, data: DataShape, st: Settings, *, runtim
         train_peak = params + optimizer + transient + forward_end + grads + last
     else:
         train_peak = params + optimizer + transient + max(forward_end, after_text, backward_end)
-    # Loading today: from_pretrained's fp32 copy of the whole model, the plan's casts, then this rank's shard.
-    total = sum(base.values())
-    loading = total * 4 + (frozen * b if b != 4 else 0) + params
+    # Sharded loading (vlm_sft/loading.py): about this rank's shard plus one more copy of the largest tensor's slice
+    # (read from the file, then cast to the dtype it is held in).
+    big = max(base, key=base.get) if base else None
+    held_bytes = (p if big in trained_names else b) if big is not None else 0
+    loading = params + (base[big] / S * max(held_bytes, 2) if big is not None else 0)
     peak = max(train_peak, loading) if device_type == "cpu" else train_peak
     g = lambda x: round(x / GIB, 3)
     return {
@@ -393,24 +395,17 @@ def advise(config: Any, world_size: int, evaluate: Evaluate, device_gib: float) 
 
 
 def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
-    """A copy of the config with dotted keys set (as --config.<key>=<value> would)."""
+    """A copy of the config with dotted keys set (as --config.<key>=<value> would; a key the config lacks, e.g.
+    runner.plan_world_size in an older config file, is added)."""
     c = config.copy_and_resolve_references()
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        with c.unlocked() if hasattr(c, "unlocked") else _null():
+    with c.unlocked():
+        for key, value in overrides.items():
+            node = c
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
             node[leaf] = value
     return c
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def format_plan(report: dict[str, Any]) -> str:
