@@ -190,6 +190,7 @@ def on_paper(gpus: tuple[int, ...] = (8, 16, 32), device_gib: float = 80.0) -> l
             for world in gpus:
                 c = _config("full")
                 c.actor.micro_batch_size, c.actor.global_batch_size = 4, 256
+                c.data.packing = False  # padded micro-batches of 4 rows (packing: one per rank and step here)
                 c.actor.fsdp_config.sharding_strategy = "full_shard"
                 c.actor.fsdp_config.mixed_precision.param_dtype = "bf16"
                 c.runner.device_memory_gib = device_gib

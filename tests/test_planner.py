@@ -38,7 +38,9 @@ def _rows(n=8, prompt=100, image=391, answer=9):
 
 
 def _config(**fields):
+    """The default config with padded micro-batches (as the H200 run had), then `fields` (a__b__c=value)."""
     c = get_config("")
+    c.data.packing = False
     for key, value in fields.items():
         node = c
         *parents, leaf = key.split("__")
@@ -107,13 +109,13 @@ def test_terms_follow_the_settings():
 
 
 def test_packing_budget_sets_the_micro_batch_tokens():
-    c = _config()
-    with c.unlocked():
-        c.data.packing = True
-        c.actor.max_tokens_per_micro_batch = 4096
-    shape = planner.data_shape(c, _rows(), merge_unit=4, compiled=False)
-    assert shape.tokens == 4096 and shape.rows == 4096 // 500
+    """A rank's rows of one step in one packed micro-batch when they fit the budget, else full budgets."""
+    c = _config(data__packing=True, actor__max_tokens_per_micro_batch=4096, actor__global_batch_size=64)
+    shape = planner.data_shape(c, _rows(), merge_unit=4, compiled=False, world_size=1)
+    assert shape.tokens == 4096 and shape.rows == 4096 // 500 and shape.micro_batches == -(-64 * 500 // 4096)
     assert shape.patches == pytest.approx(4096 * 391 / 500 * 4, rel=0.01)
+    one = planner.data_shape(c, _rows(), merge_unit=4, compiled=False, world_size=16)
+    assert (one.rows, one.tokens, one.micro_batches) == (4, 4 * 500, 1)
 
 
 def test_bad_planner_fields_name_the_field():

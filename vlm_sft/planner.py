@@ -61,6 +61,7 @@ class DataShape:
     tokens: int              # padded text positions in the micro-batch (rows x padded length, or the budget)
     label_tokens: int        # label positions (the lm_head runs there)
     patches: int             # vision patches in the micro-batch (before the merger)
+    micro_batches: int = 0   # per rank per step when packing decides it (0: the config's accumulation)
     sampled_rows: int = 0    # rows the statistics come from (0: given, not sampled)
     max_sequence_tokens: int = 0
     max_image_tokens: int = 0
@@ -123,7 +124,7 @@ class Settings:
     param_bytes: int                  # compute dtype (param_dtype)
     reduce_bytes: int
     checkpointing: bool
-    accumulation: int                 # micro-batches per rank per step
+    accumulation: int                 # micro-batches per rank (0 with packing: the data decides, DataShape) per step
     compiled: bool
 
 
@@ -151,7 +152,7 @@ def settings_of(config: Any, world_size: int, *, device_type: str = "cuda") -> S
         precision_bytes=_bytes(config_lib.parse_dtype(a.model.precision, "actor.model.precision")),
         param_bytes=dtype("param_dtype"), reduce_bytes=dtype("reduce_dtype"),
         checkpointing=bool(a.fsdp_config.gradient_checkpointing),
-        accumulation=config_lib.accumulation_steps(config, world_size),
+        accumulation=0 if packing_budget(config) else config_lib.accumulation_steps(config, world_size),
         compiled=a.compile if a.compile is not None else device_type == "cuda")
 
 
@@ -194,7 +195,7 @@ def estimate(shapes: Shapes, plan: Any, data: DataShape, st: Settings, *, runtim
     params = (trained * p + frozen * b) / S
     optimizer = 2 * trained * p / S
     grads = trained * p / S
-    held = grads if st.accumulation > 1 else 0.0
+    held = grads if (data.micro_batches or st.accumulation) > 1 else 0.0
 
     trained_names = set(plan.trainable)
     adapted = {m + ".weight" for m in plan.lora_modules}
@@ -266,29 +267,38 @@ def estimate(shapes: Shapes, plan: Any, data: DataShape, st: Settings, *, runtim
 # ----------------------------------------------------------------------------------------------------------------
 # Data statistics.
 
-def data_shape(config: Any, stats: list[Any], *, merge_unit: int, compiled: bool, micro_batch_size: int | None = None
+def data_shape(config: Any, stats: list[Any], *, merge_unit: int, compiled: bool, world_size: int = 1
                ) -> DataShape:
-    """The worst micro-batch over the sampled rows' RowStats: the longest row padded as the collate pads (to the
-    length buckets when compiled, else a multiple of 8) times the micro-batch; or the packing budget."""
+    """The worst micro-batch over the sampled rows' RowStats. Padded batches: the longest row padded as the
+    collate pads (to the length buckets when compiled, else a multiple of 8) times the micro-batch. Packed
+    (data.packing): a rank's rows of one step (global batch / world) of the longest length, in one micro-batch
+    padded as packing pads it, or when they exceed actor.max_tokens_per_micro_batch, full budgets of rows."""
     from vlm_sft.data.collate import bucket_length
     from vlm_sft.preflight import PAD_MULTIPLE
 
     good = [s for s in stats if s.reason is None]
     if not good:
         raise config_lib.ConfigError("--mode=plan: none of the sampled rows encodes (run --mode=check to see why)")
-    mb = micro_batch_size or config.actor.micro_batch_size
     longest = max(s.sequence_tokens for s in good)
     images = max(s.image_tokens for s in good)
     answer = max(s.sequence_tokens - s.prompt_tokens for s in good)
     budget = packing_budget(config)
     if budget:
-        shortest = max(1, min(s.sequence_tokens for s in good))
-        rows = max(1, budget // shortest)
+        share = max(1, config.actor.global_batch_size // world_size)
+        need = share * longest
+        if need <= budget:
+            buckets = tuple(b for b in config.data.length_buckets if b < budget) + (budget,) if compiled else ()
+            tokens = min(budget, bucket_length(need, buckets, PAD_MULTIPLE))
+            return DataShape(rows=share, tokens=tokens, label_tokens=share * answer,
+                             patches=share * images * merge_unit, micro_batches=1, sampled_rows=len(good),
+                             max_sequence_tokens=longest, max_image_tokens=images)
+        rows = max(1, budget // min(s.sequence_tokens for s in good))
         image_share = max(s.image_tokens / max(1, s.sequence_tokens) for s in good)
         label_share = max((s.sequence_tokens - s.prompt_tokens) / max(1, s.sequence_tokens) for s in good)
         return DataShape(rows=rows, tokens=budget, label_tokens=math.ceil(budget * label_share),
-                         patches=math.ceil(budget * image_share) * merge_unit, sampled_rows=len(good),
-                         max_sequence_tokens=longest, max_image_tokens=images)
+                         patches=math.ceil(budget * image_share) * merge_unit, micro_batches=math.ceil(need / budget),
+                         sampled_rows=len(good), max_sequence_tokens=longest, max_image_tokens=images)
+    mb = config.actor.micro_batch_size
     length = bucket_length(longest, tuple(config.data.length_buckets) if compiled else (), PAD_MULTIPLE)
     return DataShape(rows=mb, tokens=mb * length, label_tokens=mb * answer, patches=mb * images * merge_unit,
                      sampled_rows=len(good), max_sequence_tokens=longest, max_image_tokens=images)
@@ -368,7 +378,7 @@ def candidate_changes(config: Any, world_size: int) -> list[tuple[str, dict[str,
                             {"actor.micro_batch_size": mb}))
             mb //= 2
     for more in RANK_CHOICES:
-        if more > world_size and a.global_batch_size % (a.micro_batch_size * more) == 0:
+        if more > world_size and a.global_batch_size % ((1 if budget else a.micro_batch_size) * more) == 0:
             strategy = f.sharding_strategy if f.sharding_strategy != "no_shard" else "full_shard"
             out.append((f"{more} GPUs ({strategy})", {"runner.plan_world_size": more,
                                                        "actor.fsdp_config.sharding_strategy": strategy}))
@@ -455,7 +465,7 @@ def make_planner(config: Any, module: torch.nn.Module, stats: list[Any], *, laun
         world = plan_world_size(c, launched_world_size)
         st = settings_of(c, world, device_type=device_type)
         plan = trainable_lib.make_plan(c, module)
-        data = data_shape(c, stats, merge_unit=shapes.merge_unit, compiled=st.compiled)
+        data = data_shape(c, stats, merge_unit=shapes.merge_unit, compiled=st.compiled, world_size=world)
         out = estimate(shapes, plan, data, st, runtime_gib=runtime_gib, device_type=device_type)
         out.update({"model_type": family.name, "data": dataclasses.asdict(data),
                     "settings": dataclasses.asdict(st)})
