@@ -6,18 +6,11 @@
    per-block gather and LoRA merge) on one small Qwen2.5-VL, the same batches in every mode. Each mode runs in its
    own process (peak RSS is per process) and the table gives its peak RSS above the loaded model, the median step
    time, and both as ratios to full fine-tuning measured in the same run.
-2. On paper: per-GPU bytes of params, gradients and Adam state for Qwen2.5-VL-3B and -7B in each mode (no_shard
-   on 1 GPU, full_shard on 8), plus activations at micro-batch 4 x 512 tokens, to check the target "LoRA on the 3B
-   shape fits one 24 GB GPU at micro-batch 4". Trained leaves: fp32 master + fp32 gradient + 2 fp32 Adam moments
-   (16 bytes/param); frozen leaves held in the bf16 compute dtype (2 bytes/param), no gradient, no state.
-3. On paper: Qwen3-VL-30B-A3B (31.1B params, 3.3B active) under full_shard on 8 and 16 GPUs, full fine-tuning and
-   LoRA, with and without activation checkpointing: the sharded state per GPU, the largest per-block gather (a
-   sparse layer's 128 stacked experts, gathered in fp32 then cast to bf16: both alive at the cast; without
-   checkpointing every block's bf16 copy stays alive for backward, tests/test_distributed.py measures it),
-   activations.
-   Expert parallelism (actor.fsdp_config.expert_parallel_size) is not implemented yet, so it has no rows.
-
-  python bench/memory.py --paper   # the on-paper tables only (seconds; no model is built)
+2. On paper (`--paper-only` prints just this, in seconds): the planner of --mode=plan (vlm_sft/planner.py) for
+   Qwen2.5-VL-3B/7B/32B/72B and Qwen3-VL-8B/32B at their Hub shapes, full_shard on 8/16/32 GPUs of 80 GB, bf16
+   compute, fp32 master weights and Adam, micro-batch 4 of Robo2VLM rows (one 640x480 image, ~100 text tokens),
+   global batch 256: full fine-tuning with and without checkpointing, a frozen vision tower, LoRA; per GPU GiB of
+   each term, whether it fits, and the planner's advice where it does not.
 """
 from __future__ import annotations
 
@@ -132,120 +125,90 @@ def measured(workdir: str, steps: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# On paper.
+# On paper: the planner (vlm_sft/planner.py, what --mode=plan prints) at the sizes users run.
 
-def shapes_3b() -> dict:
+def _qwen2_5(**shape) -> dict:
     from vlm_sft.demo import tiny_hub_config
-    return tiny_hub_config(text_hidden=2048, text_layers=36, text_heads=16, text_kv_heads=2, text_intermediate=11008,
-                           vision_hidden=1280, vision_depth=32, vision_heads=16, vision_intermediate=3420)
-
-
-def shapes_7b() -> dict:
-    from vlm_sft.demo import tiny_hub_config
-    c = tiny_hub_config(tie_word_embeddings=False, text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4,
-                        text_intermediate=18944, vision_hidden=1280, vision_depth=32, vision_heads=16,
-                        vision_intermediate=3420)
-    c["vocab_size"] = 152064
+    c = tiny_hub_config(**{"vision_hidden": 1280, "vision_depth": 32, "vision_heads": 16, **shape})
+    c["vocab_size"] = 151936 if c["tie_word_embeddings"] else 152064
     return c
 
 
-def plan_for(hub_config: dict, mode: str):
-    import transformers
-
-    from vlm_sft import trainable as trainable_lib
-
-    config = transformers.Qwen2_5_VLConfig.from_dict(hub_config)
-    with torch.device("meta"):
-        module = transformers.Qwen2_5_VLForConditionalGeneration(config)
-    return config, trainable_lib.make_plan(_config(mode), module)
+def _qwen3(**shape) -> dict:
+    from vlm_sft.demo import tiny_qwen3_vl_hub_config
+    return tiny_qwen3_vl_hub_config(tie_word_embeddings=False, text_head_dim=128, vision_hidden=1152,
+                                    vision_depth=27, vision_heads=16, vision_intermediate=4304,
+                                    num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24], **shape)
 
 
-def activation_bytes(config, rows: int, length: int, patches_per_row: int, checkpointing: bool) -> float:
-    """bf16 activations kept for backward, rough: per decoder layer (6H + 2*kv + 3I) values per token (q, k, v, o,
-    attention out, norms, MLP gate/up/act); per vision block (6Hv + 3Iv) per patch. With checkpointing, each block
-    keeps only its input and one block's internals exist at a time. The lm_head runs at label tokens only.
-    A sparse MoE layer (config.text_config.num_experts) keeps per token E router logits and, for each of its k
-    experts, the gathered input, gate/up/act (3 * moe_intermediate) and the output: E + k * (2H + 3I_moe)."""
-    t, v = config.text_config, config.vision_config
-    kv = t.num_key_value_heads * (getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads)
-    mlp = 3 * t.intermediate_size
-    if getattr(t, "num_experts", 0):
-        mlp = t.num_experts + t.num_experts_per_tok * (2 * t.hidden_size + 3 * t.moe_intermediate_size)
-    per_token = 6 * t.hidden_size + 2 * kv + mlp
-    per_patch = 6 * v.hidden_size + 3 * v.intermediate_size
-    tokens, patches = rows * length, rows * patches_per_row
-    if checkpointing:
-        values = (t.num_hidden_layers * t.hidden_size + per_token) * tokens + \
-            (v.depth * v.hidden_size + per_patch) * patches
-    else:
-        values = t.num_hidden_layers * per_token * tokens + v.depth * per_patch * patches
-    return 2.0 * values
-
-
-def on_paper() -> list[dict]:
-    rows = []
-    for name, hub in (("Qwen2.5-VL-3B", shapes_3b()), ("Qwen2.5-VL-7B", shapes_7b())):
-        for mode in MODES:
-            config, plan = plan_for(hub, mode)
-            trained, frozen = plan.numel(plan.trainable), plan.numel(plan.frozen)
-            state = 16 * trained + 2 * frozen
-            # One 640x480 image per row: 1564 patches, 391 tokens; rows padded to the 512 bucket.
-            act = {ckpt: activation_bytes(config, 4, 512, 1564, ckpt) for ckpt in (False, True)}
-            rows.append({"model": name, "mode": mode, "trainable": trained, "frozen": frozen,
-                         "state_1gpu_gib": state / GIB, "state_8gpu_gib": state / 8 / GIB,
-                         "act_gib": act[False] / GIB, "act_ckpt_gib": act[True] / GIB,
-                         "total_1gpu_gib": (state + act[False]) / GIB,
-                         "total_1gpu_ckpt_gib": (state + act[True]) / GIB})
-    return rows
-
-
-def shapes_30b_a3b() -> dict:
+def _qwen3_moe(**shape) -> dict:
     from vlm_sft.demo import tiny_qwen3_vl_moe_hub_config
-    return tiny_qwen3_vl_moe_hub_config(
-        text_hidden=2048, text_layers=48, text_heads=32, text_kv_heads=4, text_head_dim=128, text_intermediate=6144,
-        vision_hidden=1152, vision_depth=27, vision_heads=16, vision_intermediate=4304, num_position_embeddings=2304,
-        deepstack_visual_indexes=[8, 16, 24], num_experts=128, num_experts_per_tok=8, moe_intermediate=768,
-        mlp_only_layers=())
+    return tiny_qwen3_vl_moe_hub_config(text_head_dim=128, vision_hidden=1152, vision_depth=27, vision_heads=16,
+                                        vision_intermediate=4304, num_position_embeddings=2304,
+                                        deepstack_visual_indexes=[8, 16, 24], mlp_only_layers=(), **shape)
 
 
-def moe_on_paper() -> list[dict]:
-    """Qwen3-VL-30B-A3B per GPU under full_shard (section 3 of the module docstring)."""
+# config.json shapes of the Hub's checkpoints (only the sizes differ from the families' tiny builders).
+SIZES = {
+    "Qwen2.5-VL-3B": lambda: _qwen2_5(text_hidden=2048, text_layers=36, text_heads=16, text_kv_heads=2,
+                                      text_intermediate=11008, vision_intermediate=3420),
+    "Qwen2.5-VL-7B": lambda: _qwen2_5(tie_word_embeddings=False, text_hidden=3584, text_layers=28, text_heads=28,
+                                      text_kv_heads=4, text_intermediate=18944, vision_intermediate=3420),
+    "Qwen2.5-VL-32B": lambda: _qwen2_5(tie_word_embeddings=False, text_hidden=5120, text_layers=64, text_heads=40,
+                                       text_kv_heads=8, text_intermediate=27648, vision_intermediate=3456),
+    "Qwen2.5-VL-72B": lambda: _qwen2_5(tie_word_embeddings=False, text_hidden=8192, text_layers=80, text_heads=64,
+                                       text_kv_heads=8, text_intermediate=29568, vision_intermediate=3456),
+    "Qwen3-VL-8B": lambda: _qwen3(text_hidden=4096, text_layers=36, text_heads=32, text_kv_heads=8,
+                                  text_intermediate=12288),
+    "Qwen3-VL-32B": lambda: _qwen3(text_hidden=5120, text_layers=64, text_heads=64, text_kv_heads=8,
+                                   text_intermediate=25600),
+    "Qwen3-VL-30B-A3B": lambda: _qwen3_moe(text_hidden=2048, text_layers=48, text_heads=32, text_kv_heads=4,
+                                           text_intermediate=6144, num_experts=128, num_experts_per_tok=8,
+                                           moe_intermediate=768),
+}
+SETTINGS = {  # name -> config overrides (dotted keys), on top of full_shard, micro-batch 4, global batch 256
+    "full": {},
+    "full+ckpt": {"actor.fsdp_config.gradient_checkpointing": True},
+    "frozen_vision+ckpt": {"actor.fsdp_config.gradient_checkpointing": True,
+                           "actor.model.freeze_vision_tower": True},
+    "lora+ckpt": {"actor.fsdp_config.gradient_checkpointing": True, "actor.model.is_lora": True},
+}
+
+
+def skeleton_of(hub: dict) -> torch.nn.Module:
     import transformers
-
-    from vlm_sft import trainable as trainable_lib
-
-    config = transformers.Qwen3VLMoeConfig.from_dict(shapes_30b_a3b())
+    config = transformers.AutoConfig.for_model(**hub)
     with torch.device("meta"):
-        module = transformers.Qwen3VLMoeForConditionalGeneration(config)
-    layer = "model.language_model.layers.0."
-    block = sum(p.numel() for n, p in module.named_parameters() if n.startswith(layer))
-    total = sum(p.numel() for p in module.parameters())
+        return transformers.AutoModelForImageTextToText.from_config(config)
+
+
+def robo2vlm_rows(image_tokens: int, n: int = 8) -> list:
+    """Robo2VLM rows at 640x480 (Qwen2.5-VL: 391 image tokens, Qwen3-VL: 300), ~100 text + 9 answer tokens."""
+    from vlm_sft.preflight import RowStats
+    return [RowStats(f"row:{i}", prompt_tokens=100 + image_tokens, image_tokens=image_tokens,
+                     sequence_tokens=109 + image_tokens) for i in range(n)]
+
+
+def on_paper(gpus: tuple[int, ...] = (8, 16, 32), device_gib: float = 80.0) -> list[dict]:
+    from vlm_sft import planner
+
     rows = []
-    for mode in ("full", "lora"):
-        c = _config(mode)
-        c.actor.model.model_type = "qwen3_vl_moe"
-        plan = trainable_lib.make_plan(c, module)
-        trained, frozen = plan.numel(plan.trainable), plan.numel(plan.frozen)
-        state = 16 * trained + 2 * frozen
-        cast = 4 if mode == "full" else 0  # trained leaves gathered in fp32, then cast (frozen: gathered in bf16)
-        for gpus in (8, 16):
-            for ckpt in (False, True):
-                gather = block * (cast + 2) if ckpt else total * 2 + block * cast
-                act = activation_bytes(config, 4, 512, 1200, ckpt)  # a 640x480 image: 1200 patches of 16
-                rows.append({"model": "Qwen3-VL-30B-A3B", "mode": mode, "gpus": gpus, "checkpointing": ckpt,
-                             "trainable": trained, "frozen": frozen, "state_gib": state / gpus / GIB,
-                             "gather_gib": gather / GIB, "act_gib": act / GIB,
-                             "total_gib": (state / gpus + gather + act) / GIB})
+    for name, hub in SIZES.items():
+        module = skeleton_of(hub())
+        stats = robo2vlm_rows(300 if "Qwen3" in name else 391)
+        for setting, overrides in SETTINGS.items():
+            for world in gpus:
+                c = _config("full")
+                c.actor.micro_batch_size, c.actor.global_batch_size = 4, 256
+                c.data.packing = False  # padded micro-batches of 4 rows (packing: one per rank and step here)
+                c.actor.fsdp_config.sharding_strategy = "full_shard"
+                c.actor.fsdp_config.mixed_precision.param_dtype = "bf16"
+                c.runner.device_memory_gib = device_gib
+                c = planner.apply_overrides(c, overrides)
+                report = planner.plan(c, module, stats, launched_world_size=world, device_type="cuda")
+                rows.append({"model": name, "setting": setting, "gpus": world, **report["per_device"],
+                             "fits": report["fits"], "advice": (report.get("advice") or {}).get("flags", "")})
     return rows
-
-
-def print_moe_on_paper() -> None:
-    print("\n| model | mode | GPUs (full_shard) | checkpointing | trainable | state per GPU (GiB) | gathered params "
-          "alive (GiB) | activations mb4 x 512 (GiB) | total per GPU (GiB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in moe_on_paper():
-        print(f"| {r['model']} | {r['mode']} | {r['gpus']} | {r['checkpointing']} | {r['trainable'] / 1e9:.3g}B | "
-              f"{r['state_gib']:.1f} | {r['gather_gib']:.2f} | {r['act_gib']:.1f} | {r['total_gib']:.1f} |")
 
 
 def main() -> None:
@@ -253,21 +216,17 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/bench_memory")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--child", choices=sorted(MODES), help=argparse.SUPPRESS)
-    parser.add_argument("--paper", action="store_true", help="the on-paper tables only")
+    parser.add_argument("--paper-only", action="store_true", help="only the planner's table (seconds, no training)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.workdir, args.steps)))
-        return
-    if args.paper:
-        print_paper()
-        print_moe_on_paper()
         return
     from bench.common import machine
 
     os.makedirs(args.workdir, exist_ok=True)
     print(f"# {machine()}")
-    results = measured(args.workdir, args.steps)
-    full = results[0]
+    results = [] if args.paper_only else measured(args.workdir, args.steps)
+    full = results[0] if results else None
     print("\n| mode | trainable params | frozen params | optimizer state (MiB) | peak RSS above the loaded model "
           "(GiB) | x full | step (s, median) | x full |")
     print("|---|---|---|---|---|---|---|---|")
@@ -275,18 +234,13 @@ def main() -> None:
         extra, extra_full = r["peak_gib"] - r["loaded_gib"], full["peak_gib"] - full["loaded_gib"]
         print(f"| {r['mode']} | {r['trainable']:,} | {r['frozen']:,} | {r['opt_state_gib'] * 1024:.1f} | "
               f"{extra:.3f} | {extra / extra_full:.2f} | {r['step_s']:.3f} | {r['step_s'] / full['step_s']:.2f} |")
-    print_paper()
-    print_moe_on_paper()
-
-
-def print_paper() -> None:
-    print("\n| model | mode | trainable | frozen | params+grads+Adam, 1 GPU (GiB) | same, full_shard on 8 (GiB) | "
-          "activations mb4 x 512 (GiB) | with checkpointing (GiB) | 1 GPU total (GiB) | 1 GPU, checkpointing (GiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | setting | GPUs | params | grads | Adam | gathered | activations | peak (GiB/GPU) | fits 80 GB "
+          "| advice |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in on_paper():
-        print(f"| {r['model']} | {r['mode']} | {r['trainable'] / 1e9:.3g}B | {r['frozen'] / 1e9:.3g}B | "
-              f"{r['state_1gpu_gib']:.1f} | {r['state_8gpu_gib']:.1f} | {r['act_gib']:.1f} | {r['act_ckpt_gib']:.1f} | "
-              f"{r['total_1gpu_gib']:.1f} | {r['total_1gpu_ckpt_gib']:.1f} |")
+        print(f"| {r['model']} | {r['setting']} | {r['gpus']} | {r['params_gib']:.1f} | {r['grads_gib']:.1f} | "
+              f"{r['optimizer_gib']:.1f} | {r['gathered_gib']:.1f} | {r['activations_gib']:.1f} | {r['peak_gib']:.1f} | "
+              f"{'yes' if r['fits'] else 'no'} | {r['advice']} |")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.runner.collective_timeout_s = 1800.0
     # new: stop (exit 3) after this many updates in a row were skipped for a non-finite loss/gradient; 0 = never
     c.runner.max_consecutive_skipped_steps = 20
+    # new: --mode=plan (vlm_sft/planner.py): the world size to plan for (0: the launch's, 1 without torchrun) and
+    # the memory of one device in GiB (unset: the visible GPU's, else 80)
+    c.runner.plan_world_size = 0
+    c.runner.device_memory_gib = ml_collections.config_dict.placeholder(float)
 
     c.data = ml_collections.ConfigDict()
     c.data.type = "vlm"

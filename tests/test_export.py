@@ -212,3 +212,32 @@ def test_qwen3_vl_export_loads_cleanly_and_gives_the_trainers_logits(which, requ
     params = checkpoint.restore_params(ckpt, params)
     assert_same_label_logits(model, params, hf, make_batch(torch.Generator().manual_seed(0), model.vision_spec(PAD),
                                                            ROWS))
+
+
+def test_max_shard_size_as_transformers_names_it(tied_ckpt, tmp_path):
+    """--max_shard_size=200KB: several shards of at most that size (a bigger tensor alone), an index naming every
+    tensor, and the directory loads with from_pretrained with no missing keys."""
+    assert [export.parse_shard_size(v) for v in ("5GB", "500MB", "2GiB", "1.5kb", 1234)] == [
+        5 * 10 ** 9, 500 * 10 ** 6, 2 * 2 ** 30, 1500, 1234]
+    with pytest.raises(export.ExportError, match="--max_shard_size"):
+        export.parse_shard_size("lots")
+    out = str(tmp_path / "hf")
+    assert export.cli(["--checkpoint", tied_ckpt, "--output_dir", out, "--max_shard_size", "200KB"]) == 0
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2
+    for name in files:
+        with safetensors.safe_open(os.path.join(out, name), "pt") as f:
+            sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+        total = sum(4 * _numel(s) for s in sizes)
+        assert total <= 200_000 or len(sizes) == 1, (name, total)
+    _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, local_files_only=True,
+                                                                 output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

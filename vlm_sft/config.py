@@ -15,7 +15,7 @@ SCHEDULERS = ("cosine", "constant", "linear")
 TRUNCATION = ("text", "error")
 BAD_ROWS = ("error", "skip")
 LOSS_NORMALIZATIONS = ("tokens", "micro_batch")
-MODES = ("train", "eval", "check")
+MODES = ("train", "eval", "check", "plan")
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

@@ -1,7 +1,7 @@
 """Checkpoint -> a Hugging Face model directory that transformers, vLLM and SGLang load as they load the Hub's.
 
   python -m vlm_sft.export --checkpoint <run>/checkpoints/step_N --output_dir <dir> [--dtype bf16|fp32]
-                           [--overwrite] [--model_path <base model dir>] [--adapter_only]
+                           [--overwrite] [--model_path <base model dir>] [--adapter_only] [--max_shard_size 5GB]
 
 The directory holds the params under their Hub names (the family's: Qwen2.5-VL ships `model.language_model.X` as
 `model.X` and `model.visual.X` as `visual.X`, Qwen3-VL under the in-memory names; `lm_head.weight` only when
@@ -42,6 +42,26 @@ from vlm_sft.errors import ExportError
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3  # the Hub's usual shard size
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
+
+
+_UNITS = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+
+
+def parse_shard_size(value: str | int) -> int:
+    """transformers' max_shard_size: bytes as an int, or "5GB" (10^9), "500MB", "2GiB" (2^30), ..."""
+    if isinstance(value, int):
+        size = value
+    else:
+        text = str(value).strip().upper().replace(" ", "")
+        unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if text.endswith(u)), "")
+        try:
+            size = int(float(text[:len(text) - len(unit)]) * _UNITS.get(unit, 1))
+        except ValueError:
+            raise ExportError(f"--max_shard_size={value!r}: expected a size like 5GB, 500MB or 2GiB") from None
+    if size <= 0:
+        raise ExportError(f"--max_shard_size={value!r}: expected a positive size")
+    return size
 
 
 def hub_name(name: str, family: models.Family) -> str:
@@ -298,6 +318,8 @@ def make_flags() -> flags.FlagValues:
                         "checkpoint's config)", flag_values=fv)
     flags.DEFINE_bool("adapter_only", False, "write only the LoRA adapters, in PEFT's format (adapter_config.json, "
                       "adapter_model.safetensors), instead of the merged model", flag_values=fv)
+    flags.DEFINE_string("max_shard_size", "5GB", "largest safetensors shard, as transformers names it (5GB, 500MB, "
+                        "2GiB); the export holds about one shard in memory", flag_values=fv)
     flags.mark_flags_as_required(["checkpoint", "output_dir"], flag_values=fv)
     return fv
 
@@ -308,7 +330,8 @@ def run(fv: flags.FlagValues) -> int:
     transformers.utils.logging.set_verbosity_error()
     try:
         out = export_checkpoint(fv.checkpoint, fv.output_dir, dtype=DTYPES.get(fv.dtype), overwrite=fv.overwrite,
-                                model_path=fv.model_path, adapter_only=fv.adapter_only)
+                                model_path=fv.model_path, adapter_only=fv.adapter_only,
+                                max_shard_bytes=parse_shard_size(fv.max_shard_size))
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -31,10 +32,12 @@ from vlm_sft import evaluate as evaluate_lib
 from vlm_sft import export as export_lib
 from vlm_sft import faults
 from vlm_sft import integrity
+from vlm_sft import loading
 from vlm_sft import lora as lora_lib
 from vlm_sft import models as model_lib
 from vlm_sft import perf
 from vlm_sft import loggers
+from vlm_sft import planner
 from vlm_sft import preflight
 from vlm_sft import report as report_lib
 from vlm_sft import sharding as sharding_lib
@@ -44,7 +47,7 @@ from vlm_sft.data import loader as loader_lib
 from vlm_sft.data import packing as packing_lib
 from vlm_sft.data import robo2vlm, sources
 from vlm_sft.data.collate import check_length_buckets, collate_encoded
-from vlm_sft.data.encode import Encoder, PromptTooLong
+from vlm_sft.data.encode import IMAGE_TOKEN, Encoder, PromptTooLong
 from vlm_sft.data.processor import load_processor
 from vlm_sft.data.vision import Spec
 from vlm_sft.metrics import MetricsWriter
@@ -52,8 +55,9 @@ from vlm_sft.state import init_train_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/robo2vlm.py:demo",
                                           lock_config=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "check"],
-                          "train (then evaluate), evaluate only, or check every data row (no weights read)")
+_MODE = flags.DEFINE_enum("mode", "train", list(config_lib.MODES),
+                          "train (then evaluate), evaluate only, check every data row, or plan the memory per "
+                          "device (check and plan read no weights)")
 
 RANK_EXIT_GRACE_S = 2.0  # how long ranks other than 0 wait before exiting on an error rank 0 reports
 
@@ -118,6 +122,49 @@ def check_data(config: Any) -> dict[str, Any]:
     world = world if config.actor.global_batch_size % world == 0 else 1
     return preflight.check(config, splits, make_encoder(config), out_path=os.path.join(run_dir, "preflight.json"),
                            world_size=world)
+
+
+def plan_memory(config: Any, launched_world_size: int) -> dict[str, Any]:
+    """--mode=plan: the per-device memory estimate of the configured run (vlm_sft/planner.py), printed and written
+    to <run dir>/plan.json. Reads config.json, the processor files and a sample of rows; never the weights."""
+    run_dir = config_lib.run_dir(config)
+    os.makedirs(run_dir, exist_ok=True)
+    demo_lib.prepare_demo(config, run_dir)
+    report = planner_estimate(config, launched_world_size)
+    planner.write_report(report, os.path.join(run_dir, "plan.json"))
+    print(planner.format_plan(report))
+    return report
+
+
+def planner_estimate(config: Any, launched_world_size: int, *, device_type: str | None = None,
+                     runtime_gib: float | None = None) -> dict[str, Any]:
+    """The planner's report for the config: skeleton and data sample (train split, else eval), no weights."""
+    sharding_lib.check_config(config, planner.plan_world_size(config, launched_world_size))
+    planner.device_memory_gib(config)  # a bad runner.device_memory_gib fails before any row is read
+    path = config.actor.model.model_path
+    if not os.path.isfile(os.path.join(path, "config.json")):  # weights not needed: plan before downloading them
+        raise model_lib.ModelLoadError(f"actor.model.model_path={path!r}: no config.json (--mode=plan needs the "
+                                       "model directory's config.json and processor files, not its weights)")
+    files = find_files(config, "train_data_paths", "train") or find_files(config, "eval_data_paths", "test")
+    encoder = make_encoder(config)
+    image_token_id = encoder.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    stats = planner.sample_rows(make_source(files, config, lazy=True), encoder, image_token_id)
+    module = trainable_lib.skeleton(config.actor.model.model_path)
+    return planner.plan(config, module, stats, launched_world_size=launched_world_size, device_type=device_type,
+                        runtime_gib=runtime_gib)
+
+
+def log_planned_memory(config: Any, files: list[str], world_size: int, device: torch.device) -> float:
+    """The planner's peak (GiB per device) for this run, logged at its start; the loop logs it again beside the
+    measured peak after the first step."""
+    skeleton = trainable_lib.skeleton(config.actor.model.model_path)
+    encoder = make_encoder(config)
+    image_token_id = encoder.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    stats = planner.sample_rows(make_source(files, config, lazy=True), encoder, image_token_id)
+    this_run = planner.apply_overrides(config, {"runner.plan_world_size": world_size})
+    report = planner.plan(this_run, skeleton, stats, launched_world_size=world_size, device_type=device.type)
+    logging.info("%s", planner.format_plan(report))
+    return report["per_device"]["peak_gib"]
 
 
 def available_memory_bytes() -> int:
@@ -233,6 +280,8 @@ def run(config: Any, mode: str) -> dict[str, Any]:
             raise config_lib.ConfigError("--mode=check runs as one process (its workers are data.num_workers); "
                                          "run it without torchrun")
         return check_data(config)
+    if mode == "plan":
+        return plan_memory(config, proc.world_size)
     sharding_lib.check_config(config, proc.world_size)
     device, created = sharding_lib.init_process_group(proc, timeout_s=config.runner.collective_timeout_s)
     preemption = faults.Preemption()
@@ -310,6 +359,7 @@ class Log:
     writer: MetricsWriter
     last: dict[str, float]
     evaluate: Callable[[int, dict], None]
+    planned_gib: float | None = None  # the planner's peak per device (rank 0), logged again after step 1
 
 
 @dataclasses.dataclass
@@ -329,8 +379,12 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     writer = open_writer(config, checked, config_json, proc.rank)
     with finishing(writer, checked.run_dir):
         torch.manual_seed(config.actor.seed)
+        # The planner's estimate before the weights load (on CPU its runtime term is this process's resident set).
+        planned = log_planned_memory(config, checked.train_files, proc.world_size, device) if (
+            checked.train_files and proc.rank == 0) else None
         loaded = load_model_and_plan(config, checked.plan, checked.eval_files, device)
         log = make_log(config, loaded, checked, proc, writer)
+        log.planned_gib = planned
         if not checked.train_files:
             eval_only(loaded.params, checked, log)
             return log.last
@@ -408,21 +462,31 @@ def load_model_and_plan(config: Any, plan: trainable_lib.TrainPlan, eval_files: 
                                        f"or image processor does not load ({type(e).__name__}: {e})") from None
     processor = encoder.processor
     logging.info("loading model weights from %s", config.actor.model.model_path)
+    precision = config_lib.parse_dtype(config.actor.model.precision, "actor.model.precision")
+    sharding = sharding_lib.make_sharding(config, device)
+    m = config.actor.model
     try:
-        model, params = model_lib.load_model(config.actor.model.model_path,
-                                             attn_implementation=config.actor.model.attn_implementation,
-                                             model_type=config.actor.model.model_type)
+        if loading.has_safetensors(m.model_path):  # each rank reads only its rows, in the plan's dtypes
+            frozen = set(plan.frozen)
+            dtypes = {k: sharding.param_dtype if k in frozen else precision for k in plan.shapes}
+            model, params = loading.load_sharded(m.model_path, sharding, dtypes,
+                                                 attn_implementation=m.attn_implementation, model_type=m.model_type)
+        else:  # .bin weights: the whole model on every rank, then sharded
+            model, params = model_lib.load_model(m.model_path, attn_implementation=m.attn_implementation,
+                                                 model_type=m.model_type)
     except model_lib.ModelLoadError:
         raise
     except Exception as e:  # damage the header checks cannot see (e.g. a corrupted tensor record)
         raise model_lib.ModelLoadError(f"actor.model.model_path={config.actor.model.model_path!r}: the weights do "
                                        f"not load ({type(e).__name__}: {e})") from None
-    precision = config_lib.parse_dtype(config.actor.model.precision, "actor.model.precision")
-    sharding = sharding_lib.make_sharding(config, device)
     # step_model: the model whose blocks carry LoRA adapters (the train step's); evaluation reads merged params.
     step_model, params = apply_plan(model, params, plan, precision=precision, compute_dtype=sharding.param_dtype,
                                     seed=config.actor.seed)
-    params = sharding_lib.shard_model(model, params, sharding)  # DTensors on `device`; the full copy is freed
+    if loading.has_safetensors(m.model_path):  # only the LoRA adapters (created whole, alike on every rank) left
+        params = {**params, **sharding_lib.shard_params(
+            {k: v for k, v in params.items() if not isinstance(v, DTensor)}, sharding)}
+    else:
+        params = sharding_lib.shard_model(model, params, sharding)  # DTensors on `device`; the full copy is freed
     tokenizer = processor.tokenizer
     spec = model.vision_spec(pad_token_id=tokenizer.pad_token_id)
     eval_source = make_source(eval_files, config) if eval_files else None
@@ -634,6 +698,11 @@ def train_loop(config: Any, state: Any, loader: loader_lib.TrainLoader, setup: S
         step_mfu = perf.mfu(scalars["perf/flops"], step_time, peak_flops, world_size)
         if step_mfu is not None:
             scalars["perf/mfu"] = step_mfu
+        if step == 1 and log.planned_gib is not None:
+            measured = "peak allocated" if device.type == "cuda" else "peak resident set"
+            logging.info("memory: planned %.2f GiB per device, %s after step 1: %.2f GiB", log.planned_gib -
+                         (planner.RUNTIME_CUDA_GIB if device.type == "cuda" else 0.0), measured,
+                         scalars["perf/max_memory_gib"])
         if step % r.log_interval == 0 or step == steps or step == 1:
             writer.write(step, scalars)
             writer.console(step, scalars)

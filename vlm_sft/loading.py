@@ -1,0 +1,154 @@
+"""Sharded loading: each rank reads from the safetensors files only the rows its placements keep.
+
+`from_pretrained` on every rank holds the whole model in fp32 before sharding it: 72B is ~290 GB of host memory per
+process, 8 processes per node. Here the HF module is built with its parameters on the meta device (buffers such as
+the rotary tables are computed as usual), and every parameter is read as a safetensors slice (`get_slice`) of the
+rows this rank's shard covers (Shard(0) over the mesh's shard dimension, chunked as DTensor chunks), cast to its
+dtype in the plan (master precision when trained, the compute dtype when frozen), and wrapped as a DTensor with
+the strategy's placements. A rank's peak host memory is then about its own shard plus one tensor's slice.
+
+Names: each in-memory name maps to the files through the family's `hub_name` (transformers 4.x layout, as the Hub
+ships most checkpoints), or the in-memory name itself where a file was written in the 5.x layout. Tied embeddings
+are one parameter (read once). The values are the same bits as from_pretrained's (bf16 -> fp32 is exact, and the
+compute-dtype cast of a frozen leaf is the cast apply_plan makes); tests/test_loading.py holds them equal.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import time
+from typing import Any, Iterator
+
+import torch
+from absl import logging
+from safetensors import safe_open
+from torch.distributed.tensor import DTensor, Shard
+
+from vlm_sft import models as model_lib
+from vlm_sft.errors import ModelLoadError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def has_safetensors(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, INDEX)) or os.path.isfile(os.path.join(path, SINGLE))
+
+
+def weight_files(path: str) -> dict[str, str]:
+    """Tensor name in the files -> the safetensors file holding it (the index, or the single file's header)."""
+    index = os.path.join(path, INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, SINGLE)
+    if not os.path.isfile(single):
+        raise ModelLoadError(f"actor.model.model_path={path!r}: neither {INDEX} nor {SINGLE} (sharded loading reads "
+                             "safetensors only)")
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device; buffers are computed on CPU as usual."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def skeleton(path: str, family: model_lib.Family, *, attn_implementation: str) -> torch.nn.Module:
+    """The family's HF module of `path`/config.json: parameters on meta, buffers real."""
+    cls = family.hf_class()
+    config = cls.config_class.from_pretrained(path, local_files_only=True)
+    config._attn_implementation = attn_implementation
+    with params_on_meta():
+        module = cls._from_config(config, dtype=torch.float32)
+    return module
+
+
+def local_rows(rows: int, sharding: Any) -> tuple[int, int]:
+    """[start, end) of dim 0 this rank keeps under the sharding's placements (DTensor's Shard(0) chunking:
+    ceil(rows / n) per rank, the last ones shorter or empty)."""
+    start, end = 0, rows
+    mesh = sharding.mesh
+    for dim, placement in enumerate(sharding.placements):
+        if isinstance(placement, Shard):
+            n, k = mesh.size(dim), mesh.get_local_rank(dim)
+            size = end - start
+            chunk = -(-size // n)
+            start, end = start + min(k * chunk, size), start + min((k + 1) * chunk, size)
+    return start, end
+
+
+def _hub_key(name: str, family: model_lib.Family, files: dict[str, str], path: str) -> str:
+    hub = family.hub_name(name)
+    for key in (hub, name):
+        if key in files:
+            return key
+    raise ModelLoadError(f"actor.model.model_path={path!r}: weights missing for {name!r} (no {hub!r} in its "
+                         "safetensors files)")
+
+
+def load_sharded(path: str, sharding: Any, dtypes: dict[str, torch.dtype], *, attn_implementation: str = "sdpa",
+                 model_type: str | None = None) -> tuple[model_lib.Model, dict[str, DTensor]]:
+    """The model skeleton (parameters on meta, buffers on the device in their dtype) and this rank's params as
+    DTensors; `dtypes`: param name -> the dtype it is held in (the plan's: precision or compute dtype)."""
+    from vlm_sft import sharding as sharding_lib
+
+    t0 = time.perf_counter()
+    family = model_lib.check_model_dir(path, model_type)
+    module = skeleton(path, family, attn_implementation=attn_implementation)
+    model, meta = model_lib.model_from_module(module, family)
+    files = weight_files(path)
+    keys = {name: _hub_key(name, family, files, path) for name in meta}
+    params: dict[str, DTensor] = {}
+    read = 0
+    for file in sorted({files[k] for k in keys.values()}):  # one file open at a time: its mapped pages go with it
+        with safe_open(file, "pt") as handle:
+            for name, key in keys.items():
+                if files[key] != file:
+                    continue
+                piece = handle.get_slice(key)
+                shape = tuple(piece.get_shape())
+                if shape != tuple(meta[name].shape):
+                    raise ModelLoadError(f"actor.model.model_path={path!r}: {key} has shape {list(shape)} in the "
+                                         f"files, the model expects {list(meta[name].shape)}")
+                start, end = local_rows(shape[0], sharding) if shape else (0, 0)
+                local = (piece[start:end] if shape else piece[...]).to(dtypes.get(name, torch.float32))
+                read += local.numel() * local.element_size()
+                local = local.to(sharding.device).contiguous()
+                params[name] = DTensor.from_local(local, sharding.mesh, sharding.placements, run_check=False,
+                                                  shape=torch.Size(shape), stride=_contiguous_stride(shape))
+    params = {name: params[name] for name in meta}  # the module's order
+    for sub in module.modules():  # as shard_model leaves it: buffers on the device, in their dtype
+        for bname, b in sub._buffers.items():
+            if b is not None:
+                sub._buffers[bname] = b.to(sharding.device, sharding_lib.buffer_dtype(bname, b, sharding))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    logging.info(
+        "sharded loading: %d tensors, %.2f GiB read on this rank in %.1f s; peak host memory %.2f GiB",
+        len(params), read / 2 ** 30, time.perf_counter() - t0, peak)
+    return model, params
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for d in reversed(shape):
+        stride.append(acc)
+        acc *= d
+    return tuple(reversed(stride))
+
+
+__all__ = ["load_sharded", "local_rows", "params_on_meta", "skeleton", "weight_files"]
