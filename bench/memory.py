@@ -189,11 +189,15 @@ def robo2vlm_rows(image_tokens: int, n: int = 8) -> list:
                      sequence_tokens=109 + image_tokens) for i in range(n)]
 
 
-def on_paper(gpus: tuple[int, ...] = (8, 16, 32), device_gib: float = 80.0) -> list[dict]:
+def on_paper(gpus: tuple[int, ...] = (8, 16, 32), device_gib: float = 80.0, models: tuple[str, ...] = ()
+             ) -> list[dict]:
+    """The planner's rows for `models` (default: every size in SIZES)."""
     from vlm_sft import planner
 
     rows = []
     for name, hub in SIZES.items():
+        if models and name not in models:
+            continue
         module = skeleton_of(hub())
         stats = robo2vlm_rows(300 if "Qwen3" in name else 391)
         for setting, overrides in SETTINGS.items():

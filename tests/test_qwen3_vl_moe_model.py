@@ -354,20 +354,20 @@ def test_compiled_step_is_one_region_per_block_kind_and_equals_eager(tiny_moe_di
 
 
 def test_bench_memory_rows_for_30b_a3b():
-    """bench/memory.py's on-paper rows (meta device): full_shard on 8 GPUs holds 1/8 of the 16 bytes/param state;
-    checkpointing keeps one sparse layer gathered (its 128 experts, fp32 + bf16 at the cast) instead of all."""
+    """bench/memory.py's on-paper rows (the planner on a meta-device 30B-A3B): full_shard on 8 GPUs holds 1/8 of
+    the fp32 params; checkpointing keeps one sparse layer gathered (its 128 experts) instead of every layer."""
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from bench import memory
 
-    rows = {(r["mode"], r["gpus"], r["checkpointing"]): r for r in memory.moe_on_paper()}
-    full8 = rows["full", 8, True]
-    assert full8["trainable"] == pytest.approx(31.1e9, rel=0.01)
-    assert full8["state_gib"] == pytest.approx(16 * full8["trainable"] / 8 / 2 ** 30)
-    assert rows["full", 16, True]["state_gib"] == pytest.approx(full8["state_gib"] / 2)
-    assert 3 < full8["gather_gib"] < 4 < 50 < rows["full", 8, False]["gather_gib"]
-    assert rows["lora", 8, True]["total_gib"] < 24 < full8["total_gib"] < 80
+    rows = {(r["setting"], r["gpus"]): r for r in memory.on_paper(gpus=(8, 16), models=("Qwen3-VL-30B-A3B",))}
+    full8 = rows["full+ckpt", 8]
+    assert full8["params_gib"] == pytest.approx(4 * 31.1e9 / 8 / 2 ** 30, rel=0.01)
+    assert full8["optimizer_gib"] == pytest.approx(2 * full8["params_gib"], rel=0.01)
+    assert rows["full+ckpt", 16]["params_gib"] == pytest.approx(full8["params_gib"] / 2, rel=0.01)
+    assert full8["gathered_gib"] < 10 < 50 < rows["full", 8]["gathered_gib"]
+    assert rows["lora+ckpt", 8]["peak_gib"] < 24 < full8["peak_gib"] < 80 < rows["full", 8]["peak_gib"]
 
 
 def test_router_aux_loss_coef_defaults_to_the_directorys_and_is_refused_for_dense_families():
