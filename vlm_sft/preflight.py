@@ -62,6 +62,8 @@ def check_row(source: Any, encoder: Encoder, image_token_id: int, i: int) -> Row
         encoded = encoder(example)
     except PromptTooLong as e:
         return RowStats(name, "too_long", str(e), image_sizes=sizes)
+    except RowError as e:  # a row the processor cannot take (e.g. an image's aspect ratio)
+        return RowStats(name, e.reason, str(e), image_sizes=sizes)
     except ValueError as e:  # the encoder's own checks (e.g. image tokens typed into the question)
         message = str(e) if str(e).startswith(name) else f"{name}: {e}"
         return RowStats(name, "encode", message, image_sizes=sizes)

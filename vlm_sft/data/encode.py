@@ -12,6 +12,8 @@ import numbers
 
 import torch
 
+from vlm_sft.data.robo2vlm import RowError
+
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<|image_pad|>"
 TURN_END = "<|im_end|>"
@@ -157,8 +159,8 @@ class Encoder:
         except ValueError as e:
             sizes = ", ".join(f"{getattr(image, 'width', '?')}x{getattr(image, 'height', '?')}"
                               for image in example.images)
-            raise ValueError(f"{example.source}: image(s) of {sizes} pixels (width x height) cannot be processed: "
-                             f"{e}") from None
+            raise RowError(f"{example.source}: image(s) of {sizes} pixels (width x height) cannot be processed: "
+                           f"{e}", "image") from None
 
     def __call__(self, example) -> Encoded:
         _check_example(example)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from vlm_sft.data.encode import PromptTooLong
 from vlm_sft.data.robo2vlm import RowError
 
 _PREFETCH_FACTOR = 4  # micro-batches in flight per worker
@@ -81,13 +82,16 @@ class _MicroBatchDataset(torch.utils.data.Dataset):
         self.bad_rows, self.in_worker = bad_rows, in_worker
 
     def _encode(self, i: int) -> Any:
+        """Row i encoded. Every per-row failure leaves as a one-line RowError naming the row (an over-long prompt
+        stays a PromptTooLong), so the trainer reports it as a bad row, never as a traceback."""
         example = self.source[i]
         try:
             return self.encode_fn(example)
+        except (RowError, PromptTooLong):
+            raise
         except ValueError as e:
-            if example.source in str(e):
-                raise
-            raise RowError(f"{example.source}: {e}") from e
+            message = str(e) if str(e).startswith(example.source) else f"{example.source}: {e}"
+            raise RowError(message, "encode") from None
 
     def __getitem__(self, indices: Sequence[int]) -> _MicroResult:
         try:
