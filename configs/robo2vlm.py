@@ -72,6 +72,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.choice_key = "choices"
     c.data.answer_key = "correct_answer"
     c.data.image_keys = ["image"]    # several keys, or a list in one key: several images per row, in this order
+    # new: video columns (like image_keys; a row may hold images, videos or both; images come first in the prompt).
+    # A value is a video file (path relative to the data file, or absolute; or bytes / {"bytes": ...}), a list of
+    # frame image paths (one video), or a list of videos. Decoded with PyAV (pip install 'vlm-sft[video]'), frames
+    # sampled and sized as the model directory's stock video processor does (Qwen2.5-VL / Qwen3-VL rules).
+    c.data.video_keys = ()
+    c.data.video_fps_key = ""        # new: column with the frame rate of frame-list videos ("" = data.video_fps)
+    c.data.video_fps = 2.0           # new: frames sampled per second of video
+    c.data.video_min_frames = 4      # new: a video with fewer frames is a bad row; fewer sampled are padded up
+    c.data.video_max_frames = 768    # new
+    # new: per-frame and whole-video pixel caps (unset: the directory's video processor budget, as its stock
+    # processor uses it: Qwen2.5-VL per frame, Qwen3-VL per video)
+    c.data.video_max_pixels = ml_collections.config_dict.placeholder(int)
+    c.data.video_total_pixels = ml_collections.config_dict.placeholder(int)
     c.data.apply_chat_template = True
     c.data.use_chat_template = True
     c.data.max_prompt_length = 1024  # prompt tokens, image tokens included

@@ -82,7 +82,8 @@ def column_keys(config: Any) -> dict[str, Any]:
     """The data.*_key fields, as the robo2vlm functions take them."""
     d = config.data
     return dict(prompt_key=d.prompt_key, choice_key=d.choice_key, answer_key=d.answer_key,
-                image_keys=list(d.image_keys))
+                image_keys=list(d.image_keys), video_keys=list(d.get("video_keys", ())),
+                video_fps_key=d.get("video_fps_key") or None)
 
 
 def make_source(files: list[str], config: Any, *, lazy: bool | None = None) -> sources.Source:
