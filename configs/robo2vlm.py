@@ -10,6 +10,8 @@ Variants after the colon (comma separated):
   qwen3  Qwen3-VL (actor.model.model_type=qwen3_vl); with demo, the tiny random model is a Qwen3-VL shaped as the
          Hub ships Qwen3-VL-2B-Instruct.
   lora   LoRA adapters (actor.model.is_lora) instead of full-parameter training; `:demo,lora` on the demo.
+  video  video rows (data.video_keys=("video",), no images); with demo, generated MP4 clips of a block moving
+         one of four ways (the answer needs the frames in order); needs PyAV (pip install 'vlm-sft[video]').
 
   python -m vlm_sft.main --config configs/robo2vlm.py:demo
   python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3
@@ -25,10 +27,10 @@ import ml_collections
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
-    unknown = variants - {"demo", "eval", "qwen3", "lora"}
+    unknown = variants - {"demo", "eval", "qwen3", "lora", "video"}
     if unknown:
         raise ValueError(f"configs/robo2vlm.py: unknown variant(s) {sorted(unknown)}; known: demo, eval, qwen3, "
-                         "lora")
+                         "lora, video")
 
     c = ml_collections.ConfigDict()
 
@@ -210,6 +212,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             c.runner.logger.experiment_name = "demo_qwen3"  # its own run dir: own demo assets and checkpoints
             c.data.min_pixels = 64 * 64  # patch 16, merge 2: a 64x48 demo image -> 4x4 patches -> 4 image tokens
             c.data.max_pixels = 64 * 64
+
+    if "video" in variants:
+        c.data.video_keys = ("video",)
+        c.data.image_keys = ()
+        if "demo" in variants:
+            c.runner.logger.experiment_name += "_video"  # its own run dir: own demo clips and checkpoints
+            c.data.demo_blank_video = False  # new: the control: the same rows with grey clips (near chance)
+            # 64x64 frames at 4 fps, 8 frames -> 4 sampled at 2 fps -> 2 frame groups of 2x2 merged tokens
+            c.data.video_max_pixels = 56 * 56 if "qwen3" not in variants else 64 * 64
+            c.runner.max_steps = 120
+            c.runner.val_check_interval = 40
+            c.runner.save_interval = 40
 
     if "eval" in variants:
         c.data.train_data_paths = ""

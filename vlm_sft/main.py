@@ -38,7 +38,7 @@ from vlm_sft.data import loader as loader_lib
 from vlm_sft.data import robo2vlm, sources
 from vlm_sft.data.collate import check_length_buckets, collate_encoded
 from vlm_sft.data.encode import Encoder, PromptTooLong
-from vlm_sft.data.processor import load_processor
+from vlm_sft.data.processor import load_processor, load_video_config
 from vlm_sft.data.vision import Spec
 from vlm_sft.metrics import MetricsWriter
 from vlm_sft.state import init_train_state
@@ -70,8 +70,13 @@ def prepare_demo(config: Any, run_dir: str) -> None:
         if not os.path.isdir(path):
             logging.info("demo: writing Robo2VLM-format parquet files to %s", path)
             rows = config.data.demo_rows
-            testing.make_robo2vlm_dir(path + ".tmp", n_train=rows, n_test=max(rows // 8, 1), seed=0,
-                                      fixed_choices=True)
+            if config.data.get("video_keys"):  # :demo,video: clips whose answer needs the frames in order
+                logging.info("demo: writing video JSONL rows and MP4 clips to %s", path)
+                testing.make_video_dir(path + ".tmp", n_train=rows, n_test=max(rows // 8, 1), seed=0,
+                                       blank=config.data.get("demo_blank_video", False))
+            else:
+                testing.make_robo2vlm_dir(path + ".tmp", n_train=rows, n_test=max(rows // 8, 1), seed=0,
+                                          fixed_choices=True)
             os.replace(path + ".tmp", path)
         for key in ("train_data_paths", "eval_data_paths"):
             if config.data[key] == DEMO:
@@ -113,10 +118,21 @@ def make_encoder(config: Any) -> Encoder:
     try:
         processor = load_processor(config.actor.model.model_path, min_pixels=d.min_pixels,
                                    max_pixels=d.max_pixels)
+        video_config = None
+        if d.get("video_keys"):
+            video_config = load_video_config(
+                config.actor.model.model_path, fps=d.video_fps, min_frames=d.video_min_frames,
+                max_frames=d.video_max_frames, max_pixels=d.video_max_pixels, total_pixels=d.video_total_pixels)
     except ValueError as e:
         raise model_lib.ModelLoadError(f"actor.model.model_path: {e}") from None
+    if video_config is not None:
+        try:
+            import av  # noqa: F401  (decodes the videos, in the data workers)
+        except ImportError:
+            raise config_lib.ConfigError("data.video_keys is set but PyAV is not installed: pip install av "
+                                         "(or the vlm-sft[video] extra)") from None
     return Encoder(processor, max_prompt_length=d.max_prompt_length, truncation=d.truncation,
-                   apply_chat_template=d.apply_chat_template)
+                   apply_chat_template=d.apply_chat_template, video_config=video_config)
 
 
 def check_data(config: Any) -> dict[str, Any]:

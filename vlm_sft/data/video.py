@@ -14,6 +14,7 @@ Every failure is a RowError naming the row, the video and the reason (reason "vi
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import io
 import math
 import os
@@ -336,7 +337,7 @@ def write_clip(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: float
 
     height, width = frames[0].shape[:2]
     with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
         stream.options = {"crf": "4", "preset": "ultrafast"}
         for frame in frames:
