@@ -199,10 +199,13 @@ def _decode_file(ref: VideoRef, config: VideoConfig, where: str) -> tuple[list[n
     try:
         container = _open(ref)
     except FileNotFoundError:
-        raise RowError(f"{where}: video file not found", "video") from None
-    except av.error.FFmpegError as e:
-        raise RowError(f"{where}: not a video container FFmpeg reads ({e.strerror or type(e).__name__})",
+        raise RowError(f"{where}: video file not found (looked for {ref.data})", "video") from None
+    except av.error.EOFError:
+        raise RowError(f"{where}: zero frames (the file ends before its first frame: empty or truncated)",
                        "video") from None
+    except av.error.FFmpegError as e:
+        raise RowError(f"{where}: not a video container FFmpeg reads: truncated, or not a video "
+                       f"({e.strerror or type(e).__name__})", "video") from None
     with container:
         if not container.streams.video:
             raise RowError(f"{where}: no video stream in the container", "video")
