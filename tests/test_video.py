@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vlm_sft import testing
 from vlm_sft.data import sources
 from vlm_sft.data import video as video_lib
 from vlm_sft.data.encode import Encoder

@@ -14,7 +14,7 @@ import numbers
 
 import torch
 
-from vlm_sft.data.robo2vlm import RowError
+from vlm_sft.errors import PromptTooLong, RowError
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<|image_pad|>"
@@ -24,10 +24,6 @@ TURN_END = "<|im_end|>"
 PLAIN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 PLAIN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 TRUNCATIONS = ("text", "error")
-
-
-class PromptTooLong(ValueError):
-    """A prompt (image tokens included) longer than data.max_prompt_length that cannot or may not be cut."""
 
 
 @dataclasses.dataclass

@@ -24,7 +24,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from vlm_sft.data.robo2vlm import RowError
+from vlm_sft.errors import RowError
 
 QWEN2_VL, QWEN3_VL = "qwen2_vl", "qwen3_vl"  # the two stock video processors' sampling and budget rules
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # a list of these in a video key: one video's frames
