@@ -73,7 +73,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.prompt_key = "question"
     c.data.choice_key = "choices"
     c.data.answer_key = "correct_answer"
-    c.data.image_keys = ["image"]    # several keys, or a list in one key: several images per row, in this order
+    c.data.image_keys = ("image",)   # several keys, or a list in one key: several images per row, in this order
     # new: video columns (like image_keys; a row may hold images, videos or both; images come first in the prompt).
     # A value is a video file (path relative to the data file, or absolute; or bytes / {"bytes": ...}), a list of
     # frame image paths (one video), or a list of videos. Decoded with PyAV (pip install 'vlm-sft[video]'), frames

@@ -176,3 +176,28 @@ def test_config_fields_from_the_command_line_are_checked(tmp_path, tiny_model_di
     c.data.image_keys = ()
     with pytest.raises(config_lib.ConfigError, match="data.image_keys and data.video_keys are both empty"):
         config_lib.validate(c, mode="train")
+
+
+def test_check_mode_reports_video_stats_and_names_a_bad_video(tmp_path, tiny_qwen3_vl_dir):
+    """--mode=check on video rows (keys given as tuple literals on the command line, as a user types them)."""
+    import subprocess
+    import sys
+    from configs_loader import CONFIG
+    from vlm_sft.demo import data as demo_data
+    d = demo_data.make_video_dir(tmp_path / "data", n_train=8, n_test=2)
+    (d / "videos" / "bad.mp4").write_bytes(b"not a video" * 10)
+    lines = (d / "train.jsonl").read_text().splitlines()
+    lines[2] = json.dumps({**json.loads(lines[2]), "video": "videos/bad.mp4"})
+    (d / "train.jsonl").write_text("\n".join(lines) + "\n")
+    out = subprocess.run([sys.executable, "-m", "vlm_sft.main", f"--config={CONFIG}:qwen3", "--mode=check",
+                          f"--config.runner.logger.log_path={tmp_path / 'runs'}",
+                          f"--config.actor.model.model_path={tiny_qwen3_vl_dir}",
+                          f"--config.data.train_data_paths={d}", "--config.data.eval_data_paths=",
+                          "--config.data.video_keys=('video',)", "--config.data.image_keys=()",
+                          "--config.data.num_workers=0"], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert (f"{d}/train.jsonl:3: video 'videos/bad.mp4': not a video container" in out.stdout), out.stdout
+    assert "videos per row: 1 video(s): 7; duration (s) 2 / 2 / 2 / 2; decoded frames 4 / 4 / 4 / 4; video " \
+           "tokens per row 8 / 8 / 8 / 8" in out.stdout, out.stdout
+    report = json.loads((tmp_path / "runs" / "qwen3_vl_sft_robo2vlm" / "preflight.json").read_text())
+    assert report["splits"]["train"]["bad_rows_by_reason"]["video"]["count"] == 1
