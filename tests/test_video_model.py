@@ -8,7 +8,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForCondition
 from vlm_sft import models as model_lib
 from vlm_sft import optim
 from vlm_sft import step as step_lib
-from vlm_sft.data.collate import collate
+from vlm_sft.data.collate import collate, collate_packed
 from vlm_sft.state import init_train_state
 
 IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, PAD = (151644, 151645, 151652, 151653, 151655,
@@ -22,7 +22,7 @@ FAMILIES = {"qwen2.5_vl": ("tiny_model_dir", Qwen2_5_VLForConditionalGeneration,
             "qwen3_vl": ("tiny_qwen3_vl_dir", Qwen3VLForConditionalGeneration, 16)}
 
 
-def make_batch(g, spec, rows, patch, *, split_frames, reverse=False):
+def make_batch(g, spec, rows, patch, *, split_frames, reverse=False, packed=False):
     """Each frame group of a video is one colour (plus noise) and the answer names the colours in order, so a
     trained model's loss depends on the frames' order. Returns (our batch, transformers' inputs)."""
     dim = 3 * 2 * patch * patch
@@ -55,6 +55,10 @@ def make_batch(g, spec, rows, patch, *, split_frames, reverse=False):
         grids.append(torch.tensor([image]) if image is not None else torch.zeros(0, 3, dtype=torch.long))
         video_grids.append(torch.tensor([(t, h, w)]))
         seconds.append(torch.tensor([spg]))
+    if packed:  # the rows back to back in one sequence, each with its own positions
+        length = sum(len(ids) for ids, _ in sequences) + 5
+        return collate_packed(sequences, pixels, grids, spec, length=length, pad_labels=False,
+                              video_grids=video_grids, second_per_grid_ts=seconds), None
     batch = collate(sequences, pixels, grids, spec, video_grids=video_grids, second_per_grid_ts=seconds)
     labels = torch.full_like(batch["input_ids"], -100)
     labels.view(-1)[batch["label_index"] + 1] = batch["label_ids"]
@@ -125,3 +129,16 @@ def test_video_loss_and_grads_equal_transformers(trained):
         moved = (logits(reversed_batch) - logits(batch)).abs().max()
         loss_moved = float(model_lib.token_nll(model, params, reversed_batch).mean()) - float(loss)
     assert moved > 1e-2 and abs(loss_moved) > 1e-4, (float(moved), loss_moved)
+
+
+def test_packed_video_rows_equal_unpacked(trained):
+    """Packing (data.packing) concatenates video rows with their own positions: every token's loss is unchanged."""
+    name, hf, spec, patch, _ = trained
+    model, params = model_lib.model_from_module(hf, model_lib.family_named(name))
+    split = name == "qwen3_vl"
+    batch, _ = make_batch(torch.Generator().manual_seed(2), spec, ROWS, patch, split_frames=split)
+    packed, _ = make_batch(torch.Generator().manual_seed(2), spec, ROWS, patch, split_frames=split, packed=True)
+    assert packed["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model_lib.token_nll(model, params, packed),
+                                   model_lib.token_nll(model, params, batch), rtol=1e-5, atol=1e-5)
