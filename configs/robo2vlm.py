@@ -43,7 +43,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.runner.logger.log_path = "../results"
     c.runner.logger.project_name = "vlm_sft"
     c.runner.logger.experiment_name = "qwen2_5_vl_sft_robo2vlm"
-    c.runner.logger.logger_backends = ["tensorboard"]
+    c.runner.logger.logger_backends = ("tensorboard",)  # any of tensorboard, wandb, swanlab (vlm_sft/loggers.py)
     c.runner.max_epochs = 1          # full passes over the training data; used when max_steps <= 0
     c.runner.max_steps = 6000        # optimizer steps; wins when > 0 (RLinf's "max_epochs: 6000" meant steps)
     c.runner.val_check_interval = 1000
@@ -102,7 +102,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # new: padded sequence lengths for a compiled step (each bucket in use is one compilation; longer sequences
     # pad to a multiple of the last). A 640x480 image is 391 tokens, so Robo2VLM rows land in 512 or 640.
     c.data.packing = True            # new: training rows packed into micro-batches of <= max_tokens_per_micro_batch
-    c.data.length_buckets = [128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048]
+    c.data.length_buckets = (128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048)
     c.data.shuffle = True
     c.data.demo_rows = 512          # new: rows of the generated demo set (train; test gets 1/8 of it)
     c.data.eval_max_rows = 0         # new: evaluate only the first N rows (0 = every row)

@@ -174,7 +174,7 @@ def test_config_fields_from_the_command_line_are_checked(tmp_path, tiny_model_di
         config_lib.validate(c, mode="train")
     c = load_config("demo")
     c.data.image_keys = ()
-    with pytest.raises(config_lib.ConfigError, match="data.image_keys and data.video_keys are both empty"):
+    with pytest.raises(config_lib.ConfigError, match="data.image_keys is empty and so is data.video_keys"):
         config_lib.validate(c, mode="train")
 
 

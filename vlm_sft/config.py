@@ -94,8 +94,8 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers={d.num_workers}: expected >= 0")
     if not d.image_keys and not d.get("video_keys"):
-        raise ConfigError("data.image_keys and data.video_keys are both empty: name the image column(s), e.g. "
-                          "['image'], or the video column(s)")
+        raise ConfigError("data.image_keys is empty and so is data.video_keys: name the image column(s), e.g. "
+                          "'(\"image\",)', or the video column(s)")
     if d.get("video_keys"):
         validate_video(d)
     train = split_paths(d.train_data_paths)
