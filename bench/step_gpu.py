@@ -3,6 +3,7 @@ Face loop.
 
   python bench/step_gpu.py                 # one H100/H200: random-weight 3B, bf16 compute, fp32 master weights
   python bench/step_gpu.py --family qwen3_vl   # the same at the Qwen3-VL-4B-Instruct shape
+  python bench/step_gpu.py --family qwen3_vl_moe   # Qwen3-VL-30B-A3B's layer shape, 4 of its 48 decoder layers
   python bench/step_gpu.py --accum 8       # RLinf's per-GPU batch (256 on 8 GPUs = 8 micro-batches of 4)
   python bench/step_gpu.py --tiny          # the same code path on a tiny model (runs on CPU; used by the tests)
 
@@ -40,7 +41,7 @@ from vlm_sft import perf  # noqa: E402
 from vlm_sft import sharding as sharding_lib  # noqa: E402
 from vlm_sft.data.collate import collate  # noqa: E402
 from vlm_sft.data.vision import Spec  # noqa: E402
-from vlm_sft.demo import tiny_hub_config, tiny_qwen3_vl_hub_config  # noqa: E402
+from vlm_sft.demo import tiny_hub_config, tiny_qwen3_vl_hub_config, tiny_qwen3_vl_moe_hub_config  # noqa: E402
 
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-5, 0.01, 1.0
 QWEN2_5_VL_3B = dict(text_hidden=2048, text_layers=36, text_heads=16, text_kv_heads=2, text_intermediate=11008,
@@ -48,10 +49,20 @@ QWEN2_5_VL_3B = dict(text_hidden=2048, text_layers=36, text_heads=16, text_kv_he
 QWEN3_VL_4B = dict(text_hidden=2560, text_layers=36, text_heads=32, text_kv_heads=8, text_head_dim=128,
                    text_intermediate=9728, vision_hidden=1024, vision_depth=24, vision_heads=16,
                    vision_intermediate=4096, num_position_embeddings=2304)
+# Qwen3-VL-30B-A3B-Instruct's shapes (128 experts, 8 per token, moe_intermediate 768, every layer sparse) at 4 of
+# its 48 decoder layers, so its fp32 master weights + AdamW state (~3.6B params) and the HF loop fit one GPU; MFU
+# counts the active experts only (perf.py), so it is comparable to a dense model's.
+QWEN3_VL_30B_A3B_4_LAYERS = dict(text_hidden=2048, text_layers=4, text_heads=32, text_kv_heads=4, text_head_dim=128,
+                                 text_intermediate=6144, vision_hidden=1152, vision_depth=27, vision_heads=16,
+                                 vision_intermediate=4304, num_position_embeddings=2304,
+                                 deepstack_visual_indexes=[8, 16, 24], num_experts=128, num_experts_per_tok=8,
+                                 moe_intermediate=768, mlp_only_layers=())
 # --family -> (Hub config.json builder, the real shape, its name, the image processor's pixel budget)
 FAMILIES = {
     "qwen2.5_vl": (tiny_hub_config, QWEN2_5_VL_3B, "Qwen2.5-VL-3B", (3136, 12845056)),
     "qwen3_vl": (tiny_qwen3_vl_hub_config, QWEN3_VL_4B, "Qwen3-VL-4B", (65536, 16777216)),
+    "qwen3_vl_moe": (tiny_qwen3_vl_moe_hub_config, QWEN3_VL_30B_A3B_4_LAYERS, "Qwen3-VL-30B-A3B (4 of 48 layers)",
+                     (65536, 16777216)),
 }
 IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, PAD = 151644, 151645, 151652, 151653, 151655, 151643
 
@@ -108,7 +119,7 @@ def free(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen2.5_vl",
-                        help="model family: Qwen2.5-VL-3B or Qwen3-VL-4B shape")
+                        help="model family: Qwen2.5-VL-3B, Qwen3-VL-4B or Qwen3-VL-30B-A3B (4 layers) shape")
     parser.add_argument("--tiny", action="store_true", help="tiny model (CPU is fine): exercises the code path")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")

@@ -9,12 +9,15 @@ Variants after the colon (comma separated):
   eval   eval-only: no training data (set data.eval_data_paths and actor.model.model_path).
   qwen3  Qwen3-VL (actor.model.model_type=qwen3_vl); with demo, the tiny random model is a Qwen3-VL shaped as the
          Hub ships Qwen3-VL-2B-Instruct.
+  qwen3_moe  Qwen3-VL-MoE (actor.model.model_type=qwen3_vl_moe, e.g. Qwen3-VL-30B-A3B-Instruct); with demo, a tiny
+         random MoE shaped as the Hub ships the 30B-A3B.
   lora   LoRA adapters (actor.model.is_lora) instead of full-parameter training; `:demo,lora` on the demo.
-  video  video rows (data.video_keys=("video",), no images); with demo, generated MP4 clips of a block moving
-         one of four ways (the answer needs the frames in order); needs PyAV (pip install 'vlm-sft[video]').
+  video  video rows (data.video_keys=("video",), no images); with demo, generated MP4 clips of a light that
+         changes colour once (the answer, its last colour, needs the frames in order); needs PyAV (the video extra).
 
   python -m vlm_sft.main --config configs/robo2vlm.py:demo
   python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3
+  python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3_moe
   python -m vlm_sft.main --config configs/robo2vlm.py \
       --config.actor.model.model_path=/models/Qwen2.5-VL-3B-Instruct \
       --config.data.train_data_paths=/data/Robo2VLM-1/data --config.data.eval_data_paths=/data/Robo2VLM-1/data
@@ -27,10 +30,10 @@ import ml_collections
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
-    unknown = variants - {"demo", "eval", "qwen3", "lora", "video"}
+    unknown = variants - {"demo", "eval", "qwen3", "qwen3_moe", "lora", "video"}
     if unknown:
         raise ValueError(f"configs/robo2vlm.py: unknown variant(s) {sorted(unknown)}; known: demo, eval, qwen3, "
-                         "lora, video")
+                         "qwen3_moe, lora, video")
 
     c = ml_collections.ConfigDict()
 
@@ -125,7 +128,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.compile_cache_dir = ""
 
     c.actor.model = ml_collections.ConfigDict()
-    c.actor.model.model_type = "qwen2.5_vl"  # qwen2.5_vl | qwen3_vl; must agree with the directory's config.json
+    c.actor.model.model_type = "qwen2.5_vl"  # qwen2.5_vl | qwen3_vl | qwen3_vl_moe; must agree with the directory's config.json
     c.actor.model.precision = "fp32"   # master weights and optimizer state
     c.actor.model.model_path = ""
     c.actor.model.is_lora = False    # train LoRA adapters on a frozen base (vlm_sft/lora.py); RLinf's flag
@@ -145,6 +148,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # new: more frozen params: regexes searched in param names, e.g. "('^model\.visual\.blocks\.[0-3]\.',)"
     c.actor.model.freeze = ()
     c.actor.model.attn_implementation = "sdpa"  # new
+    # new (MoE families): weight of the router's load-balancing loss in the objective (logged as train/aux_loss;
+    # train/loss stays the answer cross-entropy). None: the directory's router_aux_loss_coef when its config sets
+    # output_router_logits (as transformers adds it), else 0.
+    c.actor.model.router_aux_loss_coef = ml_collections.config_dict.placeholder(float)
 
     c.actor.optim = ml_collections.ConfigDict()
     c.actor.optim.lr = 1e-5
@@ -217,6 +224,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             c.data.min_pixels = 64 * 64  # patch 16, merge 2: a 64x48 demo image -> 4x4 patches -> 4 image tokens
             c.data.max_pixels = 64 * 64
 
+    if "qwen3_moe" in variants:
+        c.actor.model.model_type = "qwen3_vl_moe"
+        c.runner.logger.experiment_name = "qwen3_vl_moe_sft_robo2vlm"
+        if "demo" in variants:
+            c.runner.logger.experiment_name = "demo_qwen3_moe"
+            c.data.min_pixels = 64 * 64  # as the Qwen3-VL demo: patch 16, merge 2 -> 4 image tokens
+            c.data.max_pixels = 64 * 64
+
     if "video" in variants:
         c.data.video_keys = ("video",)
         c.data.image_keys = ()
@@ -224,7 +239,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             c.runner.logger.experiment_name += "_video"  # its own run dir: own demo clips and checkpoints
             c.data.demo_blank_video = False  # new: the control: the same rows with grey clips (near chance)
             # 64x64 frames at 4 fps, 8 frames -> 4 sampled at 2 fps -> 2 frame groups of 2x2 merged tokens
-            c.data.video_max_pixels = 56 * 56 if "qwen3" not in variants else 64 * 64
+            c.data.video_max_pixels = 64 * 64 if variants & {"qwen3", "qwen3_moe"} else 56 * 56
             c.runner.max_steps = 120
             c.runner.val_check_interval = 40
             c.runner.save_interval = 40

@@ -34,6 +34,13 @@ def tiny_qwen3_vl_dir_untied(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_vl_moe_dir(tmp_path_factory):
+    """Tiny random Qwen3-VL-MoE as the Hub ships Qwen3-VL-30B-A3B-Instruct (transposed stacked experts, untied),
+    with one dense layer beside the sparse ones."""
+    return pathlib.Path(demo.make_tiny_qwen3_vl_moe_dir(tmp_path_factory.mktemp("tiny_qwen3_vl_moe")))
+
+
+@pytest.fixture(scope="session")
 def robo2vlm_dir(tmp_path_factory):
     """Robo2VLM-1-shaped folder: 2 train files (64 rows), 1 test file (16 rows), PNG and JPEG images mixed."""
     return demo.make_robo2vlm_dir(tmp_path_factory.mktemp("robo2vlm"), image_format="mixed")

@@ -239,7 +239,7 @@ def run(config: Any, mode: str) -> dict[str, Any]:
     """
     proc = sharding_lib.ProcessInfo.from_env()
     config_lib.validate(config, mode=mode, world_size=proc.world_size)
-    model_lib.check_model_type(config.actor.model.model_type)
+    router_aux_loss_coef(config, model_lib.check_model_type(config.actor.model.model_type))
     if mode == "check":
         if proc.world_size > 1:
             raise config_lib.ConfigError("--mode=check runs as one process (its workers are data.num_workers); "
@@ -258,6 +258,18 @@ def run(config: Any, mode: str) -> dict[str, Any]:
         preemption.restore()
         if created:
             sharding_lib.destroy_process_group()
+
+
+def router_aux_loss_coef(config: Any, family: model_lib.Family, hf_config: Any = None) -> float:
+    """actor.model.router_aux_loss_coef, or (None) the family's default from the directory's config (`hf_config`;
+    without it only the check runs); refused (non-zero) for a family without a router."""
+    coef = config.actor.model.get("router_aux_loss_coef")
+    if coef and family.forward_aux is None:
+        raise config_lib.ConfigError(f"actor.model.router_aux_loss_coef={coef}: {family.name!r} has no router "
+                                     "(only MoE families, e.g. qwen3_vl_moe, have a load-balancing loss)")
+    if coef is None:
+        return family.default_aux_loss_coef(hf_config) if hf_config is not None else 0.0
+    return float(coef)
 
 
 def check_model_files(path: str, model_type: str | None = None) -> None:
@@ -551,10 +563,14 @@ def make_step(config: Any, loaded: Loaded, plan: trainable_lib.TrainPlan, tx: An
     if compiled:
         compile_lib.set_cache_dir(a.compile_cache_dir or os.path.join(config.runner.logger.log_path,
                                                                       ".inductor_cache"))
+    aux_loss_coef = router_aux_loss_coef(config, model.family, model.config)
+    if model.family.forward_aux is not None:
+        logging.info("router load-balancing loss: coefficient %g (actor.model.router_aux_loss_coef%s)", aux_loss_coef,
+                     "" if a.model.get("router_aux_loss_coef") is not None else " unset: the directory's")
     train_step = step_lib.make_train_step(loaded.step_model, tx, schedule, compile=compiled, block_call=block_call,
                                           trainable=frozenset(plan.trainable),
                                           loss_normalization=a.loss_normalization,
-                                          world_size=sharding.mesh.size())
+                                          world_size=sharding.mesh.size(), aux_loss_coef=aux_loss_coef)
     flop_model = perf.FlopModel.from_model(
         model.config, {k: v.shape for k, v in state.params.items() if not lora_lib.is_adapter(k)},
         model.lm_head_name, weight_grads=plan.weight_grads, lora_rank=plan.lora_rank)
