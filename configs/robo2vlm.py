@@ -12,6 +12,8 @@ Variants after the colon (comma separated):
   qwen3_moe  Qwen3-VL-MoE (actor.model.model_type=qwen3_vl_moe, e.g. Qwen3-VL-30B-A3B-Instruct); with demo, a tiny
          random MoE shaped as the Hub ships the 30B-A3B.
   lora   LoRA adapters (actor.model.is_lora) instead of full-parameter training; `:demo,lora` on the demo.
+  video  video rows (data.video_keys=("video",), no images); with demo, generated MP4 clips of a light that
+         changes colour once (the answer, its last colour, needs the frames in order); needs PyAV (the video extra).
 
   python -m vlm_sft.main --config configs/robo2vlm.py:demo
   python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3
@@ -28,10 +30,10 @@ import ml_collections
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
-    unknown = variants - {"demo", "eval", "qwen3", "qwen3_moe", "lora"}
+    unknown = variants - {"demo", "eval", "qwen3", "qwen3_moe", "lora", "video"}
     if unknown:
         raise ValueError(f"configs/robo2vlm.py: unknown variant(s) {sorted(unknown)}; known: demo, eval, qwen3, "
-                         "qwen3_moe, lora")
+                         "qwen3_moe, lora, video")
 
     c = ml_collections.ConfigDict()
 
@@ -79,6 +81,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.choice_key = "choices"
     c.data.answer_key = "correct_answer"
     c.data.image_keys = ("image",)   # several keys, or a list in one key: several images per row, in this order
+    # new: video columns (like image_keys; a row may hold images, videos or both; images come first in the prompt).
+    # A value is a video file (path relative to the data file, or absolute; or bytes / {"bytes": ...}), a list of
+    # frame image paths (one video), or a list of videos. Decoded with PyAV (pip install 'vlm-sft[video]'), frames
+    # sampled and sized as the model directory's stock video processor does (Qwen2.5-VL / Qwen3-VL rules).
+    c.data.video_keys = ()
+    c.data.video_fps_key = ""        # new: column with the frame rate of frame-list videos ("" = data.video_fps)
+    c.data.video_fps = 2.0           # new: frames sampled per second of video
+    c.data.video_min_frames = 4      # new: a video with fewer frames is a bad row; fewer sampled are padded up
+    c.data.video_max_frames = 768    # new
+    # new: per-frame and whole-video pixel caps (unset: the directory's video processor budget, as its stock
+    # processor uses it: Qwen2.5-VL per frame, Qwen3-VL per video)
+    c.data.video_max_pixels = ml_collections.config_dict.placeholder(int)
+    c.data.video_total_pixels = ml_collections.config_dict.placeholder(int)
     c.data.apply_chat_template = True
     c.data.use_chat_template = True
     c.data.max_prompt_length = 1024  # prompt tokens, image tokens included
@@ -220,6 +235,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             c.runner.logger.experiment_name = "demo_qwen3_moe"
             c.data.min_pixels = 64 * 64  # as the Qwen3-VL demo: patch 16, merge 2 -> 4 image tokens
             c.data.max_pixels = 64 * 64
+
+    if "video" in variants:
+        c.data.video_keys = ("video",)
+        c.data.image_keys = ()
+        if "demo" in variants:
+            c.runner.logger.experiment_name += "_video"  # its own run dir: own demo clips and checkpoints
+            c.data.demo_blank_video = False  # new: the control: the same rows with grey clips (near chance)
+            # 64x64 frames at 4 fps, 8 frames -> 4 sampled at 2 fps -> 2 frame groups of 2x2 merged tokens
+            c.data.video_max_pixels = 64 * 64 if variants & {"qwen3", "qwen3_moe"} else 56 * 56
+            c.runner.max_steps = 120
+            c.runner.val_check_interval = 40
+            c.runner.save_interval = 40
 
     if "eval" in variants:
         c.data.train_data_paths = ""

@@ -97,8 +97,11 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
                           "0 < min_pixels <= max_pixels")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers={d.num_workers}: expected >= 0")
-    if not d.image_keys:
-        raise ConfigError("data.image_keys is empty: name the image column(s), e.g. '(\"image\",)'")
+    if not d.image_keys and not d.get("video_keys"):
+        raise ConfigError("data.image_keys is empty and so is data.video_keys: name the image column(s), e.g. "
+                          "'(\"image\",)', or the video column(s)")
+    if d.get("video_keys"):
+        validate_video(d)
     train = split_paths(d.train_data_paths)
     evals = split_paths(d.eval_data_paths)
     if mode == "train" and train and r.max_steps <= 0 and r.max_epochs <= 0:
@@ -112,6 +115,21 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
     if not config.eval.generate and not config.eval.choice_scoring and evals:
         raise ConfigError("eval.generate and eval.choice_scoring are both False but data.eval_data_paths is set")
     validate_runner(r)
+
+
+def validate_video(d: Any) -> None:
+    """data.video_*: sampling rate, frame limits and pixel caps."""
+    fps = d.video_fps
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < float("inf"):
+        raise ConfigError(f"data.video_fps={fps!r}: expected a positive number of frames per second")
+    _positive(d.video_min_frames, "data.video_min_frames")
+    if d.video_max_frames < d.video_min_frames:
+        raise ConfigError(f"data.video_max_frames={d.video_max_frames} < data.video_min_frames="
+                          f"{d.video_min_frames}")
+    for key in ("video_max_pixels", "video_total_pixels"):
+        if d[key] is not None and d[key] <= 0:
+            raise ConfigError(f"data.{key}={d[key]}: expected a positive pixel count, or unset for the model "
+                              "directory's own")
 
 
 def validate_runner(r: Any) -> None:

@@ -52,9 +52,10 @@ class _Generator(torch.nn.Module):
         return self.inner.generate(**kwargs)
 
 
-def generation_inputs(examples: Sequence[Any], pad_token_id: int, image_token_id: int, with_token_types: bool
-                      ) -> dict[str, torch.Tensor]:
-    """Left-padded prompts (everything before the target) and their images, as HF generate expects."""
+def generation_inputs(examples: Sequence[Any], pad_token_id: int, image_token_id: int, with_token_types: bool,
+                      video_token_id: int = -1, with_seconds: bool = False) -> dict[str, torch.Tensor]:
+    """Left-padded prompts (everything before the target) and their images and videos, as HF generate expects
+    (`with_seconds`: the family takes second_per_grid_ts)."""
     prompts = [e.input_ids[:e.prompt_length] for e in examples]
     length = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
@@ -67,8 +68,17 @@ def generation_inputs(examples: Sequence[Any], pad_token_id: int, image_token_id
     if grids:
         inputs["pixel_values"] = torch.cat([e.pixel_values for e in examples if len(e.image_grid_thw)]).float()
         inputs["image_grid_thw"] = torch.cat(grids).long()
+    videos = [e for e in examples if getattr(e, "video_grid_thw", None) is not None and len(e.video_grid_thw)]
+    if videos:
+        inputs["pixel_values_videos"] = torch.cat([e.pixel_values_videos for e in videos]).float()
+        inputs["video_grid_thw"] = torch.cat([e.video_grid_thw for e in videos]).long()
+        if with_seconds:
+            inputs["second_per_grid_ts"] = torch.cat([e.second_per_grid_ts for e in videos])
     if with_token_types:
-        inputs["mm_token_type_ids"] = (input_ids == image_token_id).int()
+        types = (input_ids == image_token_id).int()
+        if videos:
+            types += 2 * (input_ids == video_token_id).int()
+        inputs["mm_token_type_ids"] = types
     return inputs
 
 
@@ -77,9 +87,11 @@ def generate(model: model_lib.Model, params: dict, examples: Sequence[Any], toke
              max_new_tokens: int) -> list[str]:
     """Greedy generation of each example's answer, decoded without special tokens."""
     module = model.module
-    with_types = "mm_token_type_ids" in inspect.signature(module.forward).parameters
+    forward_args = inspect.signature(module.forward).parameters
+    with_types = "mm_token_type_ids" in forward_args
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    inputs = generation_inputs(examples, pad, model.config.image_token_id, with_types)
+    inputs = generation_inputs(examples, pad, model.config.image_token_id, with_types,
+                               getattr(model.config, "video_token_id", -1), "second_per_grid_ts" in forward_args)
     device = _device_of(params)
     inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
     generator = _Generator(module)

@@ -48,7 +48,7 @@ from vlm_sft.data import packing as packing_lib
 from vlm_sft.data import robo2vlm, sources
 from vlm_sft.data.collate import check_length_buckets, collate_encoded
 from vlm_sft.data.encode import IMAGE_TOKEN, Encoder, PromptTooLong
-from vlm_sft.data.processor import load_processor
+from vlm_sft.data.processor import load_processor, load_video_config
 from vlm_sft.data.vision import Spec
 from vlm_sft.metrics import MetricsWriter
 from vlm_sft.state import init_train_state
@@ -66,7 +66,8 @@ def column_keys(config: Any) -> dict[str, Any]:
     """The data.*_key fields, as the robo2vlm functions take them."""
     d = config.data
     return dict(prompt_key=d.prompt_key, choice_key=d.choice_key, answer_key=d.answer_key,
-                image_keys=list(d.image_keys))
+                image_keys=list(d.image_keys), video_keys=list(d.get("video_keys", ())),
+                video_fps_key=d.get("video_fps_key") or None)
 
 
 def make_source(files: list[str], config: Any, *, lazy: bool | None = None) -> sources.Source:
@@ -96,10 +97,21 @@ def make_encoder(config: Any) -> Encoder:
     try:
         processor = load_processor(config.actor.model.model_path, min_pixels=d.min_pixels,
                                    max_pixels=d.max_pixels)
+        video_config = None
+        if d.get("video_keys"):
+            video_config = load_video_config(
+                config.actor.model.model_path, fps=d.video_fps, min_frames=d.video_min_frames,
+                max_frames=d.video_max_frames, max_pixels=d.video_max_pixels, total_pixels=d.video_total_pixels)
     except ValueError as e:
         raise model_lib.ModelLoadError(f"actor.model.model_path: {e}") from None
+    if video_config is not None:
+        try:
+            import av  # noqa: F401  (decodes the videos, in the data workers)
+        except ImportError:
+            raise config_lib.ConfigError("data.video_keys is set but PyAV is not installed: pip install av "
+                                         "(or the vlm-sft[video] extra)") from None
     return Encoder(processor, max_prompt_length=d.max_prompt_length, truncation=d.truncation,
-                   apply_chat_template=d.apply_chat_template)
+                   apply_chat_template=d.apply_chat_template, video_config=video_config)
 
 
 def check_data(config: Any) -> dict[str, Any]:

@@ -44,6 +44,9 @@ class RowStats:
     sequence_tokens: int = 0         # prompt + answer + <|im_end|>: what a batch pads to a length bucket
     truncated: bool = False          # the question was cut to fit (data.truncation="text")
     image_sizes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (width, height) decoded
+    video_tokens: int = 0            # <|video_pad|> tokens of the prompt (Qwen3-VL's timestamps not counted)
+    video_durations: list[float] = dataclasses.field(default_factory=list)  # seconds, per video
+    video_frames: list[int] = dataclasses.field(default_factory=list)       # frames decoded (sampled), per video
 
 
 def check_row(source: Any, encoder: Encoder, image_token_id: int, i: int) -> RowStats:
@@ -58,12 +61,18 @@ def check_row(source: Any, encoder: Encoder, image_token_id: int, i: int) -> Row
         encoded = encoder(example)
     except PromptTooLong as e:
         return RowStats(name, "too_long", str(e), image_sizes=sizes)
+    except RowError as e:  # a row the processor cannot take (e.g. an image's aspect ratio)
+        return RowStats(name, e.reason, str(e), image_sizes=sizes)
     except ValueError as e:  # the encoder's own checks (e.g. image tokens typed into the question)
         message = str(e) if str(e).startswith(name) else f"{name}: {e}"
         return RowStats(name, "encode", message, image_sizes=sizes)
     prompt = encoded.input_ids[:encoded.prompt_length]
+    videos = encoded.video_stats
+    video_tokens = int((prompt == encoder._video_pad_id).sum()) if videos else 0
     return RowStats(name, prompt_tokens=encoded.prompt_length, image_tokens=int((prompt == image_token_id).sum()),
-                    sequence_tokens=len(encoded.input_ids), truncated=encoded.truncated, image_sizes=sizes)
+                    sequence_tokens=len(encoded.input_ids), truncated=encoded.truncated, image_sizes=sizes,
+                    video_tokens=video_tokens, video_durations=[v["duration"] for v in videos],
+                    video_frames=[v["frames"] for v in videos])
 
 
 class _Chunks(torch.utils.data.Dataset):
@@ -193,6 +202,10 @@ def summarize_split(stats: list[RowStats], *, files: Sequence[str], buckets: Seq
         "images_per_row": {str(k): v for k, v in sorted(collections.Counter(len(s.image_sizes) for s in good).items())},
         "image_width": _spread([w for w, _ in sizes]),
         "image_height": _spread([h for _, h in sizes]),
+        "videos_per_row": {str(k): v for k, v in sorted(collections.Counter(len(s.video_frames) for s in good).items())},
+        "video_duration_s": _spread([t for s in good for t in s.video_durations]),
+        "video_frames": _spread([n for s in good for n in s.video_frames]),
+        "prompt_video_tokens": _spread([s.video_tokens for s in good if s.video_frames]),
     }
 
 
@@ -327,6 +340,11 @@ def format_report(report: dict[str, Any]) -> str:
         per_row = ", ".join(f"{k} image(s): {n:,}" for k, n in r["images_per_row"].items())
         lines.append(f"  images per row: {per_row or '-'}; width {_fmt_spread(r['image_width'])}; "
                      f"height {_fmt_spread(r['image_height'])} (pixels, as stored)")
+        if r.get("video_frames"):
+            per_row = ", ".join(f"{k} video(s): {n:,}" for k, n in r["videos_per_row"].items())
+            lines.append(f"  videos per row: {per_row}; duration (s) {_fmt_spread(r['video_duration_s'])}; "
+                         f"decoded frames {_fmt_spread(r['video_frames'])}; video tokens per row "
+                         f"{_fmt_spread(r['prompt_video_tokens'])} (min / median / p99 / max)")
         if "epoch" in r:
             e = r["epoch"]
             epochs = f"{e['epochs']:.2f}" if e["epochs"] is not None else "-"

@@ -47,16 +47,22 @@ def check_length_buckets(buckets: Sequence[int]) -> None:
 
 def collate(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel_values: Sequence[torch.Tensor],
             grids: Sequence[torch.Tensor], spec: Spec, *, pad_multiple: int = 8,
-            length_buckets: Sequence[int] = (), pad_labels: bool = False) -> Batch:
-    """Build a batch from (input_ids, labels) pairs and the images each sequence holds.
+            length_buckets: Sequence[int] = (), pad_labels: bool = False,
+            video_grids: Sequence[torch.Tensor | None] | None = None,
+            second_per_grid_ts: Sequence[torch.Tensor | None] | None = None) -> Batch:
+    """Build a batch from (input_ids, labels) pairs and the images and videos each sequence holds.
 
-    `pixel_values[i]` / `grids[i]` are the patches and [n, 3] grids of sequence i's images (possibly none).
+    `pixel_values[i]` / `grids[i]` are the patches and [n, 3] grids of sequence i's images (possibly none);
+    with videos, `pixel_values[i]` holds its images' patches then its videos', `video_grids[i]` the videos' grids
+    and `second_per_grid_ts[i]` their seconds per temporal step. Images and videos go through the vision tower
+    as one list (every image and video frame attends within itself), their features in token order.
     Keys:
       input_ids, attention_mask [B, L]; position_ids [3, B, L] (mrope);
       label_index [N] (flat B*L position whose hidden state predicts the label), label_ids [N], label_row [N];
       label_weight [N] float (only with pad_labels: 1 on real labels, 0 on the padding up to label_bucket(N);
       padded labels are -100 at position 0 of row 0, so the loss is sum(w * nll) / sum(w));
-      pixel_values [P, D]; image_grid_thw [n, 3]; image_index [P/m^2] (flat positions of <|image_pad|>);
+      pixel_values [P, D]; image_grid_thw [n, 3] (images and videos, per row images first);
+      image_index [P/m^2] (flat positions of <|image_pad|> and <|video_pad|>);
       and the family's vision indexing, spec.image_inputs(grid) (data/vision.py), e.g. for Qwen2.5-VL
       vision_rotary_ids [P, 2]; window_index, window_reverse [P/m^2];
       {window,full}_{gather,mask,scatter,cu_seqlens}: attention_layout() of the windows / frames, in window order.
@@ -68,11 +74,13 @@ def collate(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel_values
     attention_mask = torch.zeros(batch_size, length, dtype=torch.long)
     position_ids = torch.zeros(3, batch_size, length, dtype=torch.long)
     label_index, label_ids, label_row = [], [], []
+    video_grids = list(video_grids) if video_grids is not None else [None] * batch_size
+    seconds = list(second_per_grid_ts) if second_per_grid_ts is not None else [None] * batch_size
     for b, ((ids, labels), grid) in enumerate(zip(sequences, grids)):
         n = len(ids)
         input_ids[b, :n] = ids
         attention_mask[b, :n] = 1
-        position_ids[:, b, :n] = mrope_position_ids(ids, grid, spec)
+        position_ids[:, b, :n] = mrope_position_ids(ids, grid, spec, video_grids[b], seconds[b])
         pos = torch.nonzero(labels[1:] != -100).flatten() + 1  # a label at position 0 has no predictor
         label_index.append(b * length + pos - 1)
         label_ids.append(labels[pos])
@@ -85,12 +93,12 @@ def collate(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel_values
         "label_ids": torch.cat(label_ids),
         "label_row": torch.cat(label_row),
     }
-    return _finish(batch, pixel_values, grids, spec, pad_labels)
+    return _finish(batch, pixel_values, grids, spec, pad_labels, video_grids)
 
 
 def _finish(batch: Batch, pixel_values: Sequence[torch.Tensor], grids: Sequence[torch.Tensor], spec: Spec,
-            pad_labels: bool) -> Batch:
-    """The label padding and the images' inputs, shared by padded and packed batches."""
+            pad_labels: bool, video_grids: Sequence[torch.Tensor | None]) -> Batch:
+    """The label padding and the images' and videos' inputs, shared by padded and packed batches."""
     input_ids = batch["input_ids"]
     if pad_labels:
         n = len(batch["label_ids"])
@@ -98,19 +106,24 @@ def _finish(batch: Batch, pixel_values: Sequence[torch.Tensor], grids: Sequence[
         batch["label_weight"] = torch.cat([torch.ones(n), torch.zeros(pad)])
         for key, value in (("label_index", 0), ("label_ids", -100), ("label_row", 0)):
             batch[key] = torch.cat([batch[key], torch.full((pad,), value, dtype=torch.long)])
+    grids = [torch.cat([g.reshape(-1, 3), v.reshape(-1, 3)]) if v is not None else g
+             for g, v in zip(grids, video_grids)]
     grids = [g for g in grids if len(g)]
     if grids:
         grid = torch.cat(grids).long()
+        vision_tokens = input_ids == spec.image_token_id
+        if any(v is not None and len(v) for v in video_grids):
+            vision_tokens |= input_ids == spec.video_token_id
         batch.update({
             "pixel_values": torch.cat([p for p in pixel_values if len(p)]).float(),
             "image_grid_thw": grid,
-            "image_index": torch.nonzero(input_ids.flatten() == spec.image_token_id).flatten(),
+            "image_index": torch.nonzero(vision_tokens.flatten()).flatten(),
             **spec.image_inputs(grid),
         })
         features = int(grid.prod(-1).sum()) // spec.spatial_merge_size ** 2
         if len(batch["image_index"]) != features:
-            raise ValueError(f"{len(batch['image_index'])} <|image_pad|> tokens for {features} image "
-                             "features: the image processor and the tokenizer disagree")
+            raise ValueError(f"{len(batch['image_index'])} <|image_pad|>/<|video_pad|> tokens for {features} "
+                             "image and video features: the processor and the tokenizer disagree")
     return batch
 
 
@@ -120,7 +133,9 @@ def cu_seqlens_bucket(n: int) -> int:
 
 
 def collate_packed(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel_values: Sequence[torch.Tensor],
-                   grids: Sequence[torch.Tensor], spec: Spec, *, length: int, pad_labels: bool = True) -> Batch:
+                   grids: Sequence[torch.Tensor], spec: Spec, *, length: int, pad_labels: bool = True,
+                   video_grids: Sequence[torch.Tensor | None] | None = None,
+                   second_per_grid_ts: Sequence[torch.Tensor | None] | None = None) -> Batch:
     """Several rows as ONE sequence [1, length]: rows back to back in the given order, then padding.
 
     Each row keeps the positions it has alone (M-RoPE restarts per row) and attends only within itself: the batch
@@ -138,13 +153,15 @@ def collate_packed(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel
     position_ids = torch.zeros(3, 1, length, dtype=torch.long)
     row_ids = torch.full((1, length), len(sequences), dtype=torch.long)
     bounds, label_index, label_ids, label_row = [0], [], [], []
+    video_grids = list(video_grids) if video_grids is not None else [None] * len(sequences)
+    seconds = list(second_per_grid_ts) if second_per_grid_ts is not None else [None] * len(sequences)
     start = 0
     for r, ((ids, labels), grid) in enumerate(zip(sequences, grids)):
         n = len(ids)
         input_ids[0, start:start + n] = ids
         attention_mask[0, start:start + n] = 1
         row_ids[0, start:start + n] = r
-        position_ids[:, 0, start:start + n] = mrope_position_ids(ids, grid, spec)
+        position_ids[:, 0, start:start + n] = mrope_position_ids(ids, grid, spec, video_grids[r], seconds[r])
         pos = torch.nonzero(labels[1:] != -100).flatten() + 1
         label_index.append(start + pos - 1)
         label_ids.append(labels[pos])
@@ -165,13 +182,14 @@ def collate_packed(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel
         "label_ids": torch.cat(label_ids) if label_ids else empty,
         "label_row": torch.cat(label_row) if label_row else empty,
     }
-    return _finish(batch, pixel_values, grids, spec, pad_labels)
+    return _finish(batch, pixel_values, grids, spec, pad_labels, video_grids)
 
 
 def collate_encoded_packed(examples: Sequence, spec: Spec, *, length: int, pad_labels: bool = True) -> Batch:
     """collate_packed over `Encoded` examples (data/encode.py): their target labels."""
-    return collate_packed([(e.input_ids, e.labels) for e in examples], [e.pixel_values for e in examples],
-                          [e.image_grid_thw for e in examples], spec, length=length, pad_labels=pad_labels)
+    return collate_packed([(e.input_ids, e.labels) for e in examples], [e.vision_inputs()[0] for e in examples],
+                          [e.image_grid_thw for e in examples], spec, length=length, pad_labels=pad_labels,
+                          **_video_args(examples))
 
 
 def collate_encoded(examples: Sequence, spec: Spec, *, pad_multiple: int = 8,
@@ -179,9 +197,18 @@ def collate_encoded(examples: Sequence, spec: Spec, *, pad_multiple: int = 8,
     """Collate `Encoded` examples (data/encode.py) for training: the target labels of each example.
 
     For a compiled step pass `length_buckets` and `pad_labels=True` (static shapes, few compilations)."""
-    return collate([(e.input_ids, e.labels) for e in examples], [e.pixel_values for e in examples],
+    return collate([(e.input_ids, e.labels) for e in examples], [e.vision_inputs()[0] for e in examples],
                    [e.image_grid_thw for e in examples], spec, pad_multiple=pad_multiple,
-                   length_buckets=length_buckets, pad_labels=pad_labels)
+                   length_buckets=length_buckets, pad_labels=pad_labels, **_video_args(examples))
+
+
+def _video_args(examples: Sequence, repeats: Sequence[int] | None = None) -> dict:
+    """collate's video arguments for `examples` (each repeated repeats[i] times), or none without videos."""
+    if not any(getattr(e, "video_grid_thw", None) is not None and len(e.video_grid_thw) for e in examples):
+        return {}
+    repeats = repeats or [1] * len(examples)
+    return {"video_grids": [e.video_grid_thw for e, r in zip(examples, repeats) for _ in range(r)],
+            "second_per_grid_ts": [e.second_per_grid_ts for e, r in zip(examples, repeats) for _ in range(r)]}
 
 
 def collate_choices(examples: Sequence, spec: Spec, *, pad_multiple: int = 8) -> tuple[Batch, list[int]]:
@@ -196,7 +223,8 @@ def collate_choices(examples: Sequence, spec: Spec, *, pad_multiple: int = 8) ->
             ids = torch.cat([prompt, target])
             labels = torch.cat([torch.full_like(prompt, -100), target])
             sequences.append((ids, labels))
-            pixels.append(e.pixel_values)
+            pixels.append(e.vision_inputs()[0])
             grids.append(e.image_grid_thw)
         counts.append(len(e.choice_targets))
-    return collate(sequences, pixels, grids, spec, pad_multiple=pad_multiple), counts
+    video = _video_args(examples, counts)
+    return collate(sequences, pixels, grids, spec, pad_multiple=pad_multiple, **video), counts

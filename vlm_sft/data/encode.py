@@ -7,17 +7,22 @@ the target and its closing <|im_end|> (RLinf also trains on a stray trailing "<|
 The real Hub chat template has no {% generation %} markers, so the label boundary is the length of the prompt
 rendered with add_generation_prompt=True, checked to be a prefix of the rendered full conversation.
 """
+from __future__ import annotations
+
 import dataclasses
 import numbers
 
 import torch
 
-from vlm_sft.errors import PromptTooLong
+from vlm_sft.errors import PromptTooLong, RowError
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 TURN_END = "<|im_end|>"
 PLAIN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+PLAIN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 TRUNCATIONS = ("text", "error")
 
 
@@ -33,6 +38,19 @@ class Encoded:
     target_text: str  # e.g. "B. Yes"
     source: str  # example.source, for error messages downstream
     truncated: bool = False  # the question was cut to fit max_prompt_length (data.truncation="text")
+    pixel_values_videos: torch.Tensor | None = None  # [Pv, C*T*p*p] float32 patches of all videos of the row
+    video_grid_thw: torch.Tensor | None = None  # [n_videos, 3] long
+    second_per_grid_ts: torch.Tensor | None = None  # [n_videos] float32: seconds per temporal grid step
+    video_stats: list[dict] = dataclasses.field(default_factory=list)  # per video: duration, frames (preflight)
+
+    def vision_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(patches, grids, seconds per temporal step) of the row's images then videos, as its prompt holds
+        them (images first); images step 0 seconds (their grids have t = 1)."""
+        if self.video_grid_thw is None or not len(self.video_grid_thw):
+            return self.pixel_values, self.image_grid_thw, torch.zeros(len(self.image_grid_thw))
+        return (torch.cat([self.pixel_values, self.pixel_values_videos]),
+                torch.cat([self.image_grid_thw, self.video_grid_thw]),
+                torch.cat([torch.zeros(len(self.image_grid_thw)), self.second_per_grid_ts]))
 
 
 def user_text(question: str, choices: list[str]) -> str:
@@ -55,15 +73,15 @@ def _check_example(example) -> None:
         raise ValueError(f"{source}: answer_index {example.answer_index!r} out of range for {len(choices)} choices")
     if not isinstance(example.question, str):
         raise ValueError(f"{source}: question must be a string, got {type(example.question).__name__}")
-    if not example.images:
-        raise ValueError(f"{source}: no images (a Robo2VLM row has at least one)")
+    if not example.images and not getattr(example, "videos", None):
+        raise ValueError(f"{source}: no images or videos (a row has at least one)")
 
 
 class Encoder:
     """Callable example -> Encoded. Picklable (DataLoader workers); keeps no state between calls."""
 
     def __init__(self, processor, *, max_prompt_length: int, truncation: str = "text",
-                 apply_chat_template: bool = True):
+                 apply_chat_template: bool = True, video_config=None):
         if truncation not in TRUNCATIONS:
             raise ValueError(f"data.truncation={truncation!r}: expected one of {TRUNCATIONS}")
         if max_prompt_length <= 0:
@@ -81,68 +99,77 @@ class Encoder:
         if self._end_id is None or self._end_id == tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no {TURN_END if apply_chat_template else 'eos'} token")
         self._merge_length = processor.image_processor.merge_size ** 2
+        self._video_pad_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+        self._vision_ids = (tokenizer.convert_tokens_to_ids(VISION_START), tokenizer.convert_tokens_to_ids(VISION_END))
+        self.video_config = video_config  # data/video.py VideoConfig; None: rows with videos are refused
 
     def _tokens(self, text: str) -> list[int]:
         return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _render_prompt(self, question: str, choices: list[str], n_images: int) -> str:
-        """The prompt as text, one <|image_pad|> per image (the processor's convention before expansion)."""
+    def _render_prompt(self, question: str, choices: list[str], n_images: int, n_videos: int = 0) -> str:
+        """The prompt as text, one <|image_pad|> per image and one <|video_pad|> per video (the processor's
+        convention before expansion), images first."""
         if not self.apply_chat_template:
-            return PLAIN_IMAGE * n_images + user_text(question, choices)
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": user_text(question, choices)}]
+            return PLAIN_IMAGE * n_images + PLAIN_VIDEO * n_videos + user_text(question, choices)
+        content = ([{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
+                   + [{"type": "text", "text": user_text(question, choices)}])
         return self.processor.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
 
-    def _check_prefix(self, question: str, choices: list[str], n_images: int, target: str, source: str) -> None:
+    def _check_prefix(self, question: str, choices: list[str], n_images: int, target: str, source: str,
+                      n_videos: int = 0) -> None:
         """The generation prompt + target + <|im_end|> must be exactly how the template renders the conversation."""
-        prompt = self._render_prompt(question, choices, n_images)
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": user_text(question, choices)}]
+        prompt = self._render_prompt(question, choices, n_images, n_videos)
+        content = ([{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
+                   + [{"type": "text", "text": user_text(question, choices)}])
         full = self.processor.apply_chat_template(
             [{"role": "user", "content": content}, {"role": "assistant", "content": target}], tokenize=False)
         if not full.startswith(prompt + target + TURN_END):
             raise ValueError(f"{source}: the chat template does not render the assistant turn as generation prompt "
                              f"+ answer + {TURN_END}; cannot place answer-only labels")
 
-    def _prompt_ids(self, question: str, choices: list[str], n_pads: list[int], source: str) -> list[int]:
-        """Prompt token ids with each image's <|image_pad|> repeated grid t*h*w / merge**2 times."""
-        prompt = self._render_prompt(question, choices, len(n_pads))
+    def _prompt_ids(self, question: str, choices: list[str], vision: Vision, source: str) -> list[int]:
+        """Prompt token ids with each image's <|image_pad|> repeated grid t*h*w / merge**2 times and each video's
+        <|video_pad|> replaced by its expansion (vision.videos), as the stock processor replaces them."""
+        prompt = self._render_prompt(question, choices, len(vision.images), len(vision.videos))
         ids = self._tokens(prompt)
-        pad_positions = [i for i, t in enumerate(ids) if t == self._image_pad_id]
-        if len(pad_positions) != len(n_pads):
-            raise ValueError(f"{source}: prompt holds {len(pad_positions)} {IMAGE_TOKEN} tokens for {len(n_pads)} "
-                             f"images (does the question contain {IMAGE_TOKEN}?)")
+        for token, token_id, expansions, what in ((IMAGE_TOKEN, self._image_pad_id, vision.images, "images"),
+                                                  (VIDEO_TOKEN, self._video_pad_id, vision.videos, "videos")):
+            found = sum(t == token_id for t in ids)
+            if found != len(expansions):
+                raise ValueError(f"{source}: prompt holds {found} {token} tokens for {len(expansions)} {what} "
+                                 f"(does the question contain {token}?)")
+        queues = {self._image_pad_id: iter(vision.images), self._video_pad_id: iter(vision.videos)}
         expanded = []
-        start = 0
-        for position, n in zip(pad_positions, n_pads):
-            expanded += ids[start:position] + [self._image_pad_id] * n
-            start = position + 1
-        return expanded + ids[start:]
+        for t in ids:
+            expanded += next(queues[t]) if t in queues else [t]
+        return expanded
 
     def _too_long(self, source: str, length: int, n_image_tokens: int, why: str) -> PromptTooLong:
         return PromptTooLong(
             f"{source}: prompt is {length} tokens ({n_image_tokens} image tokens), over max_prompt_length "
             f"{self.max_prompt_length}; {why}")
 
-    def _fit(self, example, n_pads: list[int]) -> tuple[list[int], str]:
+    def _fit(self, example, vision: Vision) -> tuple[list[int], str]:
         """The prompt ids and the (possibly cut) question, cutting question tokens from the end until it fits."""
         question, choices, source = example.question, list(example.choices), example.source
-        ids = self._prompt_ids(question, choices, n_pads, source)
+        ids = self._prompt_ids(question, choices, vision, source)
         if len(ids) <= self.max_prompt_length:
             return ids, question
         if self.truncation == "error":
-            raise self._too_long(source, len(ids), sum(n_pads), "data.truncation='error'")
+            raise self._too_long(source, len(ids), vision.tokens, "data.truncation='error'")
         question_ids = self._tokens(question)
         keep = len(question_ids) - (len(ids) - self.max_prompt_length)
         while keep > 0:
             cut = self.processor.tokenizer.decode(question_ids[:keep]).rstrip("\ufffd")  # no half characters
-            cut_ids = self._prompt_ids(cut, choices, n_pads, source)
+            cut_ids = self._prompt_ids(cut, choices, vision, source)
             if len(cut_ids) <= self.max_prompt_length:
                 return cut_ids, cut
             keep -= len(cut_ids) - self.max_prompt_length
-        empty_ids = self._prompt_ids("", choices, n_pads, source)
+        empty_ids = self._prompt_ids("", choices, vision, source)
         if len(empty_ids) <= self.max_prompt_length:
             return empty_ids, ""
-        raise self._too_long(source, len(ids), sum(n_pads),
+        raise self._too_long(source, len(ids), vision.tokens,
                              f"even without the question it is {len(empty_ids)} tokens (images and choices); "
                              "raise data.max_prompt_length or lower data.max_pixels")
 
@@ -155,28 +182,58 @@ class Encoder:
         except ValueError as e:
             sizes = ", ".join(f"{getattr(image, 'width', '?')}x{getattr(image, 'height', '?')}"
                               for image in example.images)
-            raise ValueError(f"{example.source}: image(s) of {sizes} pixels (width x height) cannot be processed: "
-                             f"{e}") from None
+            raise RowError(f"{example.source}: image(s) of {sizes} pixels (width x height) cannot be processed: "
+                           f"{e}", "image") from None
+
+    def _process_videos(self, example) -> list:
+        """Each video of the row decoded, sampled and patchified (data/video.py); a RowError names a bad one."""
+        videos = list(getattr(example, "videos", None) or [])
+        if videos and self.video_config is None:
+            raise RowError(f"{example.source}: the row holds videos but no video config was given", "video")
+        from vlm_sft.data import video as video_lib  # PyAV only where rows hold videos
+        return [video_lib.process(ref, self.video_config, example.source) for ref in videos]
+
+    def _video_expansion(self, video) -> list[int]:
+        """The tokens that replace one video's <|video_pad|>, as the family's stock processor writes them: all
+        t*h*w / merge^2 pads (Qwen2.5-VL), or per frame group "<{t:.1f} seconds>" then the group's pads between
+        <|vision_start|> and <|vision_end|> (Qwen3-VL; the template's own vision tokens stay around them)."""
+        t, h, w = video.grid_thw
+        if self.video_config.rule != "qwen3_vl":
+            return [self._video_pad_id] * (t * h * w // self._merge_length)
+        start, end = self._vision_ids
+        group = [start] + [self._video_pad_id] * (h * w // self._merge_length) + [end]
+        out = []
+        for seconds in video.timestamps():
+            out += self._tokens(f"<{seconds:.1f} seconds>") + group
+        return out
 
     def __call__(self, example) -> Encoded:
         _check_example(example)
         choices = list(example.choices)
-        vision = self._process_images(example)
-        image_grid_thw = torch.as_tensor(vision["image_grid_thw"], dtype=torch.long)
-        pixel_values = torch.as_tensor(vision["pixel_values"], dtype=torch.float32)
+        if example.images:
+            vision = self._process_images(example)
+            image_grid_thw = torch.as_tensor(vision["image_grid_thw"], dtype=torch.long)
+            pixel_values = torch.as_tensor(vision["pixel_values"], dtype=torch.float32)
+        else:
+            image_grid_thw = torch.zeros(0, 3, dtype=torch.long)
+            pixel_values = torch.zeros(0, 0)
+        videos = self._process_videos(example)
         n_pads = [int(t * h * w) // self._merge_length for t, h, w in image_grid_thw.tolist()]
+        plan = Vision([[self._image_pad_id] * n for n in n_pads], [self._video_expansion(v) for v in videos])
 
-        prompt_ids, question = self._fit(example, n_pads)
+        prompt_ids, question = self._fit(example, plan)
         answer_index = int(example.answer_index)
         target = choice_text(choices, answer_index)
         if self.apply_chat_template:
-            self._check_prefix(question, choices, len(n_pads), target, example.source)
+            self._check_prefix(question, choices, len(n_pads), target, example.source, len(videos))
         choice_targets = [
             torch.tensor(self._tokens(choice_text(choices, i)) + [self._end_id], dtype=torch.long)
             for i in range(len(choices))
         ]
         target_ids = choice_targets[answer_index]
         prompt = torch.tensor(prompt_ids, dtype=torch.long)
+        if videos and not len(pixel_values):
+            pixel_values = torch.zeros(0, videos[0].pixel_values.shape[1])
         return Encoded(
             input_ids=torch.cat([prompt, target_ids]),
             labels=torch.cat([torch.full_like(prompt, IGNORE_INDEX), target_ids]),
@@ -188,4 +245,22 @@ class Encoder:
             target_text=target,
             source=example.source,
             truncated=question != example.question,
+            pixel_values_videos=torch.cat([v.pixel_values for v in videos]) if videos else None,
+            video_grid_thw=torch.tensor([v.grid_thw for v in videos], dtype=torch.long).reshape(-1, 3),
+            second_per_grid_ts=torch.tensor([v.second_per_grid for v in videos], dtype=torch.float32),
+            video_stats=[{"duration": v.duration, "frames": len(v.indices), "size": v.size,
+                          "indices": list(v.indices), "timestamps": v.timestamps()} for v in videos],
         )
+
+
+@dataclasses.dataclass
+class Vision:
+    """The token expansion of each image's <|image_pad|> and each video's <|video_pad|>, in prompt order."""
+
+    images: list[list[int]]
+    videos: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        """Vision tokens in all (for messages)."""
+        return sum(map(len, self.images)) + sum(map(len, self.videos))

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import PIL.Image
 
-from vlm_sft.data.robo2vlm import Example, decode_row, image_from_bytes
+from vlm_sft.data.robo2vlm import Example, decode_row, image_from_bytes, key_fields
 from vlm_sft.errors import RowError
 
 SUFFIXES = (".jsonl", ".json")
@@ -113,13 +113,10 @@ def load_image(base_dir: str, value: Any, source: str, key: str) -> PIL.Image.Im
 
 
 def check_keys(files: Sequence[str], *, prompt_key: str, choice_key: str, answer_key: str,
-               image_keys: Sequence[str]) -> None:
+               image_keys: Sequence[str], video_keys: Sequence[str] = (), video_fps_key: str | None = None) -> None:
     """Fail before any model loads when a file's first row lacks a configured key or a .json file is not a list
     of objects. Reads a JSONL file's first lines only (a .json file is parsed whole)."""
-    if not image_keys:
-        raise ValueError("data.image_keys is empty: a row needs at least one image key")
-    keys = {"data.prompt_key": prompt_key, "data.choice_key": choice_key, "data.answer_key": answer_key}
-    keys.update({f"data.image_keys[{i}]": k for i, k in enumerate(image_keys)})
+    keys = key_fields(prompt_key, choice_key, answer_key, image_keys, video_keys)
     for path in files:
         first, where = _first_object(path)
         if first is None:
@@ -184,12 +181,13 @@ class JsonlSource:
     """
 
     def __init__(self, files: Sequence[str], *, prompt_key: str = "question", choice_key: str = "choices",
-                 answer_key: str = "correct_answer", image_keys: Sequence[str] = ("image",), lazy: bool = False):
+                 answer_key: str = "correct_answer", image_keys: Sequence[str] = ("image",),
+                 video_keys: Sequence[str] = (), video_fps_key: str | None = None, lazy: bool = False):
         if not files:
             raise ValueError("JsonlSource needs at least one .jsonl or .json file")
         self.files = list(files)
         self.keys = dict(prompt_key=prompt_key, choice_key=choice_key, answer_key=answer_key,
-                         image_keys=list(image_keys))
+                         image_keys=list(image_keys), video_keys=list(video_keys), video_fps_key=video_fps_key)
         self.lazy = lazy
         self._tables = [_FileRows.read(path, lazy=lazy) for path in self.files]
         sizes = [len(t) for t in self._tables]
@@ -254,4 +252,5 @@ class JsonlSource:
 
     def __getitem__(self, i: int) -> Example:
         f, row = self._locate(i)
-        return decode_row(self.record(i), self._name(f, row), **self.keys, decode_image=self._decoders[f])
+        return decode_row(self.record(i), self._name(f, row), **self.keys, decode_image=self._decoders[f],
+                          base_dir=os.path.dirname(os.path.abspath(self.files[f])))

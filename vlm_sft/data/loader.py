@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vlm_sft.data import packing
-from vlm_sft.errors import RowError
+from vlm_sft.errors import PromptTooLong, RowError
 
 _PREFETCH_FACTOR = 4  # micro-batches in flight per worker
 
@@ -85,13 +85,16 @@ class _MicroBatchDataset(torch.utils.data.Dataset):
         self.max_tokens = max_tokens  # > 0: the key is a whole shard, packed into micro-batches of this budget
 
     def _encode(self, i: int) -> Any:
+        """Row i encoded. Every per-row failure leaves as a one-line RowError naming the row (an over-long prompt
+        stays a PromptTooLong), so the trainer reports it as a bad row, never as a traceback."""
         example = self.source[i]
         try:
             encoded = self.encode_fn(example)
+        except (RowError, PromptTooLong):
+            raise
         except ValueError as e:
-            if example.source in str(e):
-                raise
-            raise RowError(f"{example.source}: {e}") from e
+            message = str(e) if str(e).startswith(example.source) else f"{example.source}: {e}"
+            raise RowError(message, "encode") from None
         if self.max_tokens and len(encoded.input_ids) > self.max_tokens:
             raise RowError(f"{example.source}: {len(encoded.input_ids)} tokens (image tokens included) exceed "
                            f"actor.max_tokens_per_micro_batch={self.max_tokens}; rows are never split: raise the "

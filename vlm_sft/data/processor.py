@@ -18,6 +18,8 @@ import PIL.Image
 import transformers
 from transformers.utils import is_torchvision_available
 
+from vlm_sft.data import video as video_lib
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 _VIDEO_PROCESSOR_FILE = "video_preprocessor_config.json"
@@ -226,3 +228,38 @@ def load_processor(model_path: str | os.PathLike, *, min_pixels: int | None = No
         processor.image_processor = _with_pixel_budget(processor.image_processor, min_pixels, max_pixels)
     _check_processes_images(processor, path)
     return processor
+
+
+# The stock video processors' defaults where a directory's config leaves a value out.
+_VIDEO_DEFAULTS = {
+    video_lib.QWEN2_VL: dict(patch_size=14, temporal_patch_size=2, merge_size=2, shortest_edge=128 * 28 * 28,
+                             longest_edge=28 * 28 * 768, image_mean=(0.48145466, 0.4578275, 0.40821073),
+                             image_std=(0.26862954, 0.26130258, 0.27577711)),
+    video_lib.QWEN3_VL: dict(patch_size=16, temporal_patch_size=2, merge_size=2, shortest_edge=128 * 32 * 32,
+                             longest_edge=32 * 32 * 768, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)),
+}
+
+
+def load_video_config(model_path: str | os.PathLike, *, fps: float = 2.0, min_frames: int = 4,
+                      max_frames: int = 768, max_pixels: int | None = None,
+                      total_pixels: int | None = None) -> video_lib.VideoConfig:
+    """How the directory's stock video processor samples and sizes videos (video_preprocessor_config.json, or
+    preprocessor_config.json where a Qwen2.5-VL directory has no video config, as transformers reads them), with
+    the data.video_* fields applied. Needs no torchvision."""
+    path = _check_model_dir(model_path)
+    hub_files = _hub_files(path)
+    rule = (video_lib.QWEN3_VL if _processor_class(path, hub_files) is ImageOnlyQwen3VLProcessor
+            else video_lib.QWEN2_VL)
+    raw = hub_files.get(_VIDEO_PROCESSOR_FILE) or hub_files.get("preprocessor_config.json") or {}
+    defaults = _VIDEO_DEFAULTS[rule]
+    size = dict(raw.get("size") or {})
+    shortest = raw.get("min_pixels") or size.get("shortest_edge") or defaults["shortest_edge"]
+    longest = raw.get("max_pixels") or size.get("longest_edge") or defaults["longest_edge"]
+    return video_lib.VideoConfig(
+        rule=rule, fps=float(fps), min_frames=int(min_frames), max_frames=int(max_frames),
+        patch_size=int(raw.get("patch_size") or defaults["patch_size"]),
+        temporal_patch_size=int(raw.get("temporal_patch_size") or defaults["temporal_patch_size"]),
+        merge_size=int(raw.get("merge_size") or defaults["merge_size"]),
+        min_pixels=int(shortest), longest_edge=int(longest), max_pixels=max_pixels, total_pixels=total_pixels,
+        image_mean=tuple(float(v) for v in raw.get("image_mean") or defaults["image_mean"]),
+        image_std=tuple(float(v) for v in raw.get("image_std") or defaults["image_std"]))

@@ -37,6 +37,7 @@ class Example:
     choices: list[str]
     answer_index: int      # 0-based
     images: list[PIL.Image.Image]  # RGB, decoded
+    videos: list = dataclasses.field(default_factory=list)  # video.VideoRef each: decoded by the encoder
 
 
 def _split_of(relpath: str) -> str | None:
@@ -97,36 +98,50 @@ def find_files(paths: str | Sequence[str], split: str, suffixes: Sequence[str]) 
 
 
 def _needed_columns(names: Sequence[str], prompt_key: str, choice_key: str, answer_key: str,
-                    image_keys: Sequence[str]) -> list[str]:
-    cols = (["id"] if "id" in names else []) + [prompt_key, choice_key, answer_key, *image_keys]
+                    image_keys: Sequence[str], video_keys: Sequence[str] = (),
+                    video_fps_key: str | None = None) -> list[str]:
+    cols = (["id"] if "id" in names else []) + [prompt_key, choice_key, answer_key, *image_keys, *video_keys]
+    if video_fps_key and video_fps_key in names:
+        cols.append(video_fps_key)
     return list(dict.fromkeys(cols))
 
 
+def key_fields(prompt_key: str, choice_key: str, answer_key: str, image_keys: Sequence[str],
+               video_keys: Sequence[str] = ()) -> dict[str, str]:
+    """{config field: column} of every column a row must have; at least one image or video column."""
+    if not image_keys and not video_keys:
+        raise ValueError("data.image_keys and data.video_keys are both empty: a row needs at least one image or "
+                         "video column")
+    keys = {"data.prompt_key": prompt_key, "data.choice_key": choice_key, "data.answer_key": answer_key}
+    keys.update({f"data.image_keys[{i}]": k for i, k in enumerate(image_keys)})
+    keys.update({f"data.video_keys[{i}]": k for i, k in enumerate(video_keys)})
+    return keys
+
+
 def check_schema(files: Sequence[str], *, prompt_key: str, choice_key: str, answer_key: str,
-                 image_keys: Sequence[str]) -> None:
+                 image_keys: Sequence[str], video_keys: Sequence[str] = (), video_fps_key: str | None = None) -> None:
     """Fail before any model loads when a file lacks a configured column (reads only parquet footers)."""
-    if not image_keys:
-        raise ValueError("data.image_keys is empty: a Robo2VLM row needs at least one image column")
+    keys = key_fields(prompt_key, choice_key, answer_key, image_keys, video_keys)
     for f in files:
         try:
             names = pq.read_schema(f).names
         except (OSError, pa.ArrowException) as e:
             raise ValueError(f"{f}: not a readable parquet file ({e})") from e
-        keys = {"data.prompt_key": prompt_key, "data.choice_key": choice_key, "data.answer_key": answer_key}
-        keys.update({f"data.image_keys[{i}]": k for i, k in enumerate(image_keys)})
         missing = [f"{col!r} ({field})" for field, col in keys.items() if col not in names]
         if missing:
             raise ValueError(f"{f}: missing column(s) {', '.join(missing)}; columns present: {names}")
 
 
 def in_memory_bytes(files: Sequence[str], *, prompt_key: str, choice_key: str, answer_key: str,
-                    image_keys: Sequence[str]) -> int:
+                    image_keys: Sequence[str], video_keys: Sequence[str] = (),
+                    video_fps_key: str | None = None) -> int:
     """Bytes that eager loading holds for `files`: the uncompressed size of the columns it reads (images still
     encoded), summed from the parquet footers without reading any data."""
     total = 0
     for f in files:
         meta = pq.read_metadata(f)
-        needed = set(_needed_columns(meta.schema.names, prompt_key, choice_key, answer_key, image_keys))
+        needed = set(_needed_columns(meta.schema.names, prompt_key, choice_key, answer_key, image_keys, video_keys,
+                                     video_fps_key))
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
             for c in range(group.num_columns):
@@ -204,10 +219,13 @@ def image_from_bytes(data: bytes | bytearray | memoryview, source: str, where: s
 
 def decode_row(record: dict, source: str, *, prompt_key: str = "question", choice_key: str = "choices",
                answer_key: str = "correct_answer", image_keys: Sequence[str] = ("image",),
+               video_keys: Sequence[str] = (), video_fps_key: str | None = None, base_dir: str | None = None,
                decode_image: Callable[[Any, str, str], PIL.Image.Image] = _decode_image) -> Example:
     """One row (as a dict) -> a validated Example with decoded RGB images, in image_keys order (a key may hold a
-    list of images). `decode_image(value, source, key)` turns one image value into an image: parquet's
-    {bytes, path} by default; the JSON sources pass one that also reads files and base64."""
+    list of images), and its videos, in video_keys order, named but not decoded (video.VideoRef: the encoder
+    decodes and samples them). `decode_image(value, source, key)` turns one image value into an image: parquet's
+    {bytes, path} by default; the JSON sources pass one that also reads files and base64. Video paths are
+    relative to `base_dir` (the data file's folder); `video_fps_key` names the row's frame rate of frame lists."""
     question = record.get(prompt_key)
     if not isinstance(question, str):
         raise RowError(f"{source}: question in column {prompt_key!r} is {question!r:.100}, expected a string",
@@ -224,9 +242,31 @@ def decode_row(record: dict, source: str, *, prompt_key: str = "question", choic
             if v is None:
                 raise RowError(f"{source}: missing image in column {key!r}", "image")
             images.append(decode_image(v, source, key))
+    videos = _video_refs(record, source, video_keys, video_fps_key, base_dir)
     row_id = record.get("id")
     return Example(source=source, id=source if row_id is None else str(row_id), question=question,
-                   choices=choices, answer_index=answer_index, images=images)
+                   choices=choices, answer_index=answer_index, images=images, videos=videos)
+
+
+def _video_refs(record: dict, source: str, video_keys: Sequence[str], fps_key: str | None,
+                base_dir: str | None) -> list:
+    from vlm_sft.data import video as video_lib  # (imports this module)
+
+    fps = record.get(fps_key) if fps_key else None
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < 1e4):
+        raise RowError(f"{source}: frame rate {fps!r} in column {fps_key!r} (data.video_fps_key): expected a "
+                       "positive number", "video")
+    refs = []
+    for key in video_keys:
+        value = record.get(key)
+        if value is None or (isinstance(value, list) and not value):
+            raise RowError(f"{source}: missing video in column {key!r}", "video")
+        # a list of image file names is one video's frames; any other list holds several videos
+        one = not isinstance(value, list) or all(
+            isinstance(v, str) and v.lower().endswith(video_lib.FRAME_SUFFIXES) for v in value)
+        values = [value] if one else value
+        refs += [video_lib.resolve(v, base_dir, source, key, None if fps is None else float(fps)) for v in values]
+    return refs
 
 
 class Robo2VLMSource:
@@ -239,13 +279,14 @@ class Robo2VLMSource:
     """
 
     def __init__(self, files: Sequence[str], *, prompt_key: str = "question", choice_key: str = "choices",
-                 answer_key: str = "correct_answer", image_keys: Sequence[str] = ("image",), lazy: bool = False,
+                 answer_key: str = "correct_answer", image_keys: Sequence[str] = ("image",),
+                 video_keys: Sequence[str] = (), video_fps_key: str | None = None, lazy: bool = False,
                  cache_size: int = 2):
         if not files:
             raise ValueError("Robo2VLMSource needs at least one parquet file")
         self.files = list(files)
         self.keys = dict(prompt_key=prompt_key, choice_key=choice_key, answer_key=answer_key,
-                         image_keys=list(image_keys))
+                         image_keys=list(image_keys), video_keys=list(video_keys), video_fps_key=video_fps_key)
         self.lazy = lazy
         self.cache_size = cache_size
         self._columns: list[list[str]] = []
@@ -329,7 +370,9 @@ class Robo2VLMSource:
         return table.slice(row, 1).to_pylist()[0]
 
     def __getitem__(self, i: int) -> Example:
-        return decode_row(self.record(i), self.source_of(i), **self.keys)
+        source = self.source_of(i)
+        base_dir = os.path.dirname(os.path.abspath(source.rsplit(":", 1)[0]))
+        return decode_row(self.record(i), source, **self.keys, base_dir=base_dir)
 
 
 def _starts(sizes: Sequence[int]) -> list[int]:

@@ -26,6 +26,9 @@ class VisionSpec:
     patch_size: int
     window_size: int
     pad_token_id: int
+    video_token_id: int = -1
+    tokens_per_second: float = 0.0  # temporal rope positions per second of video (second_per_grid_ts scales it)
+    video_frames_split = False      # each video frame group is its own block of positions (Qwen3-VL: True)
 
     @classmethod
     def from_config(cls, config: Any, pad_token_id: int) -> "VisionSpec":
@@ -36,6 +39,8 @@ class VisionSpec:
             patch_size=int(vc.patch_size),
             window_size=int(vc.window_size),
             pad_token_id=int(pad_token_id),
+            video_token_id=int(getattr(config, "video_token_id", -1)),
+            tokens_per_second=float(getattr(vc, "tokens_per_second", 0) or 0),
         )
 
     def image_inputs(self, grid: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -60,6 +65,11 @@ class Qwen3VLVisionSpec:
     patch_size: int
     num_grid_per_side: int
     pad_token_id: int
+    video_token_id: int = -1
+    tokens_per_second = 0.0
+    # Qwen3-VL's get_rope_index splits a video into its frame groups (timestamp text between them): each group is
+    # a block of positions with t = 0, like an image.
+    video_frames_split = True
 
     @classmethod
     def from_config(cls, config: Any, pad_token_id: int) -> "Qwen3VLVisionSpec":
@@ -70,6 +80,7 @@ class Qwen3VLVisionSpec:
             patch_size=int(vc.patch_size),
             num_grid_per_side=int(vc.num_position_embeddings ** 0.5),
             pad_token_id=int(pad_token_id),
+            video_token_id=int(getattr(config, "video_token_id", -1)),
         )
 
     def image_inputs(self, grid: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -92,37 +103,66 @@ def frame_lengths(grid: torch.Tensor) -> list[int]:
     return (grid[:, 1] * grid[:, 2]).repeat_interleave(grid[:, 0]).tolist()
 
 
-def mrope_position_ids(input_ids: torch.Tensor, grids: torch.Tensor, spec: Spec) -> torch.Tensor:
-    """[3, L] (temporal, height, width) rope positions for one sequence, as get_rope_index of Qwen2.5-VL (and of
-    Qwen3-VL: the same rule for images).
+def _blocks(grids: torch.Tensor, seconds: torch.Tensor | None, spec: Spec, video: bool
+            ) -> list[tuple[int, int, int, float]]:
+    """(t, h, w, temporal step) of each contiguous block of vision tokens, in order: one per image; one per video
+    (step tokens_per_second * second_per_grid_ts: Qwen2.5-VL), or one per video frame group (t = 1: Qwen3-VL)."""
+    out = []
+    for k, (t, h, w) in enumerate(grids.tolist()):
+        if not video:
+            out.append((t, h, w, 1.0))
+        elif spec.video_frames_split:
+            out += [(1, h, w, 1.0)] * t
+        else:
+            out.append((t, h, w, spec.tokens_per_second * float(seconds[k]) if seconds is not None else 1.0))
+    return out
 
-    Text tokens advance all three axes together; an image block gets its (t, h, w) grid offset by the position where
-    it starts, and the text after it resumes at start + max(h, w) (merged grid units).
+
+def mrope_position_ids(input_ids: torch.Tensor, grids: torch.Tensor, spec: Spec,
+                       video_grids: torch.Tensor | None = None,
+                       second_per_grid_ts: torch.Tensor | None = None) -> torch.Tensor:
+    """[3, L] (temporal, height, width) rope positions for one sequence, as get_rope_index of Qwen2.5-VL and of
+    Qwen3-VL (transformers 5), images (`grids`) and videos (`video_grids`, with second_per_grid_ts) alike.
+
+    Text tokens advance all three axes together; a vision block gets its (t, h, w) grid offset by the position
+    where it starts (a Qwen2.5-VL video's t scaled by tokens_per_second * second_per_grid_ts, truncated as the
+    stock float32 product), and the text after it resumes at start + max(h, w) (merged grid units). Computed per
+    row, so packed rows concatenate their own positions.
     """
     ids = input_ids.tolist()
     m = spec.spatial_merge_size
     out = torch.empty(3, len(ids), dtype=torch.long)
-    cur, i, image = 0, 0, 0
+    kinds = {spec.image_token_id: ("image", "<|image_pad|>", len(grids), iter(_blocks(grids, None, spec, False)))}
+    if video_grids is not None and len(video_grids):
+        kinds[spec.video_token_id] = ("video", "<|video_pad|>", len(video_grids),
+                                      iter(_blocks(video_grids, second_per_grid_ts, spec, True)))
+    counts = dict.fromkeys(kinds, 0)
+    cur, i = 0, 0
     while i < len(ids):
-        if ids[i] != spec.image_token_id:
+        if ids[i] not in kinds:
             out[:, i] = cur
             cur += 1
             i += 1
             continue
-        if image >= len(grids):
-            raise ValueError(f"more <|image_pad|> blocks in the sequence than images ({len(grids)})")
-        t, h, w = (int(v) for v in grids[image])
+        token = ids[i]
+        what, name, _, blocks = kinds[token]
+        block = next(blocks, None)
+        if block is None:
+            raise ValueError(f"more {name} blocks in the sequence than {what}s")
+        counts[token] += 1
+        t, h, w, step = block
         gh, gw = h // m, w // m
         n = t * gh * gw
-        if ids[i:i + n] != [spec.image_token_id] * n:
-            raise ValueError(f"image {image}: expected {n} <|image_pad|> tokens for grid {(t, h, w)}")
-        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+        if ids[i:i + n] != [token] * n:
+            raise ValueError(f"{what} {counts[token] - 1}: expected {n} {name} tokens for grid {(t, h, w)}")
+        temporal = (torch.arange(t) * torch.tensor(step, dtype=torch.float32)).long()
+        tt, hh, ww = torch.meshgrid(temporal, torch.arange(gh), torch.arange(gw), indexing="ij")
         out[:, i:i + n] = torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + cur
         cur += max(gh, gw)
         i += n
-        image += 1
-    if image != len(grids):
-        raise ValueError(f"{len(grids)} images but {image} <|image_pad|> blocks in the sequence")
+    for token, (what, name, total, blocks) in kinds.items():
+        if next(blocks, None) is not None:
+            raise ValueError(f"{total} {what}s but {counts[token]} {name} blocks in the sequence")
     return out
 
 

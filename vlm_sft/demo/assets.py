@@ -26,8 +26,13 @@ def prepare_demo(config: Any, run_dir: str) -> None:
         if not os.path.isdir(path):
             logging.info("demo: writing Robo2VLM-format parquet files to %s", path)
             rows = config.data.demo_rows
-            data.make_robo2vlm_dir(path + ".tmp", n_train=rows, n_test=max(rows // 8, 1), seed=0,
-                                   fixed_choices=True)
+            if config.data.get("video_keys"):  # :demo,video: clips whose answer needs the frames in order
+                logging.info("demo: the video variant: JSONL rows and MP4 clips")
+                data.make_video_dir(path + ".tmp", n_train=rows, n_test=max(rows // 8, 1), seed=0,
+                                    blank=config.data.get("demo_blank_video", False))
+            else:
+                data.make_robo2vlm_dir(path + ".tmp", n_train=rows, n_test=max(rows // 8, 1), seed=0,
+                                       fixed_choices=True)
             os.replace(path + ".tmp", path)
         for key in ("train_data_paths", "eval_data_paths"):
             if config.data[key] == DEMO:

@@ -246,3 +246,44 @@ def make_json_dir(
                 lines = [json.dumps(r)[:-7] if kind == "json" else json.dumps(r) for r, kind in part]
                 target.write_text("\n".join(lines) + "\n")
     return path
+
+
+# Video demo: a light that changes colour once ---------------------------------------------------------------
+
+VIDEO_QUESTION = "The indicator light on the robot changes colour once during the clip. What colour is it at the end?"
+
+
+def _colour_change_frames(nprng: np.random.Generator, first: str, last: str, *, size: int, frames: int,
+                          blank: bool) -> list[np.ndarray]:
+    """The first half of the frames one colour, the second half another: the set of frames (or the clip played
+    backwards) cannot tell the answer, only the frames in order can. `blank`: every frame the same grey."""
+    if blank:
+        return [np.full((size, size, 3), 128, dtype=np.uint8)] * frames
+    out = []
+    for k in range(frames):
+        base = np.array(COLOURS[first if k < frames // 2 else last], dtype=np.float32)
+        out.append(np.clip(base + nprng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8))
+    return out
+
+
+def make_video_dir(path: str | os.PathLike, *, n_train: int = 64, n_test: int = 16, seed: int = 0, size: int = 64,
+                   frames: int = 8, fps: float = 4.0, blank: bool = False) -> pathlib.Path:
+    """train.jsonl / test.jsonl rows asking for the colour a light ends on, each with an MP4 clip under videos/
+    (key "video", relative paths) whose first half shows another colour; the colours as fixed choices. `blank`:
+    the same rows with grey clips (a control: nothing to see, accuracy stays near chance)."""
+    from vlm_sft.data import video as video_lib
+
+    path = pathlib.Path(path)
+    (path / "videos").mkdir(parents=True, exist_ok=True)
+    rng, nprng = random.Random(seed), np.random.default_rng(seed)
+    colours = sorted(COLOURS)
+    for split, n in (("train", n_train), ("test", n_test)):
+        with open(path / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                first, last = rng.sample(colours, 2)
+                name = f"videos/{split}-{i:05d}.mp4"
+                video_lib.write_clip(path / name, _colour_change_frames(nprng, first, last, size=size, frames=frames,
+                                                                         blank=blank), fps)
+                f.write(json.dumps({"id": f"{split}-{i}", "question": VIDEO_QUESTION, "choices": colours,
+                                    "correct_answer": colours.index(last), "video": name}) + "\n")
+    return path
