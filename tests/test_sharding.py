@@ -218,3 +218,29 @@ def test_exit_process_flushes_streams_and_keeps_systemexit_codes(code, rc):
     assert proc.returncode == rc, proc.stderr[-2000:]
     assert proc.stdout == "stdout before exit"
     assert (proc.stderr.strip().splitlines() or [""])[-1] == ("" if rc == 0 else code)
+
+
+@pytest.mark.parametrize("param_dtype, reduce_dtype", [("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16")])
+def test_plain_params_on_one_rank_give_the_dtensor_path_s_loss_and_gradients_exactly(
+        device, tiny_model_dir, batch, param_dtype, reduce_dtype):
+    """make_sharding(plain_single_rank=True) on a world of one (main.py's choice): plain tensors, no DTensor in the
+    state or the step, and the same loss and gradients bit for bit as DTensors on the mesh of one, per precision."""
+    c = load_config("demo")
+    c.actor.fsdp_config.mixed_precision.param_dtype = param_dtype
+    c.actor.fsdp_config.mixed_precision.reduce_dtype = reduce_dtype
+    plain_spec = sharding.make_sharding(c, torch.device("cpu"), plain_single_rank=True)
+    dtensor_spec = sharding.make_sharding(c, torch.device("cpu"))
+    assert plain_spec.plain and not dtensor_spec.plain
+    out = {}
+    for name, spec in (("plain", plain_spec), ("dtensor", dtensor_spec)):
+        model, params = model_lib.load_model(tiny_model_dir)
+        sharded = sharding.shard_model(model, params, spec)
+        assert all(isinstance(v, DTensor) != spec.plain for v in sharded.values())
+        out[name] = step_lib.make_loss_and_grad(model, sharding.make_block_call(spec))(sharded, batch, torch.ones(()))
+    (loss_p, g_p), (loss_d, g_d) = out["plain"], out["dtensor"]
+    assert torch.equal(loss_p, loss_d)
+    assert set(g_p) == set(g_d) and all(not isinstance(g, DTensor) and g.dtype == torch.float32 for g in g_p.values())
+    assert all(torch.equal(g_p[k], g_d[k].to_local()) for k in g_p)
+    two_ranks = type("TwoRankMesh", (), {"size": lambda self: 2, "shape": (2,)})()  # no second process needed
+    with pytest.raises(ValueError, match="mesh of one"):
+        sharding.Sharding(two_ranks, (Replicate(),), plain=True)

@@ -340,11 +340,11 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         raise model_lib.ModelLoadError(f"actor.model.model_path={config.actor.model.model_path!r}: the weights do "
                                        f"not load ({type(e).__name__}: {e})") from None
     precision = config_lib.parse_dtype(config.actor.model.precision, "actor.model.precision")
-    sharding = sharding_lib.make_sharding(config, device)
+    sharding = sharding_lib.make_sharding(config, device, plain_single_rank=True)
     # step_model: the model whose blocks carry LoRA adapters (the train step's); evaluation reads merged params.
     step_model, params = apply_plan(model, params, plan, precision=precision, compute_dtype=sharding.param_dtype,
                                     seed=config.actor.seed)
-    params = sharding_lib.shard_model(model, params, sharding)  # DTensors on `device`; the full copy is freed
+    params = sharding_lib.shard_model(model, params, sharding)  # DTensors (plain on one rank); full copy freed
     tokenizer = processor.tokenizer
     spec = model.vision_spec(pad_token_id=tokenizer.pad_token_id)
     eval_source = make_source(eval_files, config) if eval_files else None

@@ -23,7 +23,10 @@ all-gather bytes, and a group's fp32 copy lives until its bf16 cast. A custom au
 reduce-scatter fp32) avoids both, but compiled it ran 1.3 s/step against 0.3 here (tiny model, CPU): it splits
 the graph. So this stays until measured on a GPU.
 
-Single process is the same code on a mesh of one (an in-process gloo/nccl group, no torchrun needed).
+Single process: an in-process gloo/nccl group of one (no torchrun needed). The trainer then holds its params as
+plain tensors (`Sharding.plain`, make_sharding(plain_single_rank=True)): a mesh of one issues no collective, and
+DTensor's per-op Python was most of a step's host time. The DTensor path on a mesh of one stays available (the
+tests run the sharded code there) and gives the same losses and gradients bit for bit.
 """
 from __future__ import annotations
 
@@ -208,6 +211,14 @@ class Sharding:
     param_dtype: torch.dtype = torch.float32
     reduce_dtype: torch.dtype = torch.float32
     buffer_dtype: torch.dtype = torch.float32
+    # Params as plain tensors (a mesh of one only): one rank holds every param whole and issues no collective, so
+    # DTensor would only add its Python per param and op (0.3 s of a 3B-depth step's host time, CPU). The step,
+    # checkpoints (DCP reshards plain <-> DTensor) and the update take plain tensors as they take DTensors.
+    plain: bool = False
+
+    def __post_init__(self) -> None:
+        if self.plain and self.mesh.size() != 1:
+            raise ValueError(f"Sharding(plain=True) needs a mesh of one rank, got {tuple(self.mesh.shape)}")
 
     @property
     def device(self) -> torch.device:
@@ -216,8 +227,9 @@ class Sharding:
         return torch.device(self.mesh.device_type)
 
 
-def make_sharding(config: Any, device: torch.device) -> Sharding:
-    """The configured strategy's mesh over all ranks of the (initialised) default process group."""
+def make_sharding(config: Any, device: torch.device, *, plain_single_rank: bool = False) -> Sharding:
+    """The configured strategy's mesh over all ranks of the (initialised) default process group.
+    `plain_single_rank` (the trainer's choice): on a world of one, params are plain tensors (Sharding.plain)."""
     f = config.actor.fsdp_config
     world_size = dist.get_world_size()
     shape, names = mesh_layout(f.sharding_strategy, world_size, num_nodes=config.cluster.num_nodes,
@@ -228,14 +240,18 @@ def make_sharding(config: Any, device: torch.device) -> Sharding:
         placements=param_placements(f.sharding_strategy),
         param_dtype=parse_dtype(mp.param_dtype, f"{_FIELD}.mixed_precision.param_dtype"),
         reduce_dtype=parse_dtype(mp.reduce_dtype, f"{_FIELD}.mixed_precision.reduce_dtype"),
-        buffer_dtype=parse_dtype(mp.buffer_dtype, f"{_FIELD}.mixed_precision.buffer_dtype"))
+        buffer_dtype=parse_dtype(mp.buffer_dtype, f"{_FIELD}.mixed_precision.buffer_dtype"),
+        plain=plain_single_rank and world_size == 1)
 
 
 def shard_params(params: Params, sharding: Sharding) -> Params:
     """Full tensors (identical on every rank: all ranks load the same files) -> DTensors on this rank's device.
 
-    Each rank keeps only its own slice (a copy: the full tensor can be freed); nothing is communicated.
+    Each rank keeps only its own slice (a copy: the full tensor can be freed); nothing is communicated. With
+    `sharding.plain` (one rank) the copies are plain tensors.
     """
+    if sharding.plain:
+        return {k: v.detach().to(sharding.device, copy=True) for k, v in params.items()}
     return {k: distribute_tensor(v.detach(), sharding.mesh, sharding.placements, src_data_rank=None)
             for k, v in params.items()}
 
@@ -335,11 +351,15 @@ def gather(p: Params, sharding: Sharding, stats: GatherStats | None = None) -> P
     for k, v in p.items():
         # A leaf without requires_grad (frozen: never reduced) is cast first and gathered in param_dtype.
         moved = v.to(sharding.reduce_dtype if v.requires_grad else sharding.param_dtype)
-        full = moved.redistribute(sharding.mesh, replicate).to_local(grad_placements=average)
+        if isinstance(moved, DTensor):
+            full = moved.redistribute(sharding.mesh, replicate).to_local(grad_placements=average)
+        else:  # a plain param (one rank): whole already, its gradient is this rank's (the mean over one)
+            full = moved
         out[k] = full.to(sharding.param_dtype)
         if stats is not None:
-            stats.track(full, v.to_local())
-            stats.track(out[k], v.to_local())
+            local = v.to_local() if isinstance(v, DTensor) else v
+            stats.track(full, local)
+            stats.track(out[k], local)
     return out
 
 
