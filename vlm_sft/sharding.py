@@ -9,19 +9,24 @@ the layer FSDP2 is built on instead: every param is a DTensor placed per `actor.
     hybrid_shard  mesh (replicate, shard)  Replicate, Shard(0) reduce-scatter within a node, all-reduce across
 
 and each param group is gathered inside the call that uses it (`make_block_call`, plugged into the models'
-`block_call` hook) with `redistribute(Replicate).to_local(grad_placements=[Partial("avg")])`. The Partial grad
+`block_call` hook): by definition `redistribute(Replicate).to_local(grad_placements=[Partial("avg")])` per
+param (what a mesh of one and `FLAT_GATHER = False` run), on several ranks one flat collective per block. The Partial grad
 placement is what makes backward reduce the per-rank gradients back into the params' placement; without it the
 gradients are silently wrong. "avg" makes them the MEAN over ranks (as RLinf's FSDP), so a run on N ranks takes the
 same steps as one process on the same global batch. Adam moments are created from the sharded params, so they
 follow their param's placement; 0-dim counters stay plain tensors that every rank computes identically.
 
 Mixed precision: master params and optimizer state keep their dtype (fp32); a block's params are gathered in
-`reduce_dtype` and cast to `param_dtype` for compute, so gradients come back (and are reduced) in `reduce_dtype`:
-the backward collective runs in the dtype of the forward one. With param_dtype == reduce_dtype the cast happens
-before the gather (bf16 traffic). With bf16 compute and fp32 reduction the gather moves fp32: twice FSDP2's
-all-gather bytes, and a group's fp32 copy lives until its bf16 cast. A custom autograd.Function (gather bf16,
-reduce-scatter fp32) avoids both, but compiled it ran 1.3 s/step against 0.3 here (tiny model, CPU): it splits
-the graph. So this stays until measured on a GPU.
+`reduce_dtype` and cast to `param_dtype` for compute, so gradients come back (and are reduced) in `reduce_dtype`.
+
+On more than one rank a block's params are gathered as ONE flat buffer (`gather_flat`, an autograd.Function, as
+FSDP2's fully_shard does): one cat + one cast to param_dtype into a flat shard, one all-gather, one split-copy
+into per-param views; backward one chunk-cat of the gradients, one cast to reduce_dtype, one reduce-scatter
+(all-reduce when replicated, plus one all-reduce across replicas for hybrid_shard), one cast to the master dtype,
+and views back as DTensors in the params' placement. Same numbers as the per-param redistribute (the cast is
+elementwise, so casting before the gather equals casting after it, and moves param_dtype bytes; tested bit for
+bit on 2 ranks). It runs eagerly, outside the compiled regions (a custom Function inside a compiled region
+split its graph: 1.3 s/step against 0.3, tiny model, CPU).
 
 Single process: an in-process gloo/nccl group of one (no torchrun needed). The trainer then holds its params as
 plain tensors (`Sharding.plain`, make_sharding(plain_single_rank=True)): a mesh of one issues no collective, and
@@ -53,6 +58,9 @@ Params = dict[str, torch.Tensor]
 
 STRATEGIES = ("no_shard", "full_shard", "hybrid_shard")
 _FIELD = "actor.fsdp_config"
+# Gather each block's DTensor params through one flat collective (gather_flat); False: one redistribute per param
+# (the path before; bench/host.py's baseline).
+FLAT_GATHER = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -342,9 +350,159 @@ class GatherStats:
         self.peak_live_bytes = max(self.peak_live_bytes, live)
 
 
+@dataclasses.dataclass(frozen=True)
+class _FlatLayout:
+    """Where each param of a block lives in the block's flat gather buffer (computed once per block).
+
+    Every param's rank shard is padded to `chunk` elements (ceil(dim0 / ranks) rows, as torch.chunk and DTensor's
+    Shard(0) split it), so the ranks' flat shards have one size and the gathered buffer is [ranks, sum(chunk)].
+    """
+
+    shard_dim: int | None          # the mesh dim params are sharded on (None: replicated on every mesh dim)
+    ranks: int                     # ranks along shard_dim (1 when replicated)
+    world: int                     # ranks the gradient is averaged over (the whole mesh)
+    shapes: tuple[torch.Size, ...]  # global shapes
+    locals: tuple[torch.Size, ...]  # this rank's shard shapes
+    chunks: tuple[int, ...]        # padded shard numel per param
+    specs: tuple[Any, ...]          # the params' DTensorSpecs (their gradients take the same)
+
+    @classmethod
+    def of(cls, params: list[DTensor]) -> "_FlatLayout":
+        first = params[0]
+        shard_dims = [i for i, p in enumerate(first.placements) if p.is_shard()]
+        shard_dim = shard_dims[0] if shard_dims else None
+        ranks = first.device_mesh.size(shard_dim) if shard_dim is not None else 1
+        chunks = []
+        for p in params:
+            rows = -(-p.shape[0] // ranks) if p.dim() else 1
+            chunks.append(rows * (p[0].numel() if p.dim() else 1) if shard_dim is not None else p.numel())
+        return cls(shard_dim, ranks, first.device_mesh.size(), tuple(p.shape for p in params),
+                   tuple(p._local_tensor.shape for p in params), tuple(chunks), tuple(p._spec for p in params))
+
+
+def _flat_gatherable(params: list[torch.Tensor]) -> bool:
+    """DTensors on one mesh, placed alike as param_placements places them (Shard(0) on at most one mesh dim,
+    Replicate elsewhere), with at least one dim where sharded."""
+    first = params[0]
+    if not all(isinstance(p, DTensor) for p in params):
+        return False
+    placements = first.placements
+    shards = [p for p in placements if p.is_shard()]
+    if len(shards) > 1 or any(not (p.is_replicate() or (p.is_shard() and p.dim == 0)) for p in placements):
+        return False
+    return all(p.device_mesh == first.device_mesh and p.placements == placements and p.dtype == first.dtype
+               and (p.dim() > 0 or not shards) for p in params)
+
+
+def _gather_flat(layout: _FlatLayout, locals_: list[torch.Tensor], dtype: torch.dtype, mesh: DeviceMesh
+                 ) -> list[torch.Tensor]:
+    """The full params of a block from this rank's shards: one cat and one cast into a flat shard, one all-gather,
+    one split-copy into per-param buffers (views of one allocation)."""
+    pads = [c - x.numel() for c, x in zip(layout.chunks, locals_)]
+    pieces = []
+    for x, pad in zip(locals_, pads):
+        pieces.append(x.reshape(-1))
+        if pad:
+            pieces.append(x.new_zeros(pad))
+    if layout.shard_dim is None and all(x.dtype == dtype for x in locals_):  # replicated: whole already
+        return [x.view(shape) for x, shape in zip(locals_, layout.shapes)]
+    flat = torch.cat(pieces).to(dtype)
+    if layout.shard_dim is None:
+        outs = flat.split(layout.chunks)
+        return [o.view(shape) for o, shape in zip(outs, layout.shapes)]
+    gathered = flat.new_empty(layout.ranks * flat.numel())
+    dist.all_gather_into_tensor(gathered, flat, group=mesh.get_group(layout.shard_dim))
+    buffer = flat.new_empty(gathered.numel())
+    outs = [o.view(layout.ranks, c) for o, c in zip(buffer.split([layout.ranks * c for c in layout.chunks]),
+                                                    layout.chunks)]
+    torch.split_with_sizes_copy(gathered.view(layout.ranks, -1), list(layout.chunks), dim=1, out=outs)
+    full = []
+    for o, shape in zip(outs, layout.shapes):
+        rows = o.view(-1, *shape[1:]) if len(shape) else o.view(-1)
+        full.append(rows[:shape[0]] if len(shape) else rows[0])
+    return full
+
+
+class _FlatGather(torch.autograd.Function):
+    """All-gather of a block's DTensor params as ONE flat buffer (FSDP2's all-gather inside fully_shard), and its
+    backward as ONE reduce-scatter (or all-reduce, replicated) of the flattened gradients, averaged over ranks.
+
+    Same numbers as `redistribute(Replicate).to_local(grad_placements=[Partial("avg")])` per param with the
+    casts around it: the forward cast to param_dtype is elementwise, so cast-then-gather equals gather-then-cast
+    (and moves param_dtype bytes); gradients are cast to reduce_dtype before the reduction and to the master
+    dtype after it, as the per-param casts' backward did. It runs eagerly, outside the compiled regions.
+    """
+
+    @staticmethod
+    def forward(ctx, layout: _FlatLayout, sharding: Sharding, *params: DTensor) -> tuple[torch.Tensor, ...]:
+        ctx.layout, ctx.sharding = layout, sharding
+        ctx.master = params[0]._local_tensor.dtype
+        return tuple(_gather_flat(layout, [p._local_tensor for p in params], sharding.param_dtype,
+                                  sharding.mesh))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple[Any, ...]:
+        layout, sharding = ctx.layout, ctx.sharding
+        mesh = sharding.mesh
+        if layout.shard_dim is None:
+            flat = torch.cat([g.reshape(-1) for g in grads]).to(sharding.reduce_dtype)
+            for dim in range(mesh.ndim):
+                if mesh.size(dim) > 1:
+                    dist.all_reduce(flat, group=mesh.get_group(dim))
+            local = flat
+        else:
+            chunked = torch._chunk_cat([g.contiguous() for g in grads], dim=0, num_chunks=layout.ranks)
+            chunked = chunked.to(sharding.reduce_dtype).view(-1)
+            group = mesh.get_group(layout.shard_dim)
+            local = chunked.new_empty(chunked.numel() // layout.ranks)
+            if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter_tensor
+                dist.all_reduce(chunked, group=group)
+                local = chunked.view(layout.ranks, -1)[dist.get_rank(group)]
+            else:
+                dist.reduce_scatter_tensor(local, chunked, group=group)
+            for dim in range(mesh.ndim):
+                if dim != layout.shard_dim and mesh.size(dim) > 1:
+                    dist.all_reduce(local, group=mesh.get_group(dim))
+        local = local.div_(layout.world).to(ctx.master)
+        out = []
+        for piece, shape, spec in zip(local.split(list(layout.chunks)), layout.locals, layout.specs):
+            out.append(DTensor(piece[:shape.numel()].view(shape), spec, requires_grad=False))
+        return (None, None, *out)
+
+
+_LAYOUTS: dict[tuple, _FlatLayout] = {}
+
+
+def gather_flat(p: Params, sharding: Sharding) -> Params:
+    """`gather`'s result through one flat collective per group of like leaves (trained / frozen)."""
+    out: Params = {}
+    for trained in (True, False):
+        names = [k for k, v in p.items() if v.requires_grad == trained]
+        if not names:
+            continue
+        params = [p[k] for k in names]
+        key = (tuple(names), tuple(v.shape for v in params), params[0].device_mesh, params[0].placements)
+        layout = _LAYOUTS.get(key)
+        if layout is None:
+            layout = _LAYOUTS[key] = _FlatLayout.of(params)
+        if trained:
+            full = _FlatGather.apply(layout, sharding, *params)
+        else:
+            with torch.no_grad():
+                full = _gather_flat(layout, [v._local_tensor for v in params], sharding.param_dtype, sharding.mesh)
+        out.update(zip(names, full))
+    return {k: out[k] for k in p}
+
+
 def gather(p: Params, sharding: Sharding, stats: GatherStats | None = None) -> Params:
     """Full compute copies of a param group: gathered in reduce_dtype, cast to param_dtype. Differentiable: the
     gradient w.r.t. each DTensor comes back in its placement, averaged over ranks (reduced in reduce_dtype)."""
+    if FLAT_GATHER and p and sharding.mesh.size() > 1 and _flat_gatherable(list(p.values())):
+        out = gather_flat(p, sharding)
+        if stats is not None:
+            for k, v in p.items():
+                stats.track(out[k], v._local_tensor)
+        return out
     replicate = [Replicate()] * sharding.mesh.ndim
     average = [Partial("avg")] * sharding.mesh.ndim
     out = {}
