@@ -231,16 +231,20 @@ def test_plain_params_on_one_rank_give_the_dtensor_path_s_loss_and_gradients_exa
     plain_spec = sharding.make_sharding(c, torch.device("cpu"), plain_single_rank=True)
     dtensor_spec = sharding.make_sharding(c, torch.device("cpu"))
     assert plain_spec.plain and not dtensor_spec.plain
-    out = {}
-    for name, spec in (("plain", plain_spec), ("dtensor", dtensor_spec)):
-        model, params = model_lib.load_model(tiny_model_dir)
-        sharded = sharding.shard_model(model, params, spec)
-        assert all(isinstance(v, DTensor) != spec.plain for v in sharded.values())
-        out[name] = step_lib.make_loss_and_grad(model, sharding.make_block_call(spec))(sharded, batch, torch.ones(()))
-    (loss_p, g_p), (loss_d, g_d) = out["plain"], out["dtensor"]
-    assert torch.equal(loss_p, loss_d)
-    assert set(g_p) == set(g_d) and all(not isinstance(g, DTensor) and g.dtype == torch.float32 for g in g_p.values())
-    assert all(torch.equal(g_p[k], g_d[k].to_local()) for k in g_p)
+    for trainable in (None, "vision"):  # every leaf; a frozen text model (cast, never differentiated)
+        out = {}
+        for name, spec in (("plain", plain_spec), ("dtensor", dtensor_spec)):
+            model, params = model_lib.load_model(tiny_model_dir)
+            sharded = sharding.shard_model(model, params, spec)
+            assert all(isinstance(v, DTensor) != spec.plain for v in sharded.values())
+            names = None if trainable is None else {k for k in sharded if k.startswith("model.visual")}
+            out[name] = step_lib.make_loss_and_grad(model, sharding.make_block_call(spec), names)(
+                sharded, batch, torch.ones(()))
+        (loss_p, g_p), (loss_d, g_d) = out["plain"], out["dtensor"]
+        assert torch.equal(loss_p, loss_d)
+        assert set(g_p) == set(g_d)
+        assert all(not isinstance(g, DTensor) and g.dtype == torch.float32 for g in g_p.values())
+        assert all(torch.equal(g_p[k], g_d[k].to_local()) for k in g_p)
     two_ranks = type("TwoRankMesh", (), {"size": lambda self: 2, "shape": (2,)})()  # no second process needed
     with pytest.raises(ValueError, match="mesh of one"):
         sharding.Sharding(two_ranks, (Replicate(),), plain=True)
