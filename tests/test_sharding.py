@@ -245,6 +245,12 @@ def test_plain_params_on_one_rank_give_the_dtensor_path_s_loss_and_gradients_exa
         assert set(g_p) == set(g_d)
         assert all(not isinstance(g, DTensor) and g.dtype == torch.float32 for g in g_p.values())
         assert all(torch.equal(g_p[k], g_d[k].to_local()) for k in g_p)
+    if param_dtype == "bf16":  # one cat per block: views of one buffer, each aligned for compiled kernels
+        block = {k: v.requires_grad_() for k, v in sharding.shard_params(
+            {k: v for k, v in params.items() if ".layers.0." in k}, plain_spec).items()}
+        full = sharding.gather(block, plain_spec)
+        assert len({v.untyped_storage().data_ptr() for v in full.values()}) == 1
+        assert all(v.dtype == torch.bfloat16 and v.storage_offset() % sharding.ALIGN == 0 for v in full.values())
     two_ranks = type("TwoRankMesh", (), {"size": lambda self: 2, "shape": (2,)})()  # no second process needed
     with pytest.raises(ValueError, match="mesh of one"):
         sharding.Sharding(two_ranks, (Replicate(),), plain=True)

@@ -413,9 +413,9 @@ def _gather_flat(layout: _FlatLayout, locals_: list[torch.Tensor], dtype: torch.
         return [o.view(shape) for o, shape in zip(outs, layout.shapes)]
     gathered = flat.new_empty(layout.ranks * flat.numel())
     dist.all_gather_into_tensor(gathered, flat, group=mesh.get_group(layout.shard_dim))
-    buffer = flat.new_empty(gathered.numel())
-    outs = [o.view(layout.ranks, c) for o, c in zip(buffer.split([layout.ranks * c for c in layout.chunks]),
-                                                    layout.chunks)]
+    sizes = [_aligned(layout.ranks * c) for c in layout.chunks]  # each full param aligned (see ALIGN)
+    buffer = flat.new_empty(sum(sizes))
+    outs = [o[:layout.ranks * c].view(layout.ranks, c) for o, c in zip(buffer.split(sizes), layout.chunks)]
     torch.split_with_sizes_copy(gathered.view(layout.ranks, -1), list(layout.chunks), dim=1, out=outs)
     full = []
     for o, shape in zip(outs, layout.shapes):
@@ -484,14 +484,39 @@ class _FlatCast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple[Any, ...]:
-        return (None, *(g.view(shape) for g, shape in zip(_cat_views(grads, ctx.master), ctx.shapes)))
+        return (None, *(g.view(shape) for g, shape in zip(_cat_views(grads, ctx.master, align=False), ctx.shapes)))
 
 
-def _cat_views(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """The tensors copied (and cast) into one flat buffer of `dtype` by one cat, as views of it."""
-    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
-    torch.cat([t.reshape(-1) for t in tensors], out=flat)
-    return [piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+# Each param's view in a flat buffer starts at a multiple of this many elements (>= 16 bytes in any dtype), as
+# compiled kernels assume aligned inputs (inductor copies a misaligned one first, on every call).
+ALIGN = 16
+_ZEROS: dict[tuple, torch.Tensor] = {}
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (n, dtype, device)
+    if key not in _ZEROS:
+        _ZEROS[key] = torch.zeros(n, dtype=dtype, device=device)
+    return _ZEROS[key]
+
+
+def _cat_views(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor], dtype: torch.dtype, *, align: bool = True
+               ) -> list[torch.Tensor]:
+    """The tensors copied (and cast) into one flat buffer of `dtype` by one cat, as views of it (each starting
+    at a multiple of ALIGN elements when `align`)."""
+    sizes = [_aligned(t.numel()) if align else t.numel() for t in tensors]
+    flat = torch.empty(sum(sizes), dtype=dtype, device=tensors[0].device)
+    pieces = []
+    for t, size in zip(tensors, sizes):
+        pieces.append(t.reshape(-1))
+        if size > t.numel():
+            pieces.append(_zeros(size - t.numel(), t.dtype, t.device))
+    torch.cat(pieces, out=flat)
+    return [piece[:t.numel()].view(t.shape) for piece, t in zip(flat.split(sizes), tensors)]
 
 
 def cast_flat(p: Params, sharding: Sharding) -> Params:
