@@ -5,7 +5,7 @@ is left is the per-parameter and per-op Python that a GPU step also pays (issue 
   python bench/host.py --family qwen3_vl        # Qwen3-VL-4B depth (36 text layers, 24 vision blocks)
   python bench/host.py --depth 2,4 --steps 2    # quick (tests/test_perf.py)
 
-Model: vlm_sft.testing's tiny widths (text hidden 64, vision hidden 32, Qwen's 152k vocabulary) at the depth;
+Model: vlm_sft.demo's tiny widths (text hidden 64, vision hidden 32, Qwen's 152k vocabulary) at the depth;
 bf16 compute, fp32 master weights, AdamW + clipping. One step = one micro-batch of 4 Robo2VLM-like rows (one
 112x112 image each, ~100 prompt tokens, 8 answer tokens; bench/step_gpu.py's batches), padded to a length bucket.
 Times are CPU seconds of this process (time.process_time, one torch thread): on a shared machine wall time
@@ -23,7 +23,7 @@ each eager and (ours) compiled by region. Columns, per step (median over the tim
                     out views and aliases
   per token         kernel ops / real (attention-mask) tokens
 Targets (issue 20): host <= 120 ms, kernel ops <= 2,600, update <= 40 ms (vlm-sft compiled, 3B depth).
-`packed`: data.packing, when the config has it (issue 20 item 1), else "n/a".
+`packed`: n/a: every contestant here takes the same unpacked micro-batch (a packed one is left to do).
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def main() -> None:
     from step_gpu import image_grid, robo2vlm_like_batch
     from vlm_sft import compile as compile_lib
     from vlm_sft import models as model_lib
-    from vlm_sft import optim, schedules, testing
+    from vlm_sft import demo, optim, schedules
     from vlm_sft import sharding as sharding_lib
     from vlm_sft import step as step_lib
     from vlm_sft.state import init_train_state
@@ -121,14 +121,15 @@ def main() -> None:
     compile_lib.set_cache_dir(os.path.join(workdir, ".inductor_cache"))
     model_dir = os.path.join(workdir, f"{args.family}_{text_layers}x{vision_depth}")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        build = testing.make_tiny_model_dir if args.family == "qwen2.5_vl" else testing.make_tiny_qwen3_vl_dir
+        build = demo.make_tiny_model_dir if args.family == "qwen2.5_vl" else demo.make_tiny_qwen3_vl_dir
         build(model_dir, text_layers=text_layers, vision_depth=vision_depth)
 
     device, _ = sharding_lib.init_process_group(sharding_lib.ProcessInfo())
     config = get_config()
     mp = config.actor.fsdp_config.mixed_precision
     mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype = args.dtype, "fp32", "fp32"
-    packed = "on" if config.data.get("packing", None) else ("off" if "packing" in config.data else "n/a")
+    # The batches here are unpacked (bench/step_gpu.py's collate); a packed contestant is not built yet.
+    packed = "n/a (unpacked batches)" if "packing" in config.data else "n/a (no data.packing)"
     compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
 
     probe, _ = model_lib.load_model(model_dir)

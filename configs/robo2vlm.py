@@ -88,6 +88,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # pad to a multiple of the last). A 640x480 image is 391 tokens for Qwen2.5-VL (rows of ~503 land in 512) and
     # 300 for Qwen3-VL (rows of ~412: 448, where steps of 128 padded them to 512, 19% of the positions); steps of
     # 64 up to 1024 keep a row's padding under ~13% there.
+    c.data.packing = True            # new: training rows packed into micro-batches of <= max_tokens_per_micro_batch
     c.data.length_buckets = [128, 192, 256, 320, 384, 448, 512, 576, 640, 704, 768, 896, 1024, 1280, 1536, 2048]
     c.data.shuffle = True
     c.data.demo_rows = 512          # new: rows of the generated demo set (train; test gets 1/8 of it)
@@ -95,7 +96,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.actor = ml_collections.ConfigDict()
     c.actor.training_backend = "fsdp"
-    c.actor.micro_batch_size = 4
+    c.actor.micro_batch_size = 4     # rows per micro-batch with data.packing=False (RLinf's padded batches)
+    c.actor.max_tokens_per_micro_batch = 16384  # new: token budget of a packed micro-batch (image tokens included)
+    c.actor.loss_normalization = "tokens"  # new: "tokens" (mean over the global batch's answer tokens) or
+    # "micro_batch" (RLinf's: each micro-batch's token mean, averaged)
     c.actor.eval_batch_size = 4
     c.actor.global_batch_size = 256
     c.actor.seed = 42

@@ -7,20 +7,20 @@ from typing import Any
 
 import torch
 
+from vlm_sft import trainable
+from vlm_sft.errors import ConfigError
+
 SHARDING_STRATEGIES = ("no_shard", "full_shard", "hybrid_shard")
 SCHEDULERS = ("cosine", "constant", "linear")
 TRUNCATION = ("text", "error")
 BAD_ROWS = ("error", "skip")
+LOSS_NORMALIZATIONS = ("tokens", "micro_batch")
 MODES = ("train", "eval", "check")
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }
-
-
-class ConfigError(ValueError):
-    """A config field holds a value that cannot work; the message names the field."""
 
 
 def parse_dtype(name: str, field: str) -> torch.dtype:
@@ -65,7 +65,16 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
     _positive(a.micro_batch_size, "actor.micro_batch_size")
     _positive(a.eval_batch_size, "actor.eval_batch_size")
     _positive(a.global_batch_size, "actor.global_batch_size")
-    accumulation_steps(config, world_size)
+    if not isinstance(d.packing, bool):
+        raise ConfigError(f"data.packing={d.packing!r}: expected True or False")
+    _one_of(a.loss_normalization, LOSS_NORMALIZATIONS, "actor.loss_normalization")
+    if d.packing:
+        _positive(a.max_tokens_per_micro_batch, "actor.max_tokens_per_micro_batch")
+        if a.global_batch_size % world_size:
+            raise ConfigError(f"actor.global_batch_size={a.global_batch_size} is not divisible by the world size "
+                              f"{world_size}")
+    else:
+        accumulation_steps(config, world_size)
     _one_of(a.fsdp_config.sharding_strategy, SHARDING_STRATEGIES, "actor.fsdp_config.sharding_strategy")
     _one_of(a.optim.lr_scheduler, SCHEDULERS, "actor.optim.lr_scheduler")
     _one_of(d.truncation, TRUNCATION, "data.truncation")
@@ -73,8 +82,7 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
     parse_dtype(a.model.precision, "actor.model.precision")
     for key in ("param_dtype", "reduce_dtype", "buffer_dtype"):
         parse_dtype(a.fsdp_config.mixed_precision[key], f"actor.fsdp_config.mixed_precision.{key}")
-    from vlm_sft import trainable  # freeze / LoRA / lr-multiplier fields (matched against the model later)
-    trainable.check_config(config)
+    trainable.check_config(config)  # freeze / LoRA / lr-multiplier fields (matched against the model later)
     _positive(d.max_prompt_length, "data.max_prompt_length")
     for key in ("min_pixels", "max_pixels"):  # None: the model directory's own budget
         if d[key] is not None and d[key] <= 0:

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 from vlm_sft.data.vision import VisionSpec
-from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, ModelLoadError, Params,
-                                   apply_module, decoder_stack, embed_tokens, plain_block_call, scatter_rows,
+from vlm_sft.errors import ModelLoadError
+from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, Params, apply_module,
+                                   decoder_stack, embed_tokens, plain_block_call, scatter_rows, text_layout,
                                    vision_block, vision_rotary)
 
 
@@ -50,7 +51,8 @@ def forward_hidden(model: Model, params: Params, batch: Batch, block_call: Block
     h = embed_tokens(model, params, batch["input_ids"], block_call)
     if "pixel_values" in batch:
         h = scatter_rows(h, batch["image_index"], image_features(model, params, batch, block_call))
-    return decoder_stack(model, params, h, batch["position_ids"], block_call)
+    return decoder_stack(model, params, h, batch["position_ids"], block_call,
+                         layout=text_layout(batch, h))
 
 
 def hub_name(name: str) -> str:
