@@ -49,13 +49,15 @@ def is_kernel(event) -> bool:
     """Whether a profiler event does work: a compiled-graph call, or an aten op that is not a view/alias. An op
     whose schema may alias (aten::to, reshape, contiguous) counts when something under it does work (the cast)."""
     name = event.name
-    if not name.startswith("aten::"):
+    if "CompiledFxGraph" in name:
         return True
+    if not name.startswith("aten::"):  # profiler bookkeeping under an op (e.g. autograd's "detach")
+        return any(is_kernel(child) for child in event.cpu_children)
     if name not in _ALIASING:
         import torch
         packet = getattr(torch.ops.aten, name.split("::")[-1], None)
         overloads = [getattr(packet, o) for o in packet.overloads()] if packet is not None else []
-        _ALIASING[name] = (bool(overloads) and all(o.is_view for o in overloads)) or name in (
+        _ALIASING[name] = any(o.is_view for o in overloads) or name in (
             "aten::_unsafe_view", "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg")
     return not _ALIASING[name] or any(is_kernel(child) for child in event.cpu_children)
 
