@@ -517,7 +517,19 @@ def _cat_views(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor], dtype: to
         if size > t.numel():
             pieces.append(_zeros(size - t.numel(), t.dtype, t.device))
     torch.cat(pieces, out=flat)
-    return [piece[:t.numel()].view(t.shape) for piece, t in zip(flat.split(sizes), tensors)]
+    views, offset = [], 0
+    for t, size in zip(tensors, sizes):  # one as_strided per param (split + slice + view were three ops)
+        views.append(flat.as_strided(t.shape, _contiguous_strides(t.shape), offset))
+        offset += size
+    return views
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def cast_flat(p: Params, sharding: Sharding) -> Params:
