@@ -41,7 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.runner.logger.log_path = "../results"
     c.runner.logger.project_name = "vlm_sft"
     c.runner.logger.experiment_name = "qwen2_5_vl_sft_robo2vlm"
-    c.runner.logger.logger_backends = ["tensorboard"]
+    c.runner.logger.logger_backends = ("tensorboard",)  # any of tensorboard, wandb, swanlab (vlm_sft/loggers.py)
     c.runner.max_epochs = 1          # full passes over the training data; used when max_steps <= 0
     c.runner.max_steps = 6000        # optimizer steps; wins when > 0 (RLinf's "max_epochs: 6000" meant steps)
     c.runner.val_check_interval = 1000
@@ -71,7 +71,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.prompt_key = "question"
     c.data.choice_key = "choices"
     c.data.answer_key = "correct_answer"
-    c.data.image_keys = ["image"]    # several keys, or a list in one key: several images per row, in this order
+    c.data.image_keys = ("image",)   # several keys, or a list in one key: several images per row, in this order
     c.data.apply_chat_template = True
     c.data.use_chat_template = True
     c.data.max_prompt_length = 1024  # prompt tokens, image tokens included
@@ -89,7 +89,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # 300 for Qwen3-VL (rows of ~412: 448, where steps of 128 padded them to 512, 19% of the positions); steps of
     # 64 up to 1024 keep a row's padding under ~13% there.
     c.data.packing = True            # new: training rows packed into micro-batches of <= max_tokens_per_micro_batch
-    c.data.length_buckets = [128, 192, 256, 320, 384, 448, 512, 576, 640, 704, 768, 896, 1024, 1280, 1536, 2048]
+    c.data.length_buckets = (128, 192, 256, 320, 384, 448, 512, 576, 640, 704, 768, 896, 1024, 1280, 1536, 2048)
     c.data.shuffle = True
     c.data.demo_rows = 512          # new: rows of the generated demo set (train; test gets 1/8 of it)
     c.data.eval_max_rows = 0         # new: evaluate only the first N rows (0 = every row)

@@ -94,7 +94,7 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers={d.num_workers}: expected >= 0")
     if not d.image_keys:
-        raise ConfigError("data.image_keys is empty: name the image column(s), e.g. ['image']")
+        raise ConfigError("data.image_keys is empty: name the image column(s), e.g. '(\"image\",)'")
     train = split_paths(d.train_data_paths)
     evals = split_paths(d.eval_data_paths)
     if mode == "train" and train and r.max_steps <= 0 and r.max_epochs <= 0:
