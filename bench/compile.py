@@ -6,7 +6,7 @@ eager, graphs compiled; with and without activation checkpointing.
 
 Model: vlm_sft.demo's tiny widths (text hidden 64, vision hidden 32, Qwen's 152k vocabulary) at the 3B's depth:
 36 text layers, 32 vision blocks, full attention in blocks [7, 15, 23, 31]. The trainer's path as main.py builds
-it: params as DTensors on a mesh of one, gathered per block (sharding.make_block_call), regions compiled
+it: params as plain tensors on one rank (Sharding.plain), gathered per block (sharding.make_block_call), regions compiled
 (vlm_sft/compile.py), AdamW update compiled. Batches: micro-batch 4 of Robo2VLM-like rows (one image each, image
 sizes cycling over three, ~100 prompt tokens, 8 answer tokens), one micro-batch per step, one length bucket.
 
@@ -49,7 +49,7 @@ def child(args: argparse.Namespace) -> None:
     compile_lib.set_cache_dir(args.cache_dir)
     t_start = time.perf_counter()
     device, _ = sharding_lib.init_process_group(sharding_lib.ProcessInfo())
-    sharding = sharding_lib.make_sharding(get_config(), device)
+    sharding = sharding_lib.make_sharding(get_config(), device, plain_single_rank=True)  # as main.py
     model, params = model_lib.load_model(args.model_dir)
     spec = VisionSpec.from_config(model.config, pad_token_id=151643)
     g = torch.Generator().manual_seed(0)

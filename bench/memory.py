@@ -2,7 +2,7 @@
 
   python bench/memory.py [--workdir /tmp/bmem] [--steps 5]
 
-1. Measured (CPU): the trainer's own step (main.py's path: a TrainPlan, DTensor params on a mesh of one, the
+1. Measured (CPU): the trainer's own step (main.py's path: a TrainPlan, plain params on one rank, the
    per-block gather and LoRA merge) on one small Qwen2.5-VL, the same batches in every mode. Each mode runs in its
    own process (peak RSS is per process) and the table gives its peak RSS above the loaded model, the median step
    time, and both as ratios to full fine-tuning measured in the same run.
@@ -77,7 +77,7 @@ def child(mode: str, workdir: str, steps: int) -> dict:
     batches = [[collate_encoded([encoder(source[4 * s + i]) for i in range(4)], spec=spec)] for s in range(steps + 1)]
     plan = trainable_lib.make_plan(config, model.module)
     device, created = sharding_lib.init_process_group(sharding_lib.ProcessInfo())
-    sharding = sharding_lib.make_sharding(config, device)
+    sharding = sharding_lib.make_sharding(config, device, plain_single_rank=True)  # as main.py
     step_model, params = main_lib.apply_plan(model, params, plan, precision=torch.float32,
                                              compute_dtype=sharding.param_dtype, seed=0)
     params = sharding_lib.shard_model(model, params, sharding)

@@ -9,7 +9,7 @@ buckets from configs/robo2vlm.py, padded label count), micro-batch 4, one micro-
 weight decay 0.01) with global-norm clipping at 1.0. Contestants:
   HF eager            model(**inputs, labels=labels).loss.backward(); clip_grad_norm_; torch.optim.AdamW.step()
                       (the RLinf/TRL loop; batches padded only to their longest row, as a HF collator pads)
-  vlm-sft eager       make_train_step(compile=False), params as main.py holds them (DTensors on a mesh of one,
+  vlm-sft eager       make_train_step(compile=False), params as main.py holds them (plain tensors on one rank,
                       gathered per block: vlm_sft/sharding.py)
   vlm-sft compiled    the same with compile=True: compiled by region (vlm_sft/compile.py)
 Target (issue 5): vlm-sft compiled >= 1.8x the HF loop's steps/s.
@@ -79,7 +79,7 @@ def main() -> None:
                              image_size=(width, height), buckets=buckets)
 
     device, created = sharding_lib.init_process_group(sharding_lib.ProcessInfo())  # a mesh of one, as main.py
-    sharding = sharding_lib.make_sharding(get_config("demo"), device)               # fp32, no_shard
+    sharding = sharding_lib.make_sharding(get_config("demo"), device, plain_single_rank=True)  # fp32, as main.py
     model, params = model_lib.load_model(model_dir)
     n_params = sum(p.numel() for p in params.values())
     flop_model = perf.FlopModel.from_model(model.config, {k: v.shape for k, v in params.items()},

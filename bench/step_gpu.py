@@ -15,7 +15,7 @@ Shape: Qwen2.5-VL-3B-Instruct or Qwen3-VL-4B-Instruct (rlinf_facts.md) with rand
 (data.packing: micro-batches of <= --max-tokens tokens, varlen attention, loss_normalization=tokens); the HF loop
 takes them as RLinf does, padded micro-batches of --micro-batch rows. Token ids and pixels are random: speed does
 not depend on their values. Contestants run one after the other (both would not fit in memory at once), same batches:
-  vlm-sft compiled  the trainer's own path: params as DTensors on a mesh of one (sharding.py, no_shard), gathered
+  vlm-sft compiled  the trainer's own path: params as plain tensors on one rank (sharding.py, no_shard), gathered
                     per block in bf16 (mixed_precision param_dtype bf16, reduce fp32), make_train_step(compile=True)
   HF eager          fp32 module under torch.autocast(bf16), loss.backward(), clip_grad_norm_, fused AdamW
 Targets (issue 5): MFU >= 45%, >= 1.5x the eager loop, peak memory within an 80 GB card, all inside 10 minutes.
@@ -181,7 +181,7 @@ def main() -> None:
     config.actor.fsdp_config.mixed_precision.param_dtype = dtype_name
     config.actor.fsdp_config.mixed_precision.reduce_dtype = "fp32"
     config.actor.fsdp_config.mixed_precision.buffer_dtype = "fp32"
-    sharding = sharding_lib.make_sharding(config, device)
+    sharding = sharding_lib.make_sharding(config, device, plain_single_rank=True)  # as main.py
     hub_config, real_shape, shape_name, (min_pixels, max_pixels) = FAMILIES[args.family]
     family = model_lib.family_named(args.family)
     hf_config = family.hf_class().config_class.from_dict(hub_config(**({} if args.tiny else real_shape)))

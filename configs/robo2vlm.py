@@ -107,9 +107,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.min_pixels = ml_collections.config_dict.placeholder(int)
     c.data.max_pixels = ml_collections.config_dict.placeholder(int)
     # new: padded sequence lengths for a compiled step (each bucket in use is one compilation; longer sequences
-    # pad to a multiple of the last). A 640x480 image is 391 tokens, so Robo2VLM rows land in 512 or 640.
+    # pad to a multiple of the last). A 640x480 image is 391 tokens for Qwen2.5-VL (rows of ~503 land in 512) and
+    # 300 for Qwen3-VL (rows of ~412: 448, where steps of 128 padded them to 512, 19% of the positions); steps of
+    # 64 up to 1024 keep a row's padding under ~13% there.
     c.data.packing = True            # new: training rows packed into micro-batches of <= max_tokens_per_micro_batch
-    c.data.length_buckets = (128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048)
+    c.data.length_buckets = (128, 192, 256, 320, 384, 448, 512, 576, 640, 704, 768, 896, 1024, 1280, 1536, 2048)
     c.data.shuffle = True
     c.data.demo_rows = 512          # new: rows of the generated demo set (train; test gets 1/8 of it)
     c.data.eval_max_rows = 0         # new: evaluate only the first N rows (0 = every row)

@@ -329,10 +329,13 @@ def _sharded_worker(rank: int, world: int, store_path: str, results: str) -> Non
 
         tx = optim.adamw(schedules.warmup_cosine(1e-2, 2, 4), weight_decay=0.01, max_grad_norm=1.0)
         sharded = {k: place(v.clone()) for k, v in full.items()}
-        donated = {k: place(v.clone()) for k, v in full.items()}  # the trainer's path: tx.update_, in place
+        donated = {k: place(v.clone()) for k, v in full.items()}  # tx.update_, in place
+        fused = {k: place(v.clone()) for k, v in full.items()}  # the trainer's path: tx.update_fused
         plain = {k: v.clone() for k, v in full.items()}
         s_state, d_state, p_state = tx.init(sharded), tx.init(donated), tx.init(plain)
+        f_state = tx.init(fused)
         for grads in grad_seq:
+            f_state = tx.update_fused({k: place(v.clone()) for k, v in grads.items()}, f_state, fused)
             norm = optim.global_norm({k: place(v) for k, v in grads.items()})
             assert not isinstance(norm, DTensor)
             u, s_state = tx.update({k: place(v) for k, v in grads.items()}, s_state, sharded)
@@ -350,8 +353,10 @@ def _sharded_worker(rank: int, world: int, store_path: str, results: str) -> Non
         assert isinstance(donated["w"], DTensor) and donated["w"].placements == (Shard(0),)
         diff = max(float((sharded[k].full_tensor() - plain[k]).abs().max()) for k in full)
         diff = max([diff] + [float((donated[k].full_tensor() - plain[k]).abs().max()) for k in full])
+        diff = max([diff] + [float((fused[k].full_tensor() - plain[k]).abs().max()) for k in full])
+        assert isinstance(fused["w"], DTensor) and fused["w"].placements == (Shard(0),)
         skipped = int(s_state[0].total_notfinite) if int(d_state[0].total_notfinite) == int(
-            s_state[0].total_notfinite) else -1
+            s_state[0].total_notfinite) == int(f_state[0].total_notfinite) else -1
         if rank == 0:
             with open(results, "w") as f:
                 f.write(f"{diff} {skipped}")
@@ -363,7 +368,7 @@ def _sharded_worker(rank: int, world: int, store_path: str, results: str) -> Non
 
 def test_adamw_on_sharded_dtensors_matches_plain_tensors(tmp_path):
     """Two gloo processes, Shard(0) params and grads: same result as one process, NaN step skipped on both, for the
-    pure update and the donated one."""
+    pure update, the donated one and the fused one."""
     results = str(tmp_path / "result.txt")
     mp.spawn(_sharded_worker, args=(2, str(tmp_path / "store"), results), nprocs=2)
     diff, skipped = open(results).read().split()
@@ -464,16 +469,77 @@ def test_the_train_step_updates_moments_in_place():
     model = TinyMLP()
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     tx = optim.adamw(1e-2, weight_decay=0.01, max_grad_norm=1.0)
-    state = TrainState(torch.zeros((), dtype=torch.int64), params, tx.init(params))
-    mu_before = dict(state.opt_state[0].inner_state[1].mu)
     x, y = batches(1)[0]
     grads = grads_of(model, params, x, y)
     expected_updates, _ = tx.update({k: v.clone() for k, v in grads.items()}, tx.init(params), params)
     expected = optim.apply_updates({k: v.clone() for k, v in params.items()}, expected_updates, donate=False)
-    apply_update = step_lib.make_apply_update(tx, lambda step: torch.tensor(1e-2))
-    new_state, metrics = apply_update(state, grads)
-    mu_after = new_state.opt_state[0].inner_state[1].mu
-    assert all(mu_after[k] is mu_before[k] for k in params)
+    # The foreach donated update (tx.update_) bit for bit; the fused one the step runs by default, to fp32 rounding.
+    for fused in (False, True):
+        state = TrainState(torch.zeros((), dtype=torch.int64), {k: v.clone() for k, v in params.items()},
+                           tx.init(params))
+        mu_before = dict(state.opt_state[0].inner_state[1].mu)
+        apply_update = step_lib.make_apply_update(tx if fused else tx._replace(update_fused=None),
+                                                  lambda step: torch.tensor(1e-2))
+        new_state, metrics = apply_update(state, {k: v.clone() for k, v in grads.items()})
+        mu_after = new_state.opt_state[0].inner_state[1].mu
+        assert all(mu_after[k] is mu_before[k] for k in params)
+        for k in params:
+            if fused:
+                torch.testing.assert_close(new_state.params[k], expected[k], rtol=1e-6, atol=1e-7)
+            else:
+                assert torch.equal(new_state.params[k], expected[k]), k
+        assert float(metrics["train/skipped_update"]) == 0.0
+
+
+def test_fused_update_equals_the_donated_update_within_fp32_rounding():
+    """tx.update_fused (torch._fused_adamw_, what the trainer's step runs) == tx.update_ (foreach) to fp32
+    rounding over several steps: clipping that binds and then does not, a decay mask, per-module lr multipliers,
+    a warmup-cosine schedule, and a NaN step skipped on the device (count, skip counter and schedule as update_'s)."""
+    model = TinyMLP()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    tx = optim.adamw(schedules.warmup_cosine(1e-2, 2, 10), weight_decay=0.1, max_grad_norm=1.0,
+                     mask={k: v.ndim > 1 for k, v in params.items()},
+                     lr_multipliers={k: (0.5 if k.startswith("fc1") else 1.0) for k in params})
+    g = torch.Generator().manual_seed(3)
+    grad_seq = [{k: (s * torch.randn(v.shape, generator=g)) for k, v in params.items()}
+                for s in (3.0, 3.0, 3.0, 3.0, 0.01, 0.01, 0.01)]
+    grad_seq[3]["fc1.weight"][0, 0] = float("nan")
+    fused, donated = {k: v.clone() for k, v in params.items()}, {k: v.clone() for k, v in params.items()}
+    fused_state, donated_state = tx.init(fused), tx.init(donated)
+    held = dict(fused)
+    for grads in grad_seq:
+        fused_state = tx.update_fused({k: v.clone() for k, v in grads.items()}, fused_state, fused)
+        donated_state = tx.update_({k: v.clone() for k, v in grads.items()}, donated_state, donated)
+    assert all(fused[k] is held[k] for k in params)  # written in place
     for k in params:
-        assert torch.equal(new_state.params[k], expected[k]), k
-    assert float(metrics["train/skipped_update"]) == 0.0
+        torch.testing.assert_close(fused[k], donated[k], rtol=2e-6, atol=1e-7)
+        assert not torch.equal(fused[k], params[k])
+    assert pytree.tree_structure(fused_state) == pytree.tree_structure(donated_state)
+    for a, b in zip(pytree.tree_leaves(fused_state), pytree.tree_leaves(donated_state)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    assert int(fused_state[0].total_notfinite) == 1 and int(fused_state[0].inner_state[1].count) == 6
+    assert bool(fused_state[0].last_finite)
+    assert int(fused_state[1].count) == 7
+
+
+def test_fused_update_never_reads_the_gradient_norm_on_the_host_and_falls_back_for_bf16_params(monkeypatch):
+    """The skip is the kernel's found_inf: no Tensor.item/__bool__ during update_fused. A bf16 master param is
+    not the fused kernel's case: the update goes through update_ (same values bit for bit)."""
+    model = TinyMLP()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    tx = optim.adamw(1e-2, weight_decay=0.01, max_grad_norm=1.0)
+    grads = {k: torch.randn(v.shape) for k, v in params.items()}
+    state = tx.init(params)
+    synced = []
+    for name in ("item", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, **kw: synced.append(name) or _o(self))
+    tx.update_fused({k: v.clone() for k, v in grads.items()}, state, params)
+    monkeypatch.undo()
+    assert synced == []
+    params["fc2.bias"] = params["fc2.bias"].to(torch.bfloat16)
+    a, b = {k: v.clone() for k, v in params.items()}, {k: v.clone() for k, v in params.items()}
+    tx.update_fused({k: v.clone() for k, v in grads.items()}, tx.init(a), a)
+    tx.update_({k: v.clone() for k, v in grads.items()}, tx.init(b), b)
+    assert all(torch.equal(a[k], b[k]) for k in params)

@@ -208,3 +208,21 @@ def test_bench_update_runs(tmp_path):
     for name in ("pure", "donated"):
         assert re.search(rf"^\| {name} \| [\d.]+ \| [\d.]+ \|$", out.stdout, re.MULTILINE), out.stdout
     assert re.search(r"^ratio pure / donated: first [\d.]+x, later [\d.]+x$", out.stdout, re.MULTILINE)
+
+
+@pytest.mark.slow
+def test_bench_host_runs_at_a_small_depth(tmp_path):
+    """bench/host.py at 1 text layer and 1 vision block: every contestant's row (step, host, update, ops), the
+    ratio lines and the target line; the trainer's step dispatches fewer kernel ops than the HF loop."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "host.py"), "--workdir", str(tmp_path),
+                          "--depth", "1,1", "--steps", "1"], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(
+        r"^\| ([\w -]+) \| ([\d.]+) \| (\d+) \| (\d+|n/a) \| ([\d,]+) \| ([\d,]+) \| [\d.]+ \| [\d.]+ \|$",
+        out.stdout, re.MULTILINE)}
+    assert set(rows) == {"vlm-sft compiled", "vlm-sft eager", "baseline compiled", "baseline eager", "HF eager"}
+    kernel_ops = {k: int(v[4].replace(",", "")) for k, v in rows.items()}
+    assert kernel_ops["vlm-sft eager"] < kernel_ops["HF eager"], out.stdout
+    assert rows["vlm-sft compiled"][2] != "n/a" and "packed: " in out.stdout
+    assert re.search(r"^targets \(vlm-sft compiled\): host <= 120 ms (met|NOT met)", out.stdout, re.MULTILINE)

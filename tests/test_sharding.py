@@ -218,3 +218,111 @@ def test_exit_process_flushes_streams_and_keeps_systemexit_codes(code, rc):
     assert proc.returncode == rc, proc.stderr[-2000:]
     assert proc.stdout == "stdout before exit"
     assert (proc.stderr.strip().splitlines() or [""])[-1] == ("" if rc == 0 else code)
+
+
+@pytest.mark.parametrize("param_dtype, reduce_dtype", [("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16")])
+def test_plain_params_on_one_rank_give_the_dtensor_path_s_loss_and_gradients_exactly(
+        device, tiny_model_dir, batch, param_dtype, reduce_dtype):
+    """make_sharding(plain_single_rank=True) on a world of one (main.py's choice): plain tensors, no DTensor in the
+    state or the step, and the same loss and gradients bit for bit as DTensors on the mesh of one, per precision."""
+    c = load_config("demo")
+    c.actor.fsdp_config.mixed_precision.param_dtype = param_dtype
+    c.actor.fsdp_config.mixed_precision.reduce_dtype = reduce_dtype
+    plain_spec = sharding.make_sharding(c, torch.device("cpu"), plain_single_rank=True)
+    dtensor_spec = sharding.make_sharding(c, torch.device("cpu"))
+    assert plain_spec.plain and not dtensor_spec.plain
+    for trainable in (None, "vision"):  # every leaf; a frozen text model (cast, never differentiated)
+        out = {}
+        for name, spec in (("plain", plain_spec), ("dtensor", dtensor_spec)):
+            model, params = model_lib.load_model(tiny_model_dir)
+            sharded = sharding.shard_model(model, params, spec)
+            assert all(isinstance(v, DTensor) != spec.plain for v in sharded.values())
+            names = None if trainable is None else {k for k in sharded if k.startswith("model.visual")}
+            out[name] = step_lib.make_loss_and_grad(model, sharding.make_block_call(spec), names)(
+                sharded, batch, torch.ones(()))
+        (loss_p, g_p), (loss_d, g_d) = out["plain"], out["dtensor"]
+        assert torch.equal(loss_p, loss_d)
+        assert set(g_p) == set(g_d)
+        assert all(not isinstance(g, DTensor) and g.dtype == torch.float32 for g in g_p.values())
+        assert all(torch.equal(g_p[k], g_d[k].to_local()) for k in g_p)
+    if param_dtype == "bf16":  # one cat per block: views of one buffer, each aligned for compiled kernels
+        block = {k: v.requires_grad_() for k, v in sharding.shard_params(
+            {k: v for k, v in params.items() if ".layers.0." in k}, plain_spec).items()}
+        full = sharding.gather(block, plain_spec)
+        assert len({v.untyped_storage().data_ptr() for v in full.values()}) == 1
+        assert all(v.dtype == torch.bfloat16 and v.storage_offset() % sharding.ALIGN == 0 for v in full.values())
+    two_ranks = type("TwoRankMesh", (), {"size": lambda self: 2, "shape": (2,)})()  # no second process needed
+    with pytest.raises(ValueError, match="mesh of one"):
+        sharding.Sharding(two_ranks, (Replicate(),), plain=True)
+
+
+def _flat_gather_worker(rank: int, world: int, store: str, model_dir: str, batches: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        batch = torch.load(batches)[rank]
+        mesh = init_device_mesh("cpu", (world,))
+        failures = []
+        flat_calls = []
+        gather_flat = sharding.gather_flat
+        sharding.gather_flat = lambda *a: flat_calls.append(1) or gather_flat(*a)
+        for strategy in ("full_shard", "no_shard"):
+            for param_dtype, reduce_dtype in ((torch.float32,) * 2, (torch.bfloat16, torch.float32),
+                                              (torch.bfloat16,) * 2):
+                spec = sharding.Sharding(mesh, sharding.param_placements(strategy), param_dtype=param_dtype,
+                                         reduce_dtype=reduce_dtype)
+                for trainable in (None, "vision"):  # all leaves; a frozen text model (gathered, never reduced)
+                    results = {}
+                    for flat in (True, False):
+                        sharding.FLAT_GATHER = flat
+                        flat_calls.clear()
+                        stats = sharding.GatherStats()
+                        model, params = model_lib.load_model(model_dir)
+                        sharded = sharding.shard_model(model, params, spec)
+                        names = None if trainable is None else {k for k in sharded if k.startswith("model.visual")}
+                        results[flat] = step_lib.make_loss_and_grad(
+                            model, sharding.make_block_call(spec, checkpointing=flat, stats=stats), names)(
+                            sharded, batch, torch.ones(()))
+                        results[flat] += (stats.gathered_bytes,)
+                        if bool(flat_calls) != flat:
+                            failures.append(f"{strategy}: flat={flat} but {len(flat_calls)} flat gathers")
+                    (loss_f, g_f, bytes_f), (loss_p, g_p, bytes_p) = results[True], results[False]
+                    where = f"{strategy} {param_dtype} {reduce_dtype} trainable={trainable}"
+                    if not torch.equal(loss_f, loss_p) or set(g_f) != set(g_p):
+                        failures.append(f"{where}: loss {float(loss_f)} vs {float(loss_p)}")
+                    for k in g_p:
+                        a, b = g_f[k], g_p[k]
+                        if not (a.placements == b.placements and a.dtype == b.dtype == torch.float32
+                                and torch.equal(a.to_local(), b.to_local())):
+                            failures.append(f"{where}: grad {k}")
+                    if strategy == "full_shard" and not bytes_f > 0:
+                        failures.append(f"{where}: the flat gather was not tracked")
+        if rank == 0:
+            with open(out, "w") as f:
+                f.write("\n".join(failures) or "ok")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sharding.exit_process(0)
+
+
+def test_flat_gather_gives_the_per_param_gather_s_loss_and_gradients_on_two_ranks(tmp_path, tiny_model_dir,
+                                                                                   robo2vlm_dir):
+    """2 gloo ranks, each with its own rows: the per-block flat all-gather / reduce-scatter (gather_flat) gives the
+    per-param redistribute's loss and gradients bit for bit, full_shard and no_shard, fp32 / bf16+fp32 / bf16
+    reduction, with every leaf trained and with frozen leaves (gathered without a reduction), checkpointed."""
+    import torch.multiprocessing as mp
+
+    processor = load_processor(tiny_model_dir, min_pixels=56 * 56, max_pixels=56 * 56)
+    encoder = Encoder(processor, max_prompt_length=256)
+    source = robo2vlm.Robo2VLMSource(robo2vlm.find_parquet_files([str(robo2vlm_dir)], "train"))
+    model, _ = model_lib.load_model(tiny_model_dir)
+    spec = VisionSpec.from_config(model.config, pad_token_id=processor.tokenizer.pad_token_id)
+    batches = [collate_encoded([encoder(source[i]) for i in rows], spec=spec) for rows in ((0, 1), (2, 3))]
+    torch.save(batches, tmp_path / "batches.pt")
+    out = tmp_path / "result.txt"
+    mp.spawn(_flat_gather_worker, args=(2, str(tmp_path / "store"), str(tiny_model_dir),
+                                        str(tmp_path / "batches.pt"), str(out)), nprocs=2)
+    assert out.read_text() == "ok"

@@ -129,8 +129,11 @@ def load_sharded(path: str, sharding: Any, dtypes: dict[str, torch.dtype], *, at
                 local = (piece[start:end] if shape else piece[...]).to(dtypes.get(name, torch.float32))
                 read += local.numel() * local.element_size()
                 local = local.to(sharding.device).contiguous()
-                params[name] = DTensor.from_local(local, sharding.mesh, sharding.placements, run_check=False,
-                                                  shape=torch.Size(shape), stride=_contiguous_stride(shape))
+                if getattr(sharding, "plain", False):  # one rank, plain tensors (sharding.Sharding.plain)
+                    params[name] = local
+                else:
+                    params[name] = DTensor.from_local(local, sharding.mesh, sharding.placements, run_check=False,
+                                                      shape=torch.Size(shape), stride=_contiguous_stride(shape))
     params = {name: params[name] for name in meta}  # the module's order
     for sub in module.modules():  # as shard_model leaves it: buffers on the device, in their dtype
         for bname, b in sub._buffers.items():

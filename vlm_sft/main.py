@@ -20,7 +20,6 @@ import time
 from typing import Any, Callable
 
 import torch
-from torch.distributed.tensor import DTensor
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -475,7 +474,7 @@ def load_model_and_plan(config: Any, plan: trainable_lib.TrainPlan, eval_files: 
     processor = encoder.processor
     logging.info("loading model weights from %s", config.actor.model.model_path)
     precision = config_lib.parse_dtype(config.actor.model.precision, "actor.model.precision")
-    sharding = sharding_lib.make_sharding(config, device)
+    sharding = sharding_lib.make_sharding(config, device, plain_single_rank=True)
     m = config.actor.model
     try:
         if loading.has_safetensors(m.model_path):  # each rank reads only its rows, in the plan's dtypes
@@ -492,13 +491,14 @@ def load_model_and_plan(config: Any, plan: trainable_lib.TrainPlan, eval_files: 
         raise model_lib.ModelLoadError(f"actor.model.model_path={config.actor.model.model_path!r}: the weights do "
                                        f"not load ({type(e).__name__}: {e})") from None
     # step_model: the model whose blocks carry LoRA adapters (the train step's); evaluation reads merged params.
+    loaded = set(params)
     step_model, params = apply_plan(model, params, plan, precision=precision, compute_dtype=sharding.param_dtype,
                                     seed=config.actor.seed)
     if loading.has_safetensors(m.model_path):  # only the LoRA adapters (created whole, alike on every rank) left
         params = {**params, **sharding_lib.shard_params(
-            {k: v for k, v in params.items() if not isinstance(v, DTensor)}, sharding)}
-    else:
-        params = sharding_lib.shard_model(model, params, sharding)  # DTensors on `device`; the full copy is freed
+            {k: v for k, v in params.items() if k not in loaded}, sharding)}
+    else:  # DTensors on `device` (plain tensors on one rank); the full copy is freed
+        params = sharding_lib.shard_model(model, params, sharding)
     tokenizer = processor.tokenizer
     spec = model.vision_spec(pad_token_id=tokenizer.pad_token_id)
     eval_source = make_source(eval_files, config) if eval_files else None

