@@ -80,10 +80,15 @@ def test_check_config_rejects_a_reduce_dtype_narrower_than_the_compute_dtype():
 
 def test_global_batch_must_divide_by_micro_batch_times_world_size():
     c = load_config("demo")
+    c.data.packing = False  # RLinf's padded micro-batches: micro_batch_size rows each
     c.actor.global_batch_size, c.actor.micro_batch_size = 16, 8
     config_lib.validate(c, mode="train", world_size=2)
     with pytest.raises(config_lib.ConfigError, match="global_batch_size=16 is not divisible by .* world size 4"):
         config_lib.validate(c, mode="train", world_size=4)
+    c.data.packing = True  # packed: only the rows per rank must divide
+    config_lib.validate(c, mode="train", world_size=4)
+    with pytest.raises(config_lib.ConfigError, match="global_batch_size=16 is not divisible by the world size 3"):
+        config_lib.validate(c, mode="train", world_size=3)
 
 
 def test_process_info_reads_torchrun_env():
