@@ -34,6 +34,14 @@ def tiny_qwen3_vl_dir_untied(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_5_dir(tmp_path_factory):
+    """Tiny random Qwen3.5 (dense) as the Hub ships it: 3 Gated DeltaNet layers + 1 gated attention layer, Qwen3.5's
+    token ids (248k vocabulary), tied embeddings, bf16 shards."""
+    from vlm_sft.demo import qwen3_5
+    return pathlib.Path(qwen3_5.make_tiny_qwen3_5_dir(tmp_path_factory.mktemp("tiny_qwen3_5")))
+
+
+@pytest.fixture(scope="session")
 def robo2vlm_dir(tmp_path_factory):
     """Robo2VLM-1-shaped folder: 2 train files (64 rows), 1 test file (16 rows), PNG and JPEG images mixed."""
     return testing.make_robo2vlm_dir(tmp_path_factory.mktemp("robo2vlm"), image_format="mixed")
