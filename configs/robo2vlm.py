@@ -10,9 +10,12 @@ Variants after the colon (comma separated):
   qwen3  Qwen3-VL (actor.model.model_type=qwen3_vl); with demo, the tiny random model is a Qwen3-VL shaped as the
          Hub ships Qwen3-VL-2B-Instruct.
   lora   LoRA adapters (actor.model.is_lora) instead of full-parameter training; `:demo,lora` on the demo.
+  qwen3_5  Qwen3.5 dense (actor.model.model_type=qwen3_5: hybrid linear-attention decoder); with demo, a tiny
+         random Qwen3.5 shaped as the Hub ships Qwen3.5-9B.
 
   python -m vlm_sft.main --config configs/robo2vlm.py:demo
   python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3
+  python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3_5
   python -m vlm_sft.main --config configs/robo2vlm.py \
       --config.actor.model.model_path=/models/Qwen2.5-VL-3B-Instruct \
       --config.data.train_data_paths=/data/Robo2VLM-1/data --config.data.eval_data_paths=/data/Robo2VLM-1/data
@@ -25,10 +28,12 @@ import ml_collections
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
-    unknown = variants - {"demo", "eval", "qwen3", "lora"}
+    unknown = variants - {"demo", "eval", "qwen3", "lora", "qwen3_5"}
     if unknown:
         raise ValueError(f"configs/robo2vlm.py: unknown variant(s) {sorted(unknown)}; known: demo, eval, qwen3, "
-                         "lora")
+                         "lora, qwen3_5")
+    if {"qwen3", "qwen3_5"} <= variants:
+        raise ValueError("configs/robo2vlm.py: variants qwen3 and qwen3_5 name two model families; pick one")
 
     c = ml_collections.ConfigDict()
 
@@ -106,7 +111,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.compile_cache_dir = ""
 
     c.actor.model = ml_collections.ConfigDict()
-    c.actor.model.model_type = "qwen2.5_vl"  # qwen2.5_vl | qwen3_vl; must agree with the directory's config.json
+    c.actor.model.model_type = "qwen2.5_vl"  # qwen2.5_vl | qwen3_vl | qwen3_5; must agree with config.json
     c.actor.model.precision = "fp32"   # master weights and optimizer state
     c.actor.model.model_path = ""
     c.actor.model.is_lora = False    # train LoRA adapters on a frozen base (vlm_sft/lora.py); RLinf's flag
@@ -196,6 +201,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         if "demo" in variants:
             c.runner.logger.experiment_name = "demo_qwen3"  # its own run dir: own demo assets and checkpoints
             c.data.min_pixels = 64 * 64  # patch 16, merge 2: a 64x48 demo image -> 4x4 patches -> 4 image tokens
+            c.data.max_pixels = 64 * 64
+
+    if "qwen3_5" in variants:
+        c.actor.model.model_type = "qwen3_5"
+        c.runner.logger.experiment_name = "qwen3_5_sft_robo2vlm"
+        if "demo" in variants:
+            c.runner.logger.experiment_name = "demo_qwen3_5"  # its own run dir: own demo assets and checkpoints
+            c.data.min_pixels = 64 * 64  # patch 16, merge 2, as Qwen3-VL's
             c.data.max_pixels = 64 * 64
 
     if "eval" in variants:

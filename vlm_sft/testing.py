@@ -690,9 +690,15 @@ def make_tiny_qwen3_vl_dir(path: str | os.PathLike, *, seed: int = 0, tie_word_e
 
 
 # actor.model.model_type -> the builder of its tiny random Hub-layout directory (the :demo config's model).
+def _make_tiny_qwen3_5_dir(path: str | os.PathLike, **kwargs) -> str:
+    from vlm_sft.demo import qwen3_5  # it builds on this module's tokenizer helpers
+    return qwen3_5.make_tiny_qwen3_5_dir(path, **kwargs)
+
+
 TINY_MODEL_BUILDERS = {
     "qwen2.5_vl": make_tiny_model_dir,
     "qwen3_vl": make_tiny_qwen3_vl_dir,
+    "qwen3_5": _make_tiny_qwen3_5_dir,
 }
 
 
