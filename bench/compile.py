@@ -4,7 +4,7 @@ eager, graphs compiled; with and without activation checkpointing.
   python bench/compile.py --workdir /tmp/bench_compile          # ~10 min on 2 cores
   python bench/compile.py --checkpointing 0 --steps 3           # one setting, fewer steps
 
-Model: vlm_sft.testing's tiny widths (text hidden 64, vision hidden 32, Qwen's 152k vocabulary) at the 3B's depth:
+Model: vlm_sft.demo's tiny widths (text hidden 64, vision hidden 32, Qwen's 152k vocabulary) at the 3B's depth:
 36 text layers, 32 vision blocks, full attention in blocks [7, 15, 23, 31]. The trainer's path as main.py builds
 it: params as DTensors on a mesh of one, gathered per block (sharding.make_block_call), regions compiled
 (vlm_sft/compile.py), AdamW update compiled. Batches: micro-batch 4 of Robo2VLM-like rows (one image each, image
@@ -113,7 +113,7 @@ def main() -> None:
         child(args)
         return
 
-    from vlm_sft import testing
+    from vlm_sft import demo
     import common
 
     text_layers, vision_depth = (int(x) for x in args.depth.split(","))
@@ -121,7 +121,7 @@ def main() -> None:
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_compile_")
     model_dir = os.path.join(workdir, f"model_{text_layers}x{vision_depth}")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        testing.make_tiny_model_dir(model_dir, **depth)
+        demo.make_tiny_model_dir(model_dir, **depth)
     rows = []
     for setting in args.checkpointing.split(","):
         checkpointing = setting.strip() == "1"

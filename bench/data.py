@@ -3,7 +3,7 @@
   python bench/data.py                            # 256 rows of 640x480 JPEGs, the config's default worker count
   python bench/data.py --workers 8 --rows 512
 
-Rows are Robo2VLM-format parquet (vlm_sft.testing, JPEG images); the pipeline is the trainer's own TrainLoader
+Rows are Robo2VLM-format parquet (vlm_sft.demo, JPEG images); the pipeline is the trainer's own TrainLoader
 (parquet row -> PIL decode -> Qwen2.5-VL image processor and tokenizer -> answer-only labels -> collate with
 length buckets and the host-side vision precompute), micro-batch 4. Measured twice in the same process: in the
 main process (one core's rate) and with DataLoader workers. The step's consumption rate is the 3B model's
@@ -28,7 +28,7 @@ import common  # noqa: E402
 
 from configs.robo2vlm import get_config  # noqa: E402
 from step_gpu import QWEN2_5_VL_3B  # noqa: E402
-from vlm_sft import perf, testing  # noqa: E402
+from vlm_sft import demo, perf  # noqa: E402
 from vlm_sft.data import loader as loader_lib  # noqa: E402
 from vlm_sft.data import robo2vlm  # noqa: E402
 from vlm_sft.data.collate import collate_encoded  # noqa: E402
@@ -71,15 +71,15 @@ def main() -> None:
 
     model_dir = os.path.join(workdir, "model")  # only its processor files are used: Qwen's tokenizer, processor
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        testing.make_tiny_model_dir(model_dir)
+        demo.make_tiny_model_dir(model_dir)
     data = os.path.join(workdir, f"data_{args.rows}_{width}x{height}")
     if not os.path.isdir(data):
-        testing.make_robo2vlm_dir(data, n_train=args.rows, n_test=1, image_format="JPEG", image_size=(width, height),
+        demo.make_robo2vlm_dir(data, n_train=args.rows, n_test=1, image_format="JPEG", image_size=(width, height),
                                   rows_per_group=64)
     source = robo2vlm.Robo2VLMSource(robo2vlm.find_parquet_files([data], "train"))
     processor = load_processor(model_dir, min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
     encoder = Encoder(processor, max_prompt_length=config.data.max_prompt_length)
-    hf_config = transformers.Qwen2_5_VLConfig.from_dict(testing.tiny_hub_config(**QWEN2_5_VL_3B))
+    hf_config = transformers.Qwen2_5_VLConfig.from_dict(demo.tiny_hub_config(**QWEN2_5_VL_3B))
     spec = VisionSpec.from_config(hf_config, pad_token_id=processor.tokenizer.pad_token_id)
     collate_fn = functools.partial(collate_encoded, spec=spec, length_buckets=tuple(config.data.length_buckets),
                                    pad_labels=True)

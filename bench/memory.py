@@ -101,16 +101,16 @@ def child(mode: str, workdir: str, steps: int) -> dict:
 
 
 def measured(workdir: str, steps: int) -> list[dict]:
-    from vlm_sft import testing
+    from vlm_sft import demo
 
     model_dir = os.path.join(workdir, "model")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        testing.make_tiny_model_dir(model_dir, text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2,
+        demo.make_tiny_model_dir(model_dir, text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2,
                                     text_intermediate=1024, vision_hidden=256, vision_depth=8, vision_heads=4,
                                     vision_intermediate=1024)
     data_dir = os.path.join(workdir, "data")
     if not os.path.isdir(data_dir):
-        testing.make_robo2vlm_dir(data_dir, n_train=4 * (steps + 1), n_test=1, image_size=(224, 224))
+        demo.make_robo2vlm_dir(data_dir, n_train=4 * (steps + 1), n_test=1, image_size=(224, 224))
     results = []
     for mode in MODES:
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode, "--workdir", workdir,
@@ -127,13 +127,13 @@ def measured(workdir: str, steps: int) -> list[dict]:
 # On paper.
 
 def shapes_3b() -> dict:
-    from vlm_sft.testing import tiny_hub_config
+    from vlm_sft.demo import tiny_hub_config
     return tiny_hub_config(text_hidden=2048, text_layers=36, text_heads=16, text_kv_heads=2, text_intermediate=11008,
                            vision_hidden=1280, vision_depth=32, vision_heads=16, vision_intermediate=3420)
 
 
 def shapes_7b() -> dict:
-    from vlm_sft.testing import tiny_hub_config
+    from vlm_sft.demo import tiny_hub_config
     c = tiny_hub_config(tie_word_embeddings=False, text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4,
                         text_intermediate=18944, vision_hidden=1280, vision_depth=32, vision_heads=16,
                         vision_intermediate=3420)

@@ -3,7 +3,7 @@
   python bench/step_cpu.py                  # ~5 min on 2 cores, most of it compilation
   python bench/step_cpu.py --steps 4 --rounds 5 --image-size 320x240
 
-Model: vlm_sft.testing's tiny random Qwen2.5-VL (Qwen's real 152k vocabulary, tied embeddings), fp32. Data:
+Model: vlm_sft.demo's tiny random Qwen2.5-VL (Qwen's real 152k vocabulary, tied embeddings), fp32. Data:
 generated Robo2VLM-format rows (JPEG images) through the trainer's own processor, encoder and collate (length
 buckets from configs/robo2vlm.py, padded label count), micro-batch 4, one micro-batch per step, AdamW (lr 1e-5,
 weight decay 0.01) with global-norm clipping at 1.0. Contestants:
@@ -29,7 +29,7 @@ import common  # noqa: E402
 
 from configs.robo2vlm import get_config  # noqa: E402
 from vlm_sft import models as model_lib  # noqa: E402
-from vlm_sft import perf, testing  # noqa: E402
+from vlm_sft import demo, perf  # noqa: E402
 from vlm_sft import sharding as sharding_lib  # noqa: E402
 from vlm_sft.data import robo2vlm  # noqa: E402
 from vlm_sft.data.collate import collate_encoded  # noqa: E402
@@ -45,7 +45,7 @@ def robo2vlm_batches(workdir: str, model_dir: str, *, steps: int, micro_batch: i
     """`steps` single-micro-batch steps of generated Robo2VLM rows, encoded and collated as the trainer does."""
     data = os.path.join(workdir, f"data_{steps * micro_batch}_{image_size[0]}x{image_size[1]}")
     if not os.path.isdir(data):
-        testing.make_robo2vlm_dir(data, n_train=steps * micro_batch, n_test=1, image_format="JPEG",
+        demo.make_robo2vlm_dir(data, n_train=steps * micro_batch, n_test=1, image_format="JPEG",
                                   image_size=image_size)
     processor = load_processor(model_dir)
     encoder = Encoder(processor, max_prompt_length=1024)
@@ -73,7 +73,7 @@ def main() -> None:
 
     model_dir = os.path.join(workdir, "model")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        testing.make_tiny_model_dir(model_dir)
+        demo.make_tiny_model_dir(model_dir)
     buckets = tuple(get_config().data.length_buckets)
     steps = robo2vlm_batches(workdir, model_dir, steps=args.steps, micro_batch=args.micro_batch,
                              image_size=(width, height), buckets=buckets)

@@ -40,7 +40,7 @@ from vlm_sft import perf  # noqa: E402
 from vlm_sft import sharding as sharding_lib  # noqa: E402
 from vlm_sft.data.collate import collate  # noqa: E402
 from vlm_sft.data.vision import Spec  # noqa: E402
-from vlm_sft.testing import tiny_hub_config, tiny_qwen3_vl_hub_config  # noqa: E402
+from vlm_sft.demo import tiny_hub_config, tiny_qwen3_vl_hub_config  # noqa: E402
 
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-5, 0.01, 1.0
 QWEN2_5_VL_3B = dict(text_hidden=2048, text_layers=36, text_heads=16, text_kv_heads=2, text_intermediate=11008,

@@ -33,14 +33,14 @@ def main() -> None:
     import common
     from configs.robo2vlm import get_config
     from vlm_sft import models as model_lib
-    from vlm_sft import optim, testing
+    from vlm_sft import demo, optim
     from vlm_sft import sharding as sharding_lib
 
     text_layers, vision_depth = (int(x) for x in args.depth.split(","))
     model_dir = os.path.join(args.workdir or tempfile.mkdtemp(prefix="bench_update_"),
                              f"model_{text_layers}x{vision_depth}")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        testing.make_tiny_model_dir(model_dir, text_layers=text_layers, vision_depth=vision_depth)
+        demo.make_tiny_model_dir(model_dir, text_layers=text_layers, vision_depth=vision_depth)
     device, _ = sharding_lib.init_process_group(sharding_lib.ProcessInfo())
     sharding = sharding_lib.make_sharding(get_config(), device)
     _, params = model_lib.load_model(model_dir)

@@ -3,33 +3,33 @@ import pathlib
 
 import pytest
 
-from vlm_sft import sharding, testing
+from vlm_sft import demo, sharding
 from vlm_sft.data import processor as processor_lib
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Tiny random Qwen2.5-VL as the Hub ships it: Qwen's 152k tokenizer, tied embeddings, bf16 shards."""
-    return testing.make_tiny_model_dir(tmp_path_factory.mktemp("tiny_qwen2_5_vl"))
+    return demo.make_tiny_model_dir(tmp_path_factory.mktemp("tiny_qwen2_5_vl"))
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir_untied(tmp_path_factory):
     """Like tiny_model_dir but with a separate lm_head.weight (as larger Qwen2.5-VL models ship)."""
-    return testing.make_tiny_model_dir(tmp_path_factory.mktemp("tiny_qwen2_5_vl_untied"), tie_word_embeddings=False,
+    return demo.make_tiny_model_dir(tmp_path_factory.mktemp("tiny_qwen2_5_vl_untied"), tie_word_embeddings=False,
                                        seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3_vl_dir(tmp_path_factory):
     """Tiny random Qwen3-VL as the Hub ships Qwen3-VL-2B-Instruct: nested config, tied embeddings, bf16 shards."""
-    return pathlib.Path(testing.make_tiny_qwen3_vl_dir(tmp_path_factory.mktemp("tiny_qwen3_vl")))
+    return pathlib.Path(demo.make_tiny_qwen3_vl_dir(tmp_path_factory.mktemp("tiny_qwen3_vl")))
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3_vl_dir_untied(tmp_path_factory):
     """Like tiny_qwen3_vl_dir but with a separate lm_head.weight (as Qwen3-VL-8B ships)."""
-    return pathlib.Path(testing.make_tiny_qwen3_vl_dir(tmp_path_factory.mktemp("tiny_qwen3_vl_untied"),
+    return pathlib.Path(demo.make_tiny_qwen3_vl_dir(tmp_path_factory.mktemp("tiny_qwen3_vl_untied"),
                                                        tie_word_embeddings=False, seed=1))
 
 
@@ -44,7 +44,7 @@ def tiny_qwen3_5_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def robo2vlm_dir(tmp_path_factory):
     """Robo2VLM-1-shaped folder: 2 train files (64 rows), 1 test file (16 rows), PNG and JPEG images mixed."""
-    return testing.make_robo2vlm_dir(tmp_path_factory.mktemp("robo2vlm"), image_format="mixed")
+    return demo.make_robo2vlm_dir(tmp_path_factory.mktemp("robo2vlm"), image_format="mixed")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from vlm_sft import testing
+from vlm_sft import demo
 from configs_loader import CONFIG
 from test_checkpoint import make_state, save
 
@@ -57,7 +57,7 @@ class Inputs:
         return path
 
     def bad_rows(self, kind):
-        return testing.make_robo2vlm_dir(self.tmp / f"data_{kind}", n_train=16, n_test=4, train_files=1,
+        return demo.make_robo2vlm_dir(self.tmp / f"data_{kind}", n_train=16, n_test=4, train_files=1,
                                          bad_rows={2: kind})
 
     def garbage_parquet(self):

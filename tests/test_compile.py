@@ -19,7 +19,7 @@ from vlm_sft.models import common as model_common
 from vlm_sft import optim
 from vlm_sft import schedules
 from vlm_sft import step as step_lib
-from vlm_sft import testing
+from vlm_sft import demo
 from vlm_sft.data.collate import bucket_length, collate, label_bucket
 from vlm_sft.data.vision import VisionSpec, attention_layout
 from vlm_sft.state import init_train_state
@@ -223,7 +223,7 @@ def test_deep_model_compiles_each_region_once_and_a_restart_compiles_from_the_ca
     gathered per block). Each region compiles once (36 decoder layers: one graph); a second length bucket compiles
     the text regions over the sequence once more and nothing else; images of other sizes and counts nothing. A
     second process with the same cache dir generates no code: every graph comes from the on-disk caches."""
-    model_dir = testing.make_tiny_model_dir(tmp_path / "model", text_layers=36, vision_depth=32)
+    model_dir = demo.make_tiny_model_dir(tmp_path / "model", text_layers=36, vision_depth=32)
     runs = []
     for name in ("cold", "warm"):
         out = tmp_path / f"{name}.json"

@@ -6,8 +6,7 @@ import sys
 
 import pytest
 
-from vlm_sft import main as main_lib
-from vlm_sft import testing
+from vlm_sft import demo
 from configs_loader import CONFIG, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,15 +17,15 @@ def test_demo_qwen3_builds_a_hub_shaped_qwen3_vl(tmp_path):
     assert (config.actor.model.model_type, config.runner.logger.experiment_name) == ("qwen3_vl", "demo_qwen3")
     assert (config.data.min_pixels, config.data.max_pixels) == (64 * 64, 64 * 64)
     config.data.demo_rows = 16
-    main_lib.prepare_demo(config, str(tmp_path))
+    demo.prepare_demo(config, str(tmp_path))
     model_dir = tmp_path / "demo_assets" / "model"
     assert config.actor.model.model_path == str(model_dir)
     assert config.data.train_data_paths == config.data.eval_data_paths == str(tmp_path / "demo_assets" / "data")
     hub_config = json.loads((model_dir / "config.json").read_text())
-    assert hub_config == testing.tiny_qwen3_vl_hub_config()  # Qwen3-VL-2B-Instruct's layout, scaled down
+    assert hub_config == demo.tiny_qwen3_vl_hub_config()  # Qwen3-VL-2B-Instruct's layout, scaled down
     assert (model_dir / "video_preprocessor_config.json").is_file() and (model_dir / "chat_template.json").is_file()
     with pytest.raises(ValueError, match="model_type='llava': no tiny model builder .*qwen3_vl"):
-        testing.make_tiny_model_dir_for("llava", tmp_path / "llava")
+        demo.make_tiny_model_dir_for("llava", tmp_path / "llava")
 
 
 def test_unknown_variant_is_named():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlm_sft import checkpoint as checkpoint_lib
-from vlm_sft import testing
+from vlm_sft import demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "robo2vlm.py")
@@ -132,10 +132,10 @@ def test_full_shard_halves_the_state_per_rank_and_frees_gathered_blocks(tmp_path
     """Measured on each of 2 ranks (tests/dist_worker.py) against the same code on a mesh of one, with a model whose
     decoder/vision blocks are large enough to see: local shards of params + Adam state, and the gathered params
     alive at once with and without activation checkpointing."""
-    model_dir = testing.make_tiny_model_dir(tmp_path / "model", text_layers=4, text_intermediate=1024,
+    model_dir = demo.make_tiny_model_dir(tmp_path / "model", text_layers=4, text_intermediate=1024,
                                             vision_depth=4, vision_hidden=64, vision_heads=4,
                                             vision_intermediate=512)
-    data_dir = testing.make_robo2vlm_dir(tmp_path / "data")
+    data_dir = demo.make_robo2vlm_dir(tmp_path / "data")
     out = tmp_path / "out"
     proc = torchrun(2, "tests/dist_worker.py", str(model_dir), str(data_dir), str(out / "2"), "full_shard",
                     "fp32,bf16")

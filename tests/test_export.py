@@ -9,7 +9,7 @@ import torch
 import transformers
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from vlm_sft import checkpoint, export, optim, testing
+from vlm_sft import checkpoint, demo, export, optim
 from vlm_sft import models as model_lib
 from vlm_sft.data import robo2vlm
 from vlm_sft.data.collate import collate_encoded
@@ -172,7 +172,7 @@ def test_wrong_base_model_names_the_first_mismatching_tensor(tied_ckpt, tiny_mod
     with pytest.raises(export.ExportError, match=r"the checkpoint lacks 'lm_head.weight', which the model of "
                                                  r".*tie_word_embeddings=False"):
         export.export_checkpoint(tied_ckpt, str(tmp_path / "a"), model_path=str(tiny_model_dir_untied))
-    wide = testing.make_tiny_model_dir(tmp_path / "wide", text_hidden=128, text_intermediate=256)
+    wide = demo.make_tiny_model_dir(tmp_path / "wide", text_hidden=128, text_intermediate=256)
     # The vision tower comes first in the model's (and the checkpoint's) order; its merger projects to text width.
     with pytest.raises(export.ExportError, match=r"checkpoint tensor 'model.visual.merger.mlp.2.weight' has shape "
                                                  r"\[64, 128\] but .*wide/config.json makes it \[128, 128\]"):

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from vlm_sft import checkpoint, faults, testing
+from vlm_sft import checkpoint, demo, faults
 from test_resume import REPO, cli_args, losses, read_checkpoint
 
 CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -98,7 +98,7 @@ def test_sigterm_saves_that_step_and_auto_resume_is_bitwise_exact(tmp_path, tiny
 @pytest.fixture(scope="module")
 def rank1_bad_row_data(tmp_path_factory):
     """Unshuffled, global batch 16 over 2 ranks: rank 1 reads rows 56..63 at step 4; row 60 is broken."""
-    return testing.make_robo2vlm_dir(tmp_path_factory.mktemp("bad_on_rank1"), n_train=64, n_test=4, train_files=1,
+    return demo.make_robo2vlm_dir(tmp_path_factory.mktemp("bad_on_rank1"), n_train=64, n_test=4, train_files=1,
                                      bad_rows={60: "answer"})
 
 

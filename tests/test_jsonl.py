@@ -10,7 +10,7 @@ import PIL.Image
 import pytest
 
 from vlm_sft import main as main_lib
-from vlm_sft import testing
+from vlm_sft import demo
 from vlm_sft.config import ConfigError
 from vlm_sft.data import jsonl, sources
 from vlm_sft.data.loader import TrainLoader
@@ -47,10 +47,10 @@ def same_rows(tmp_path_factory):
     """The same 12 train rows as parquet, JSONL with image files, JSONL with base64 images and JSON."""
     root = tmp_path_factory.mktemp("same_rows")
     kw = dict(n_train=12, n_test=4, seed=3)
-    return {"parquet": testing.make_robo2vlm_dir(root / "parquet", **kw),
-            "jsonl": testing.make_json_dir(root / "jsonl", **kw),
-            "base64": testing.make_json_dir(root / "base64", images="base64", **kw),
-            "json": testing.make_json_dir(root / "json", file_format="json", **kw)}
+    return {"parquet": demo.make_robo2vlm_dir(root / "parquet", **kw),
+            "jsonl": demo.make_json_dir(root / "jsonl", **kw),
+            "base64": demo.make_json_dir(root / "base64", images="base64", **kw),
+            "json": demo.make_json_dir(root / "json", file_format="json", **kw)}
 
 
 @pytest.mark.parametrize("layout", ["jsonl", "base64", "json"])
@@ -202,7 +202,7 @@ def test_parquet_and_json_in_one_path_list_is_an_error_naming_both(tmp_path, sam
 
 def test_generator_plants_each_bad_row_kind(tmp_path):
     kinds = {1: "image", 2: "answer", 3: "choices", 4: "missing_image", 5: "no_image", 6: "json", 7: "long"}
-    d = testing.make_json_dir(tmp_path / "d", n_train=10, n_test=2, train_files=1, bad_rows=kinds,
+    d = demo.make_json_dir(tmp_path / "d", n_train=10, n_test=2, train_files=1, bad_rows=kinds,
                               images_per_row=(1, 3))
     source = jsonl.JsonlSource(sources.find_data_files(str(d), "train"), **KEYS)
     reasons = {}
@@ -216,7 +216,7 @@ def test_generator_plants_each_bad_row_kind(tmp_path):
                        9: 3}
     assert len(source[7].question) > 5000
     with pytest.raises(ValueError, match="'json' only with file_format='jsonl'"):
-        testing.make_json_dir(tmp_path / "e", file_format="json", bad_rows={0: "json"})
+        demo.make_json_dir(tmp_path / "e", file_format="json", bad_rows={0: "json"})
 
 
 def test_json_lists_too_big_for_memory_are_refused_even_when_lazy(same_rows):

@@ -8,7 +8,7 @@ import torch
 
 from vlm_sft.data.loader import TrainLoader, epoch_order, eval_batches, eval_shard
 from vlm_sft.data.robo2vlm import Example, Robo2VLMSource, RowError, find_parquet_files
-from vlm_sft.testing import make_robo2vlm_dir
+from vlm_sft.demo import make_robo2vlm_dir
 
 KEYS = dict(prompt_key="question", choice_key="choices", answer_key="correct_answer", image_keys=["image"])
 

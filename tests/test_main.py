@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from vlm_sft import main as main_lib
-from vlm_sft import testing
+from vlm_sft import demo
 from vlm_sft.config import ConfigError
 from vlm_sft.data.robo2vlm import RowError
 from vlm_sft.models import ModelLoadError
@@ -44,7 +44,7 @@ def test_train_writes_a_complete_run_dir(tmp_path, tiny_model_dir, robo2vlm_dir)
 
 
 def test_eval_only_counts_every_row(tmp_path, tiny_model_dir):
-    data = testing.make_robo2vlm_dir(tmp_path / "data", n_train=4, n_test=23, test_files=3, rows_per_group=5)
+    data = demo.make_robo2vlm_dir(tmp_path / "data", n_train=4, n_test=23, test_files=3, rows_per_group=5)
     c = small_config(tmp_path, tiny_model_dir, data, **{"data.train_data_paths": "", "actor.eval_batch_size": 4})
     metrics = main_lib.run(c, "train")  # no training data -> eval only, as RLinf
     assert metrics["eval/rows"] == 23
@@ -102,14 +102,14 @@ def test_eager_loading_that_would_not_fit_in_memory_is_refused_before_the_model_
 
 
 def test_bad_row_error_names_file_and_row(tmp_path, tiny_model_dir):
-    data = testing.make_robo2vlm_dir(tmp_path / "data", n_train=16, n_test=4, train_files=1, bad_rows={5: "answer"})
+    data = demo.make_robo2vlm_dir(tmp_path / "data", n_train=16, n_test=4, train_files=1, bad_rows={5: "answer"})
     c = small_config(tmp_path, tiny_model_dir, data, **{"data.shuffle": False, "data.eval_data_paths": ""})
     with pytest.raises(RowError, match=r"train-00000-of-00001.parquet:5: answer .*out of range"):
         main_lib.run(c, "train")
 
 
 def test_bad_rows_skipped_and_counted(tmp_path, tiny_model_dir):
-    data = testing.make_robo2vlm_dir(tmp_path / "data", n_train=16, n_test=4, train_files=1,
+    data = demo.make_robo2vlm_dir(tmp_path / "data", n_train=16, n_test=4, train_files=1,
                                      bad_rows={1: "image", 6: "choices"})
     c = small_config(tmp_path, tiny_model_dir, data, **{"data.bad_rows": "skip", "data.eval_data_paths": "",
                                                         "runner.max_steps": 2})

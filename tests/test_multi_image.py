@@ -12,7 +12,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from vlm_sft import models as model_lib
 from vlm_sft import step as step_lib
-from vlm_sft import testing
+from vlm_sft import demo
 from vlm_sft.data import sources
 from vlm_sft.data.collate import collate_encoded
 from vlm_sft.data.encode import Encoder, PromptTooLong
@@ -68,7 +68,7 @@ def test_truncation_with_three_images_cuts_only_the_question(processor):
 @pytest.fixture(scope="module")
 def multi_rows(tmp_path_factory, processor):
     """Encoded JSONL rows with 1 and 3 images (the answer is the first image's colour; the others differ)."""
-    d = testing.make_json_dir(tmp_path_factory.mktemp("multi") / "data", n_train=8, n_test=2, train_files=1,
+    d = demo.make_json_dir(tmp_path_factory.mktemp("multi") / "data", n_train=8, n_test=2, train_files=1,
                               images_per_row=(1, 3), fixed_choices=True)
     source = sources.make_source(sources.find_data_files(str(d), "train"), lazy=True, **KEYS)
     encoder = Encoder(processor, max_prompt_length=256)
@@ -135,10 +135,10 @@ def test_mixed_one_and_three_image_batch_equals_transformers(tiny_model_dir, pro
 
 def test_parquet_jsonl_base64_and_json_train_to_the_same_losses(tmp_path, tiny_model_dir, processor):
     kw = dict(n_train=8, n_test=2, seed=1)
-    dirs = {"parquet": testing.make_robo2vlm_dir(tmp_path / "parquet", **kw),
-            "jsonl": testing.make_json_dir(tmp_path / "jsonl", **kw),
-            "base64": testing.make_json_dir(tmp_path / "base64", images="base64", **kw),
-            "json": testing.make_json_dir(tmp_path / "json", file_format="json", **kw)}
+    dirs = {"parquet": demo.make_robo2vlm_dir(tmp_path / "parquet", **kw),
+            "jsonl": demo.make_json_dir(tmp_path / "jsonl", **kw),
+            "base64": demo.make_json_dir(tmp_path / "base64", images="base64", **kw),
+            "json": demo.make_json_dir(tmp_path / "json", file_format="json", **kw)}
     model, params = model_lib.load_model(str(tiny_model_dir))
     spec = VisionSpec.from_config(model.config, processor.tokenizer.pad_token_id)
     encoder = Encoder(processor, max_prompt_length=256)
@@ -168,8 +168,8 @@ def read_losses(run_dir):
 def test_cli_trains_jsonl_to_the_parquet_losses(tmp_path, tiny_model_dir):
     """The real entry point on your own data (JSONL, base64 images, lazy, worker processes) against parquet."""
     kw = dict(n_train=16, n_test=2, seed=2)
-    data = {"parquet": testing.make_robo2vlm_dir(tmp_path / "parquet", **kw),
-            "jsonl": testing.make_json_dir(tmp_path / "jsonl", images="base64", **kw)}
+    data = {"parquet": demo.make_robo2vlm_dir(tmp_path / "parquet", **kw),
+            "jsonl": demo.make_json_dir(tmp_path / "jsonl", images="base64", **kw)}
     for name, path in data.items():
         args = [sys.executable, "-m", "vlm_sft.main", f"--config={CONFIG}:demo",
                 f"--config.runner.logger.log_path={tmp_path / 'runs'}",

@@ -14,7 +14,7 @@ from vlm_sft import perf
 from vlm_sft import step as step_lib
 from vlm_sft.data.collate import collate
 from vlm_sft.data.vision import VisionSpec
-from vlm_sft.testing import tiny_hub_config, tiny_qwen3_vl_hub_config
+from vlm_sft.demo import tiny_hub_config, tiny_qwen3_vl_hub_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD = 151644, 151645, 151652, 151653, 151655

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from vlm_sft import main as main_lib
-from vlm_sft import preflight, testing
+from vlm_sft import demo, preflight
 from vlm_sft.config import ConfigError
 from configs_loader import CONFIG, override, run_config
 
@@ -26,7 +26,7 @@ def model_without_weights(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """JSONL with image files: 20 train rows in 2 files (six planted bad rows), 5 test rows; 1 and 3 images."""
-    return testing.make_json_dir(tmp_path_factory.mktemp("planted") / "data", n_train=20, n_test=5,
+    return demo.make_json_dir(tmp_path_factory.mktemp("planted") / "data", n_train=20, n_test=5,
                                  images_per_row=(1, 3), bad_rows=BAD)
 
 
@@ -97,7 +97,7 @@ def test_skip_policy_passes_and_text_truncation_cuts_instead(tmp_path, model_wit
 
 
 def test_parquet_rows_are_checked_by_row_group(tmp_path, model_without_weights, no_model_load):
-    data = testing.make_robo2vlm_dir(tmp_path / "data", n_train=24, n_test=3, rows_per_group=5,
+    data = demo.make_robo2vlm_dir(tmp_path / "data", n_train=24, n_test=3, rows_per_group=5,
                                      bad_rows={3: "image", 17: "choices"})
     c = check_config(tmp_path, model_without_weights, data, **{"data.bad_rows": "skip", "data.num_workers": 2})
     assert [len(chunk) for chunk in preflight._chunks(main_lib.make_source(

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from vlm_sft import testing
+from vlm_sft import demo
 from vlm_sft.data import processor as processor_lib
 
 IMAGE = PIL.Image.new("RGB", (100, 150), (40, 70, 200))  # width 100, height 150
@@ -20,7 +20,7 @@ def _grid(processor, image=IMAGE):
 def test_loads_a_full_image_and_text_processor(tiny_processor):
     assert isinstance(tiny_processor, transformers.Qwen2_5_VLProcessor)
     assert type(tiny_processor.tokenizer).__name__ == "Qwen2Tokenizer"
-    assert tiny_processor.chat_template == testing.QWEN2_5_VL_CHAT_TEMPLATE
+    assert tiny_processor.chat_template == demo.qwen2_5_vl.QWEN2_5_VL_CHAT_TEMPLATE
     assert _grid(tiny_processor) == [[1, 10, 8]]  # 150x100 -> 140x112 pixels -> 10x8 patches of 14
     prompt = "<|vision_start|><|image_pad|><|vision_end|>What colour?"
     out = tiny_processor(text=[prompt], images=[IMAGE], return_tensors="pt")
@@ -86,17 +86,17 @@ def test_save_pretrained_round_trips(tiny_model_dir, tmp_path):
 def test_clear_errors_for_broken_directories(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         processor_lib.load_processor(tmp_path / "missing")
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(testing.QWEN2_5_VL_PREPROCESSOR_CONFIG))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(demo.qwen2_5_vl.QWEN2_5_VL_PREPROCESSOR_CONFIG))
     with pytest.raises(ValueError, match="no tokenizer"):
         processor_lib.load_processor(tmp_path)
     (tmp_path / "preprocessor_config.json").unlink()
-    testing.write_qwen_tokenizer_files(tmp_path)
+    demo.write_qwen_tokenizer_files(tmp_path, chat_template=demo.qwen2_5_vl.QWEN2_5_VL_CHAT_TEMPLATE)
     with pytest.raises(ValueError, match="no preprocessor_config.json"):
         processor_lib.load_processor(tmp_path)
 
 
 def test_rejects_a_non_qwen_image_processor(tmp_path):
-    testing.write_qwen_tokenizer_files(tmp_path)
+    demo.write_qwen_tokenizer_files(tmp_path, chat_template=demo.qwen2_5_vl.QWEN2_5_VL_CHAT_TEMPLATE)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(
         {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 224}, "crop_size": 224}))
     with pytest.raises(ValueError, match="not a Qwen2-VL image processor"):

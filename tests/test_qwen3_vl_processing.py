@@ -18,7 +18,7 @@ import transformers
 from transformers import vision_utils
 from transformers.utils import is_torchvision_available
 
-from vlm_sft import testing
+from vlm_sft import demo
 from vlm_sft.data import encode as encode_lib
 from vlm_sft.data import processor as processor_lib
 from vlm_sft.data import qwen3_vl_vision
@@ -151,7 +151,7 @@ def test_load_processor_builds_qwen3_vl_text_and_image_path(qwen3_processor):
     assert isinstance(qwen3_processor, transformers.Qwen3VLProcessor)
     assert isinstance(qwen3_processor, processor_lib.ImageOnlyQwen3VLProcessor)
     assert type(qwen3_processor.tokenizer).__name__ == "Qwen2Tokenizer" and len(qwen3_processor.tokenizer) == 151669
-    assert qwen3_processor.chat_template == testing.QWEN3_VL_CHAT_TEMPLATE
+    assert qwen3_processor.chat_template == demo.qwen3_vl.QWEN3_VL_CHAT_TEMPLATE
     image_processor = qwen3_processor.image_processor
     assert (image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size) == (16, 2, 2)
     assert tuple(image_processor.image_mean) == tuple(image_processor.image_std) == (0.5, 0.5, 0.5)
@@ -215,11 +215,11 @@ def test_save_pretrained_writes_the_hubs_qwen3_vl_files(tiny_qwen3_vl_dir, tmp_p
     processor = processor_lib.load_processor(tiny_qwen3_vl_dir, min_pixels=64 * 64, max_pixels=128 * 128)
     processor.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "preprocessor_config.json").read_text())
-    hub = testing.QWEN3_VL_PREPROCESSOR_CONFIG
+    hub = demo.qwen3_vl.QWEN3_VL_PREPROCESSOR_CONFIG
     assert config == {**hub, "size": {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}}  # the Hub's keys only
     assert json.loads((tmp_path / "video_preprocessor_config.json").read_text()) == (
-        testing.QWEN3_VL_VIDEO_PREPROCESSOR_CONFIG)
-    assert json.loads((tmp_path / "chat_template.json").read_text())["chat_template"] == testing.QWEN3_VL_CHAT_TEMPLATE
+        demo.qwen3_vl.QWEN3_VL_VIDEO_PREPROCESSOR_CONFIG)
+    assert json.loads((tmp_path / "chat_template.json").read_text())["chat_template"] == demo.qwen3_vl.QWEN3_VL_CHAT_TEMPLATE
     reloaded = processor_lib.load_processor(tmp_path)
     assert type(reloaded) is processor_lib.ImageOnlyQwen3VLProcessor
     assert _grid(reloaded, (100, 150)) == _grid(processor, (100, 150)) == [[1, 10, 6]]  # 96x160 <= 128*128
@@ -242,7 +242,7 @@ def test_bad_qwen3_vl_directories_are_named(tiny_qwen3_vl_dir, tmp_path):
         processor_lib.load_processor(broken)
     other = tmp_path / "other_processor"
     shutil.copytree(tiny_qwen3_vl_dir, other)
-    config = {**testing.QWEN3_VL_PREPROCESSOR_CONFIG, "processor_class": "LlavaProcessor"}
+    config = {**demo.qwen3_vl.QWEN3_VL_PREPROCESSOR_CONFIG, "processor_class": "LlavaProcessor"}
     (other / "preprocessor_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="processor_class 'LlavaProcessor' is not supported .*Qwen3VLProcessor"):
         processor_lib.load_processor(other)

@@ -12,7 +12,7 @@ import pytest
 
 from vlm_sft.data import robo2vlm
 from vlm_sft.data.robo2vlm import Robo2VLMSource, RowError, check_schema, decode_row, find_parquet_files
-from vlm_sft.testing import make_robo2vlm_dir
+from vlm_sft.demo import make_robo2vlm_dir
 
 KEYS = dict(prompt_key="question", choice_key="choices", answer_key="correct_answer", image_keys=["image"])
 

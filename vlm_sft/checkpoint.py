@@ -44,6 +44,7 @@ from absl import logging
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from vlm_sft import integrity
+from vlm_sft.errors import CheckpointError
 from vlm_sft.state import TrainState, leaf_names
 
 CHECKPOINTS = "checkpoints"
@@ -51,10 +52,6 @@ META = "meta.json"
 CONFIG = "config.json"
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, or does not fit the model it is loaded into; the message says which."""
 
 
 def checkpoint_root(run_dir: str) -> str:

@@ -7,6 +7,9 @@ from typing import Any
 
 import torch
 
+from vlm_sft import trainable
+from vlm_sft.errors import ConfigError
+
 SHARDING_STRATEGIES = ("no_shard", "full_shard", "hybrid_shard")
 SCHEDULERS = ("cosine", "constant", "linear")
 TRUNCATION = ("text", "error")
@@ -17,10 +20,6 @@ DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }
-
-
-class ConfigError(ValueError):
-    """A config field holds a value that cannot work; the message names the field."""
 
 
 def parse_dtype(name: str, field: str) -> torch.dtype:
@@ -73,8 +72,7 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
     parse_dtype(a.model.precision, "actor.model.precision")
     for key in ("param_dtype", "reduce_dtype", "buffer_dtype"):
         parse_dtype(a.fsdp_config.mixed_precision[key], f"actor.fsdp_config.mixed_precision.{key}")
-    from vlm_sft import trainable  # freeze / LoRA / lr-multiplier fields (matched against the model later)
-    trainable.check_config(config)
+    trainable.check_config(config)  # freeze / LoRA / lr-multiplier fields (matched against the model later)
     _positive(d.max_prompt_length, "data.max_prompt_length")
     for key in ("min_pixels", "max_pixels"):  # None: the model directory's own budget
         if d[key] is not None and d[key] <= 0:

@@ -37,14 +37,11 @@ from absl import app, flags
 from vlm_sft import checkpoint
 from vlm_sft import lora as lora_lib
 from vlm_sft import models
+from vlm_sft.errors import ExportError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3  # the Hub's usual shard size
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
-
-
-class ExportError(ValueError):
-    """The export cannot be written as asked; the message names the flag or file."""
 
 
 def hub_name(name: str, family: models.Family) -> str:

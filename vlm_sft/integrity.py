@@ -15,11 +15,9 @@ import struct
 import uuid
 import zlib
 
+from vlm_sft.errors import DamagedFileError
+
 _BLOCK = 8 << 20
-
-
-class DamagedFileError(ValueError):
-    """A file is missing, truncated, corrupted or unreadable; the message names it."""
 
 
 def file_record(path: str) -> dict[str, int]:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from vlm_sft.config import ConfigError
+from vlm_sft.errors import ConfigError
 
 Params = dict[str, torch.Tensor]
 

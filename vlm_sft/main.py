@@ -3,8 +3,9 @@
   python -m vlm_sft.main --config configs/robo2vlm.py:demo
   python -m vlm_sft.main --config configs/robo2vlm.py --config.actor.model.model_path=... [--mode=eval]
 
-config -> checks (before anything heavy) -> data -> model -> optimizer -> resume -> loop (step, log, checkpoint,
-eval) -> final eval -> Hugging Face export (runner.export_hf).
+config -> checks (before anything heavy) -> model and plan -> data -> optimizer -> resume -> step -> loop (step, log,
+checkpoint, eval) -> final eval -> Hugging Face export (runner.export_hf). `_run` reads as that list, one named
+phase a line; each phase is a function of what it needs, defined below it in the same order.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from absl import app, flags, logging
@@ -23,6 +24,7 @@ from ml_collections import config_flags
 from vlm_sft import checkpoint as checkpoint_lib
 from vlm_sft import compile as compile_lib
 from vlm_sft import config as config_lib
+from vlm_sft import demo as demo_lib
 from vlm_sft import evaluate as evaluate_lib
 from vlm_sft import export as export_lib
 from vlm_sft import faults
@@ -48,34 +50,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "check"],
                           "train (then evaluate), evaluate only, or check every data row (no weights read)")
 
-DEMO = "demo"
 RANK_EXIT_GRACE_S = 2.0  # how long ranks other than 0 wait before exiting on an error rank 0 reports
-
-
-def prepare_demo(config: Any, run_dir: str) -> None:
-    """Replace the "demo" placeholders with a tiny random model and generated data, built once under the run dir."""
-    from vlm_sft import testing
-
-    root = os.path.join(run_dir, "demo_assets")
-    if config.actor.model.model_path == DEMO:
-        path = os.path.join(root, "model")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            model_type = config.actor.model.model_type
-            logging.info("demo: building a tiny random %s model in %s", model_type, path)
-            testing.make_tiny_model_dir_for(model_type, path + ".tmp", seed=0)
-            os.replace(path + ".tmp", path)
-        config.actor.model.model_path = path
-    if DEMO in (config.data.train_data_paths, config.data.eval_data_paths):
-        path = os.path.join(root, "data")
-        if not os.path.isdir(path):
-            logging.info("demo: writing Robo2VLM-format parquet files to %s", path)
-            rows = config.data.demo_rows
-            testing.make_robo2vlm_dir(path + ".tmp", n_train=rows, n_test=max(rows // 8, 1), seed=0,
-                                      fixed_choices=True)
-            os.replace(path + ".tmp", path)
-        for key in ("train_data_paths", "eval_data_paths"):
-            if config.data[key] == DEMO:
-                config.data[key] = path
 
 
 def column_keys(config: Any) -> dict[str, Any]:
@@ -123,7 +98,7 @@ def check_data(config: Any) -> dict[str, Any]:
     (vlm_sft/preflight.py) and written to <run dir>/preflight.json. Never reads the model's weights."""
     run_dir = config_lib.run_dir(config)
     os.makedirs(run_dir, exist_ok=True)
-    prepare_demo(config, run_dir)
+    demo_lib.prepare_demo(config, run_dir)
     splits = {}
     for field, split in (("train_data_paths", "train"), ("eval_data_paths", "test")):
         files = find_files(config, field, split)
@@ -281,18 +256,89 @@ def check_writable(path: str, field: str) -> None:
         raise config_lib.ConfigError(str(e)) from None
 
 
+@dataclasses.dataclass
+class Checked:
+    """What the checks found before anything heavy: the files, the plan, where checkpoints go and resume from."""
+
+    run_dir: str
+    train_files: list[str]
+    eval_files: list[str]
+    plan: trainable_lib.TrainPlan
+    resume_from: str | None
+    saver: checkpoint_lib.Checkpointer
+
+
+@dataclasses.dataclass
+class Loaded:
+    """The model and its processing, params as the plan trains them, sharded on the device."""
+
+    model: model_lib.Model
+    step_model: model_lib.Model  # its blocks carry the LoRA adapters (the train step's); evaluation merges them
+    params: dict
+    encoder: Encoder
+    tokenizer: Any
+    spec: Spec
+    precision: torch.dtype
+    sharding: sharding_lib.Sharding
+    eval_source: Any
+
+
+@dataclasses.dataclass
+class Log:
+    """Where metrics go: the writer, the latest values (what run returns), the evaluation that writes to both."""
+
+    writer: MetricsWriter
+    last: dict[str, float]
+    evaluate: Callable[[int, dict], None]
+
+
+@dataclasses.dataclass
+class StepSetup:
+    """The train step (eager or compiled) and what measures it."""
+
+    train_step: Callable
+    flop_model: perf.FlopModel
+    peak_flops: float | None
+
+
 def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.device,
          preemption: faults.Preemption) -> dict[str, float]:
-    world_size, rank = proc.world_size, proc.rank
+    """The algorithm, phase by phase: each phase is a function of what it needs, below in this order."""
+    checked = run_checks(config, mode, proc)
+    config_json = write_config(config, checked.run_dir, proc.rank)
+    torch.manual_seed(config.actor.seed)
+    loaded = load_model_and_plan(config, checked.plan, checked.eval_files, device)
+    log = make_log(config, loaded, checked, proc)
+    if not checked.train_files:
+        eval_only(loaded.params, checked, log)
+        return log.last
+
+    loader, compiled = make_train_loader(config, checked, loaded, device, proc)
+    steps = total_steps(config, loader.steps_per_epoch)
+    log.writer.total_steps = steps
+    state, tx, schedule = init_state(config, loaded, checked.plan, steps)
+    state, skipped_rows = resume(state, checked, proc.rank)
+    setup = make_step(config, loaded, checked.plan, tx, schedule, compiled, state, device)
+    log_training(config, steps, loader, loaded, proc)
+    if config.runner.val_before_train and int(state.step) == 0:
+        log.evaluate(0, state.params)
+    state, last_ckpt = train_loop(config, state, loader, setup, steps, checked, log, skipped_rows=skipped_rows,
+                                  config_json=config_json, device=device, proc=proc, preemption=preemption)
+    final_eval_and_export(config, state, steps, last_ckpt, checked, log, proc.rank)
+    return log.last
+
+
+def run_checks(config: Any, mode: str, proc: sharding_lib.ProcessInfo) -> Checked:
+    """Everything that can be checked without loading the model, first (the demo's assets built where asked)."""
+    rank = proc.rank
     run_dir = config_lib.run_dir(config)
     check_writable(run_dir, "runner.logger.log_path")
     if rank == 0:  # builds the demo assets once; the other ranks wait, then only point the config at them
-        prepare_demo(config, run_dir)
+        demo_lib.prepare_demo(config, run_dir)
     sharding_lib.barrier()
     if rank != 0:
-        prepare_demo(config, run_dir)
+        demo_lib.prepare_demo(config, run_dir)
 
-    # Everything that can be checked without loading the model, first.
     train_files = find_files(config, "train_data_paths", "train") if mode == "train" else []
     eval_files = find_files(config, "eval_data_paths", "test")
     check_eager_loading_fits(config, train_files + eval_files, local_processes=proc.local_world_size)
@@ -314,13 +360,21 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         checkpoint_lib.check_base_model(resume_from, config.actor.model.model_path)
     saver = checkpoint_lib.Checkpointer(ckpt_root, keep_last_n=r.keep_last_n, async_save=r.async_save,
                                         timeout_s=r.collective_timeout_s)
+    return Checked(run_dir, train_files, eval_files, plan, resume_from, saver)
 
+
+def write_config(config: Any, run_dir: str, rank: int) -> str:
+    """<run dir>/config.json (rank 0); returns the JSON, which every checkpoint carries too."""
     config_json = config.to_json_best_effort(indent=2)
     if rank == 0:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             f.write(config_json)
-    torch.manual_seed(config.actor.seed)
-    d = config.data
+    return config_json
+
+
+def load_model_and_plan(config: Any, plan: trainable_lib.TrainPlan, eval_files: list[str],
+                        device: torch.device) -> Loaded:
+    """Processor, weights, the plan applied (precisions, LoRA adapters) and the params sharded onto `device`."""
     try:
         encoder = make_encoder(config)
     except model_lib.ModelLoadError:
@@ -348,77 +402,129 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     tokenizer = processor.tokenizer
     spec = model.vision_spec(pad_token_id=tokenizer.pad_token_id)
     eval_source = make_source(eval_files, config) if eval_files else None
-    writer = MetricsWriter(run_dir, enabled=rank == 0, total_steps=0)
+    return Loaded(model, step_model, params, encoder, tokenizer, spec, precision, sharding, eval_source)
+
+
+def make_log(config: Any, loaded: Loaded, checked: Checked, proc: sharding_lib.ProcessInfo) -> Log:
+    """The metrics writer (rank 0 writes) and the evaluation of a params dict at a step, logged there."""
+    writer = MetricsWriter(checked.run_dir, enabled=proc.rank == 0, total_steps=0)
     last: dict[str, float] = {}
 
     def evaluate(step: int, params: dict) -> None:
-        if eval_source is None:
+        if loaded.eval_source is None:
             return
-        metrics = run_eval(model, eval_params(params, plan, precision), eval_source, encoder, tokenizer, spec,
-                           config, world_size=world_size, rank=rank)
+        metrics = run_eval(loaded.model, eval_params(params, checked.plan, loaded.precision), loaded.eval_source,
+                           loaded.encoder, loaded.tokenizer, loaded.spec, config, world_size=proc.world_size,
+                           rank=proc.rank)
         writer.write(step, metrics)
         writer.console(step, metrics)
         last.update(metrics)
 
-    if not train_files:
-        logging.info("eval-only: %d eval files", len(eval_files))
-        if resume_from:
-            logging.info("evaluating the params of checkpoint %s", resume_from)
-            saved = plan.trainable if plan.frozen else None  # a plan with frozen parts saves the trained leaves
-            params = checkpoint_lib.restore_params(resume_from, params, names=saved)
-        evaluate(checkpoint_lib.read_meta(resume_from)["step"] if resume_from else 0, params)
-        writer.close()
-        return last
+    return Log(writer, last, evaluate)
 
-    a = config.actor
+
+def eval_only(params: dict, checked: Checked, log: Log) -> None:
+    """No train data: evaluate the loaded weights, or the params of the checkpoint runner.resume names."""
+    resume_from, plan = checked.resume_from, checked.plan
+    logging.info("eval-only: %d eval files", len(checked.eval_files))
+    if resume_from:
+        logging.info("evaluating the params of checkpoint %s", resume_from)
+        saved = plan.trainable if plan.frozen else None  # a plan with frozen parts saves the trained leaves
+        params = checkpoint_lib.restore_params(resume_from, params, names=saved)
+    log.evaluate(checkpoint_lib.read_meta(resume_from)["step"] if resume_from else 0, params)
+    log.writer.close()
+
+
+def make_train_loader(config: Any, checked: Checked, loaded: Loaded, device: torch.device,
+                      proc: sharding_lib.ProcessInfo) -> tuple[loader_lib.TrainLoader, bool]:
+    """The train data, from the resumed position; and whether the step is compiled (its shapes follow)."""
+    a, d, resume_from = config.actor, config.data, checked.resume_from
     # Compiled by region (default on CUDA; vlm_sft/compile.py): static text shapes, i.e. length buckets and a padded
     # label count.
     compiled = a.compile if a.compile is not None else device.type == "cuda"
     buckets = tuple(d.length_buckets) if compiled else ()
-    source = make_source(train_files, config)
+    source = make_source(checked.train_files, config)
     loader = loader_lib.TrainLoader(
-        source, encoder, functools.partial(collate_encoded, spec=spec, length_buckets=buckets, pad_labels=compiled),
+        source, loaded.encoder,
+        functools.partial(collate_encoded, spec=loaded.spec, length_buckets=buckets, pad_labels=compiled),
         global_batch_size=a.global_batch_size,
-        micro_batch_size=a.micro_batch_size, world_size=world_size, rank=rank, seed=a.seed, shuffle=d.shuffle,
-        num_workers=d.num_workers, bad_rows=d.bad_rows, lazy=d.lazy_loading,
+        micro_batch_size=a.micro_batch_size, world_size=proc.world_size, rank=proc.rank, seed=a.seed,
+        shuffle=d.shuffle, num_workers=d.num_workers, bad_rows=d.bad_rows, lazy=d.lazy_loading,
         position=checkpoint_lib.read_meta(resume_from)["data_position"] if resume_from else None)
-    steps = total_steps(config, loader.steps_per_epoch)
-    writer.total_steps = steps
+    return loader, compiled
+
+
+def init_state(config: Any, loaded: Loaded, plan: trainable_lib.TrainPlan, steps: int) -> tuple[Any, Any, Any]:
+    """The optimizer and schedule over `steps`, and the initial TrainState (the plan described in the log)."""
     tx, schedule = step_lib.make_optimizer(config, steps, plan)
-    trained = frozenset(plan.trainable)
-    state = init_train_state(params, tx, trained)
-    for line in plan.describe(a.optim.lr, sharding_lib.local_bytes(state.opt_state)):
+    state = init_train_state(loaded.params, tx, frozenset(plan.trainable))
+    for line in plan.describe(config.actor.optim.lr, sharding_lib.local_bytes(state.opt_state)):
         logging.info("%s", line)
-    saved_part = functools.partial(checkpoint_lib.trained_state, trainable=trained if plan.frozen else None)
-    base_id = checkpoint_lib.base_model_id(config.actor.model.model_path)
-    last_ckpt, skipped_rows = resume_from, 0
-    divergence = faults.DivergenceGuard(r.max_consecutive_skipped_steps, good_checkpoint=resume_from)
-    if resume_from:  # params, optimizer, step (hence lr schedule), data position (above) and RNG
-        restored = checkpoint_lib.restore(resume_from, saved_part(state))
+    return state, tx, schedule
+
+
+def saved_part_of(plan: trainable_lib.TrainPlan) -> Callable[[Any], Any]:
+    """What a checkpoint holds of the TrainState: all of it, or only the trained leaves when parts are frozen."""
+    return functools.partial(checkpoint_lib.trained_state,
+                             trainable=frozenset(plan.trainable) if plan.frozen else None)
+
+
+def resume(state: Any, checked: Checked, rank: int) -> tuple[Any, int]:
+    """Params, optimizer, step (hence lr schedule) and RNG from checked.resume_from (the data position is the
+    loader's); returns the state and the skipped-row count carried on."""
+    resume_from, skipped_rows = checked.resume_from, 0
+    if resume_from:
+        restored = checkpoint_lib.restore(resume_from, saved_part_of(checked.plan)(state))
         state = restored._replace(params={k: restored.params.get(k, v) for k, v in state.params.items()})
         checkpoint_lib.restore_rng(resume_from)
         if rank == 0:  # a global count: rank 0 carries it, the metric sums over ranks
             skipped_rows = int(checkpoint_lib.read_meta(resume_from)["extra"].get("skipped_rows", 0))
         logging.info("resumed from %s at step %d", resume_from, int(state.step))
+    return state, skipped_rows
+
+
+def make_step(config: Any, loaded: Loaded, plan: trainable_lib.TrainPlan, tx: Any, schedule: Any, compiled: bool,
+              state: Any, device: torch.device) -> StepSetup:
+    """The train step (per-block gathers, checkpointing, compile) and the FLOP model with the device's peak."""
+    a, model, sharding = config.actor, loaded.model, loaded.sharding
     block_call = sharding_lib.make_block_call(sharding, checkpointing=a.fsdp_config.gradient_checkpointing,
                                               compile=compiled, lora_scale=plan.lora_scale)
     if compiled:
-        compile_lib.set_cache_dir(a.compile_cache_dir or os.path.join(r.logger.log_path, ".inductor_cache"))
-    train_step = step_lib.make_train_step(step_model, tx, schedule, compile=compiled, block_call=block_call,
-                                          trainable=trained)
+        compile_lib.set_cache_dir(a.compile_cache_dir or os.path.join(config.runner.logger.log_path,
+                                                                      ".inductor_cache"))
+    train_step = step_lib.make_train_step(loaded.step_model, tx, schedule, compile=compiled, block_call=block_call,
+                                          trainable=frozenset(plan.trainable))
     flop_model = perf.FlopModel.from_model(
         model.config, {k: v.shape for k, v in state.params.items() if not lora_lib.is_adapter(k)},
         model.lm_head_name, weight_grads=plan.weight_grads, lora_rank=plan.lora_rank)
     peak_flops = perf.device_peak_flops(device, sharding.param_dtype)
     logging.info("perf: %s; peak %s FLOP/s per device", perf.FORMULA,
                  f"{peak_flops:.3g}" if peak_flops else "unknown (no perf/mfu)")
-    logging.info("training %d steps: %d train rows (%d steps/epoch), global batch %d = %d ranks x %d micro-batches "
-                 "of %d; %s on mesh %s", steps, len(source), loader.steps_per_epoch, a.global_batch_size, world_size,
-                 config_lib.accumulation_steps(config, world_size), a.micro_batch_size,
-                 a.fsdp_config.sharding_strategy, tuple(sharding.mesh.shape))
+    return StepSetup(train_step, flop_model, peak_flops)
 
-    if config.runner.val_before_train and int(state.step) == 0:
-        evaluate(0, state.params)
+
+def log_training(config: Any, steps: int, loader: loader_lib.TrainLoader, loaded: Loaded,
+                 proc: sharding_lib.ProcessInfo) -> None:
+    """One line saying what is about to train, and how it is split over ranks and micro-batches."""
+    a, world_size = config.actor, proc.world_size
+    logging.info("training %d steps: %d train rows (%d steps/epoch), global batch %d = %d ranks x %d micro-batches "
+                 "of %d; %s on mesh %s", steps, len(loader.source), loader.steps_per_epoch, a.global_batch_size,
+                 world_size, config_lib.accumulation_steps(config, world_size), a.micro_batch_size,
+                 a.fsdp_config.sharding_strategy, tuple(loaded.sharding.mesh.shape))
+
+
+def train_loop(config: Any, state: Any, loader: loader_lib.TrainLoader, setup: StepSetup, steps: int,
+               checked: Checked, log: Log, *, skipped_rows: int, config_json: str, device: torch.device,
+               proc: sharding_lib.ProcessInfo, preemption: faults.Preemption) -> tuple[Any, str | None]:
+    """Steps to `steps`: log, checkpoint, evaluate at their intervals; stop cleanly on a signal, on divergence.
+    Returns the final state and the last checkpoint written (or resumed from)."""
+    r, rank, world_size, saver, plan = config.runner, proc.rank, proc.world_size, checked.saver, checked.plan
+    train_step, flop_model, peak_flops = setup.train_step, setup.flop_model, setup.peak_flops
+    writer, last, evaluate = log.writer, log.last, log.evaluate
+    saved_part = saved_part_of(plan)
+    base_id = checkpoint_lib.base_model_id(config.actor.model.model_path)
+    last_ckpt = checked.resume_from
+    divergence = faults.DivergenceGuard(r.max_consecutive_skipped_steps, good_checkpoint=checked.resume_from)
     batches = iter(loader)
 
     def fetch() -> tuple[loader_lib.TrainBatch, list, float]:
@@ -478,13 +584,18 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
         if r.val_check_interval > 0 and step % r.val_check_interval == 0 and step != steps:
             evaluate(step, state.params)
             t_last = time.perf_counter()
-    saver.wait()
-    evaluate(steps, state.params)
-    writer.close()
-    if r.export_hf and rank == 0 and last_ckpt:  # from the final checkpoint: no gather, one shard in memory
-        out = export_lib.export_checkpoint(last_ckpt, os.path.join(run_dir, "hf_export"), overwrite=True)
+    return state, last_ckpt
+
+
+def final_eval_and_export(config: Any, state: Any, steps: int, last_ckpt: str | None, checked: Checked,
+                          log: Log, rank: int) -> None:
+    """The last checkpoint committed, the final evaluation, and the Hugging Face export (runner.export_hf)."""
+    checked.saver.wait()
+    log.evaluate(steps, state.params)
+    log.writer.close()
+    if config.runner.export_hf and rank == 0 and last_ckpt:  # from the final checkpoint: no gather, one shard
+        out = export_lib.export_checkpoint(last_ckpt, os.path.join(checked.run_dir, "hf_export"), overwrite=True)
         logging.info("exported %s to %s", last_ckpt, out)
-    return last
 
 
 def main(argv: list[str]) -> None:

@@ -22,17 +22,13 @@ import numpy as np
 import torch
 
 from vlm_sft.data.collate import bucket_length
-from vlm_sft.data.encode import IMAGE_TOKEN, Encoder, PromptTooLong
-from vlm_sft.data.robo2vlm import RowError
+from vlm_sft.data.encode import IMAGE_TOKEN, Encoder
+from vlm_sft.errors import DataCheckFailed, PromptTooLong, RowError
 from vlm_sft.metrics import format_eta
 
 FIRST_NAMED = 5       # bad rows named per reason
 CHUNK_ROWS = 64       # rows per work item when the source has no row groups to follow
 PAD_MULTIPLE = 8      # the collate's padding without buckets (collate.collate's default)
-
-
-class DataCheckFailed(ValueError):
-    """The run as configured would stop on the data; the message says why in one line."""
 
 
 @dataclasses.dataclass(slots=True)

@@ -44,7 +44,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from vlm_sft import compile as compile_lib
 from vlm_sft import lora as lora_lib
 from vlm_sft import models as model_lib
-from vlm_sft.config import ConfigError, parse_dtype
+from vlm_sft.config import parse_dtype
+from vlm_sft.errors import ConfigError
 
 Params = dict[str, torch.Tensor]
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from vlm_sft import lora as lora_lib
-from vlm_sft.config import ConfigError
+from vlm_sft.errors import ConfigError
 
 VISION_TOWER = r"^model\.visual\.(?!merger\.|deepstack_merger_list\.)"
 MERGER = r"^model\.visual\.(merger|deepstack_merger_list)\."

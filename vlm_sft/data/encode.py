@@ -15,15 +15,13 @@ import numbers
 
 import torch
 
+from vlm_sft.errors import PromptTooLong
+
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<|image_pad|>"
 TURN_END = "<|im_end|>"
 PLAIN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 TRUNCATIONS = ("text", "error")
-
-
-class PromptTooLong(ValueError):
-    """A prompt (image tokens included) longer than data.max_prompt_length that cannot or may not be cut."""
 
 
 @dataclasses.dataclass

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 import PIL.Image
 
-from vlm_sft.data.robo2vlm import Example, RowError, decode_row, image_from_bytes
+from vlm_sft.data.robo2vlm import Example, decode_row, image_from_bytes
+from vlm_sft.errors import RowError
 
 SUFFIXES = (".jsonl", ".json")
 _FIRST_ROWS_CHECKED = 100  # key check: the first object found within this many lines of each JSONL file

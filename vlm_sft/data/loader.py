@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from vlm_sft.data.robo2vlm import RowError
+from vlm_sft.errors import RowError
 
 _PREFETCH_FACTOR = 4  # micro-batches in flight per worker
 

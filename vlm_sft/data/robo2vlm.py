@@ -19,6 +19,8 @@ import PIL.Image
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlm_sft.errors import RowError
+
 # File or folder names that mark a split, Hub style ("train-00000-of-00262.parquet", "test/", "validation-0...").
 # Every evaluation-like name belongs to the "test" split: this trainer has one held-out split.
 _SPLIT_NAMES = {"train": "train", "test": "test", "validation": "test", "valid": "test", "val": "test",
@@ -35,20 +37,6 @@ class Example:
     choices: list[str]
     answer_index: int      # 0-based
     images: list[PIL.Image.Image]  # RGB, decoded
-
-
-class RowError(ValueError):
-    """A row that cannot be used; the message names the file, the row and what is wrong.
-
-    `reason` is a short category ("image", "answer", "choices", "question", "json", ...) for counting bad rows
-    (the preflight check reports them by reason)."""
-
-    def __init__(self, message: str, reason: str = "row"):
-        super().__init__(message)
-        self.reason = reason
-
-    def __reduce__(self):  # keep `reason` when a DataLoader worker sends the error back pickled
-        return type(self), (str(self), self.reason)
 
 
 def _split_of(relpath: str) -> str | None:

@@ -25,13 +25,15 @@ import tempfile
 import torch
 import transformers
 
-from vlm_sft import testing
+from vlm_sft.demo import hub, qwen3_vl
+from vlm_sft.demo.tokenizer import QWEN3_ADDED_TOKENS, _qwen_vocab_and_merges
 
+MODEL_TYPE = "qwen3_5"  # actor.model.model_type
 SPECIAL_BASE = 248044  # <|endoftext|>: Qwen3.5's first special token (Qwen3's 151643, shifted)
 VOCAB_SIZE = 248320
 # Qwen3's added tokens in Qwen3's order at Qwen3.5's ids: (id, content, special).
 ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = tuple(
-    (SPECIAL_BASE + i, content, special) for i, (_, content, special) in enumerate(testing.QWEN3_ADDED_TOKENS))
+    (SPECIAL_BASE + i, content, special) for i, (_, content, special) in enumerate(QWEN3_ADDED_TOKENS))
 IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_START_ID, VISION_END_ID = 248056, 248057, 248053, 248054
 
 # Qwen3.5's pre-tokenizer split (transformers' Qwen3_5Tokenizer): letters take their combining marks (\p{M}).
@@ -198,8 +200,8 @@ CHAT_TEMPLATE = """{%- set image_count = namespace(value=0) %}
 
 # Qwen3.5's preprocessor_config.json / video_preprocessor_config.json: Qwen3-VL's image processing (patch 16,
 # mean/std 0.5, the pixel budget as size {shortest_edge, longest_edge}), processor_class Qwen3VLProcessor.
-PREPROCESSOR_CONFIG = dict(testing.QWEN3_VL_PREPROCESSOR_CONFIG)
-VIDEO_PREPROCESSOR_CONFIG = dict(testing.QWEN3_VL_VIDEO_PREPROCESSOR_CONFIG)
+PREPROCESSOR_CONFIG = dict(qwen3_vl.QWEN3_VL_PREPROCESSOR_CONFIG)
+VIDEO_PREPROCESSOR_CONFIG = dict(qwen3_vl.QWEN3_VL_VIDEO_PREPROCESSOR_CONFIG)
 
 GENERATION_CONFIG = {
     "bos_token_id": SPECIAL_BASE,
@@ -323,7 +325,7 @@ def _tokenizer_files() -> dict[str, bytes]:
     import tokenizers
     from tokenizers import decoders, normalizers, pre_tokenizers, processors
 
-    vocab, merges = testing._qwen_vocab_and_merges()
+    vocab, merges = _qwen_vocab_and_merges()
     vocab = dict(vocab)
     for i in range(len(vocab), SPECIAL_BASE):  # inert fillers: no merge ever produces them
         vocab[f"<|fixture_filler_{i}|>"] = i
@@ -376,7 +378,7 @@ def make_tiny_qwen3_5_dir(path: str | os.PathLike, *, seed: int = 0, tie_word_em
         if not name.startswith(("model.visual.", "model.language_model.", "lm_head.")):
             raise ValueError(f"unexpected Qwen3.5 parameter name {name!r}")
         state[name] = tensor.detach().to(torch.bfloat16).contiguous()
-    testing._write_hub_shards(path, state, first_shard_prefix="model.language_model.")
+    hub.write_hub_shards(path, state, first_shard_prefix="model.language_model.")
     (path / "config.json").write_text(json.dumps(raw, indent=2))
     (path / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
     (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
@@ -385,3 +387,6 @@ def make_tiny_qwen3_5_dir(path: str | os.PathLike, *, seed: int = 0, tie_word_em
     for name, data in _tokenizer_files().items():
         (path / name).write_bytes(data)
     return str(path)
+
+
+BUILD = make_tiny_qwen3_5_dir

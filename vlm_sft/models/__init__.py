@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from vlm_sft.errors import ModelLoadError
 from vlm_sft.models import qwen2_5_vl, qwen3_5, qwen3_vl
-from vlm_sft.models.common import (Batch, BlockCall, Family, FlopShape, Model, ModelLoadError, Params,
-                                   forward_hidden, label_logits, model_from_module, plain_block_call, token_nll)
+from vlm_sft.models.common import (Batch, BlockCall, Family, FlopShape, Model, Params, forward_hidden, label_logits,
+                                   model_from_module, plain_block_call, token_nll)
 
 FAMILIES: tuple[Family, ...] = (qwen2_5_vl.FAMILY, qwen3_vl.FAMILY, qwen3_5.FAMILY)
 

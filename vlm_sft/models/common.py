@@ -27,10 +27,6 @@ VISUAL = "model.visual."
 TEXT = "model.language_model."
 
 
-class ModelLoadError(ValueError):
-    pass
-
-
 @dataclasses.dataclass(frozen=True)
 class FlopShape:
     """What the FLOP model (perf.py) needs to know of a family's architecture beyond its params' shapes."""

@@ -7,9 +7,10 @@ from typing import Any
 import torch
 
 from vlm_sft.data.vision import VisionSpec
-from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, ModelLoadError, Params,
-                                   apply_module, decoder_stack, embed_tokens, plain_block_call, scatter_rows,
-                                   vision_block, vision_rotary)
+from vlm_sft.errors import ModelLoadError
+from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, Params, apply_module,
+                                   decoder_stack, embed_tokens, plain_block_call, scatter_rows, vision_block,
+                                   vision_rotary)
 
 
 def _window_order(t: torch.Tensor, window: torch.Tensor, unit: int) -> torch.Tensor:

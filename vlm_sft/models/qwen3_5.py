@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from vlm_sft.data.vision import Qwen3VLVisionSpec
 from vlm_sft.models import linear_attention, qwen3_vl
-from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, ModelLoadError,
-                                   Params, _call, apply_module, decoder_block, embed_tokens, plain_block_call,
-                                   scatter_rows)
+from vlm_sft.errors import ModelLoadError
+from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, Params, _call,
+                                   apply_module, decoder_block, embed_tokens, plain_block_call, scatter_rows)
 
 LAYER_KINDS = ("linear_attention", "full_attention")
 
