@@ -119,9 +119,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.model.lora_alpha = 16    # new: adapters scaled by lora_alpha / lora_rank (PEFT's convention)
     c.actor.model.lora_dropout = 0.0  # new: only 0.0 (adapters are merged into the weight inside each block)
     # new: regex searched in linear module names, or "all-linear" (every linear but lm_head, vision tower included).
-    # Default: the language model's q/k/v/o and MLP projections (Qwen2.5-VL and Qwen3-VL name them alike).
+    # Default: the language model's q/k/v/o and MLP projections (Qwen2.5-VL and Qwen3-VL name them alike) and
+    # Qwen3.5's linear-attention q/k/v, gate and output projections (vlm_sft/lora.py DEFAULT_TARGETS).
     c.actor.model.lora_target_modules = (
-        r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$")
+        r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj"
+        r"|linear_attn\.(in_proj_qkv|in_proj_z|out_proj))$")
     # new: frozen parts (no gradient computed, no optimizer state; LLaMA-Factory / ms-swift names). vision tower =
     # model.visual.* but the merger(s); merger = model.visual.merger.* (+ Qwen3-VL's deepstack mergers); llm =
     # model.language_model.* and lm_head.
