@@ -6,7 +6,7 @@
    per-block gather and LoRA merge) on one small Qwen2.5-VL, the same batches in every mode. Each mode runs in its
    own process (peak RSS is per process) and the table gives its peak RSS above the loaded model, the median step
    time, and both as ratios to full fine-tuning measured in the same run.
-2. On paper: per-GPU bytes of params, gradients and Adam state for Qwen2.5-VL-3B and -7B in each mode (no_shard
+2. On paper: per-GPU bytes of params, gradients and Adam state for Qwen2.5-VL-3B, -7B and Qwen3.5-9B in each mode (no_shard
    on 1 GPU, full_shard on 8), plus activations at micro-batch 4 x 512 tokens, to check the target "LoRA on the 3B
    shape fits one 24 GB GPU at micro-batch 4". Trained leaves: fp32 master + fp32 gradient + 2 fp32 Adam moments
    (16 bytes/param); frozen leaves held in the bf16 compute dtype (2 bytes/param), no gradient, no state.
@@ -141,14 +141,25 @@ def shapes_7b() -> dict:
     return c
 
 
-def plan_for(hub_config: dict, mode: str):
-    import transformers
+def shapes_qwen3_5_9b() -> dict:
+    """Qwen3.5-9B (9.4B params: 24 Gated DeltaNet + 8 gated attention layers, untied 248k vocabulary)."""
+    from vlm_sft.demo import qwen3_5
+    return qwen3_5.hub_config(tie_word_embeddings=False, text_hidden=4096, text_layers=32, text_heads=16,
+                              text_kv_heads=4, text_head_dim=256, text_intermediate=12288, linear_key_heads=16,
+                              linear_value_heads=32, linear_head_dim=128, vision_hidden=1152, vision_depth=27,
+                              vision_heads=16, vision_intermediate=4304, num_position_embeddings=2304)
 
+
+def plan_for(hub_config: dict, mode: str):
+    import copy
+
+    from vlm_sft import models as model_lib
     from vlm_sft import trainable as trainable_lib
 
-    config = transformers.Qwen2_5_VLConfig.from_dict(hub_config)
+    family = model_lib.family_for_model_type(hub_config["model_type"], "bench/memory.py")
+    config = family.hf_class().config_class.from_dict(copy.deepcopy(hub_config))
     with torch.device("meta"):
-        module = transformers.Qwen2_5_VLForConditionalGeneration(config)
+        module = family.hf_class()(config)
     return config, trainable_lib.make_plan(_config(mode), module)
 
 
@@ -157,7 +168,7 @@ def activation_bytes(config, rows: int, length: int, patches_per_row: int, check
     attention out, norms, MLP gate/up/act); per vision block (6Hv + 3Iv) per patch. With checkpointing, each block
     keeps only its input and one block's internals exist at a time. The lm_head runs at label tokens only."""
     t, v = config.text_config, config.vision_config
-    kv = t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
+    kv = t.num_key_value_heads * (getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads)
     per_token = 6 * t.hidden_size + 2 * kv + 3 * t.intermediate_size
     per_patch = 6 * v.hidden_size + 3 * v.intermediate_size
     tokens, patches = rows * length, rows * patches_per_row
@@ -171,7 +182,8 @@ def activation_bytes(config, rows: int, length: int, patches_per_row: int, check
 
 def on_paper() -> list[dict]:
     rows = []
-    for name, hub in (("Qwen2.5-VL-3B", shapes_3b()), ("Qwen2.5-VL-7B", shapes_7b())):
+    for name, hub in (("Qwen2.5-VL-3B", shapes_3b()), ("Qwen2.5-VL-7B", shapes_7b()),
+                      ("Qwen3.5-9B", shapes_qwen3_5_9b())):
         for mode in MODES:
             config, plan = plan_for(hub, mode)
             trained, frozen = plan.numel(plan.trainable), plan.numel(plan.frozen)

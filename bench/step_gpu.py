@@ -1,8 +1,9 @@
-"""One-GPU benchmark at the Qwen2.5-VL-3B (or Qwen3-VL-4B) shape: this trainer's compiled step vs the eager Hugging
-Face loop.
+"""One-GPU benchmark at the Qwen2.5-VL-3B (or Qwen3-VL-4B, or Qwen3.5-9B at 12 layers) shape: this trainer's compiled
+step vs the eager Hugging Face loop.
 
   python bench/step_gpu.py                 # one H100/H200: random-weight 3B, bf16 compute, fp32 master weights
   python bench/step_gpu.py --family qwen3_vl   # the same at the Qwen3-VL-4B-Instruct shape
+  python bench/step_gpu.py --family qwen3_5    # Qwen3.5-9B's widths, 12 of its 32 layers (fla kernels if installed)
   python bench/step_gpu.py --accum 8       # RLinf's per-GPU batch (256 on 8 GPUs = 8 micro-batches of 4)
   python bench/step_gpu.py --tiny          # the same code path on a tiny model (runs on CPU; used by the tests)
 
@@ -40,6 +41,7 @@ from vlm_sft import perf  # noqa: E402
 from vlm_sft import sharding as sharding_lib  # noqa: E402
 from vlm_sft.data.collate import collate  # noqa: E402
 from vlm_sft.data.vision import Spec  # noqa: E402
+from vlm_sft.demo import qwen3_5 as qwen3_5_hub  # noqa: E402
 from vlm_sft.demo import tiny_hub_config, tiny_qwen3_vl_hub_config  # noqa: E402
 
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-5, 0.01, 1.0
@@ -48,12 +50,24 @@ QWEN2_5_VL_3B = dict(text_hidden=2048, text_layers=36, text_heads=16, text_kv_he
 QWEN3_VL_4B = dict(text_hidden=2560, text_layers=36, text_heads=32, text_kv_heads=8, text_head_dim=128,
                    text_intermediate=9728, vision_hidden=1024, vision_depth=24, vision_heads=16,
                    vision_intermediate=4096, num_position_embeddings=2304)
+# Qwen3.5-9B's widths (untied, 248k vocabulary, Gated DeltaNet with 16 key / 32 value heads of 128) at 12 of its
+# 32 layers (9 linear, 3 full attention): ~5B params, whose fp32 master weights + AdamW state (16 bytes a param)
+# fit one 141 GB GPU beside the eager HF baseline's; the whole 9B (~144 GB of state) needs full_shard over GPUs.
+QWEN3_5_9B_12_LAYERS = dict(tie_word_embeddings=False, text_hidden=4096, text_layers=12, text_heads=16,
+                            text_kv_heads=4, text_head_dim=256, text_intermediate=12288, linear_key_heads=16,
+                            linear_value_heads=32, linear_head_dim=128, vision_hidden=1152, vision_depth=27,
+                            vision_heads=16, vision_intermediate=4304, num_position_embeddings=2304)
 # --family -> (Hub config.json builder, the real shape, its name, the image processor's pixel budget)
 FAMILIES = {
     "qwen2.5_vl": (tiny_hub_config, QWEN2_5_VL_3B, "Qwen2.5-VL-3B", (3136, 12845056)),
     "qwen3_vl": (tiny_qwen3_vl_hub_config, QWEN3_VL_4B, "Qwen3-VL-4B", (65536, 16777216)),
+    "qwen3_5": (qwen3_5_hub.hub_config, QWEN3_5_9B_12_LAYERS, "Qwen3.5-9B (12 of 32 layers)", (65536, 16777216)),
 }
-IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, PAD = 151644, 151645, 151652, 151653, 151655, 151643
+# --family -> its token ids: <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>, <|image_pad|>, pad
+QWEN_TOKENS = (151644, 151645, 151652, 151653, 151655, 151643)
+QWEN3_5_TOKENS = (qwen3_5_hub.SPECIAL_BASE + 1, qwen3_5_hub.SPECIAL_BASE + 2, qwen3_5_hub.VISION_START_ID,
+                  qwen3_5_hub.VISION_END_ID, qwen3_5_hub.IMAGE_TOKEN_ID, qwen3_5_hub.SPECIAL_BASE)
+TOKENS = {"qwen2.5_vl": QWEN_TOKENS, "qwen3_vl": QWEN_TOKENS, "qwen3_5": QWEN3_5_TOKENS}
 
 
 def image_grid(width: int, height: int, *, patch: int, min_pixels: int, max_pixels: int) -> tuple[int, int, int]:
@@ -70,8 +84,10 @@ def image_grid(width: int, height: int, *, patch: int, min_pixels: int, max_pixe
 
 
 def robo2vlm_like_batch(g: torch.Generator, spec: Spec, *, rows: int, grid: tuple[int, int, int],
-                        prompt: int, answer: int, buckets: tuple[int, ...]) -> dict[str, torch.Tensor]:
+                        prompt: int, answer: int, buckets: tuple[int, ...],
+                        tokens: tuple[int, ...] = QWEN_TOKENS) -> dict[str, torch.Tensor]:
     """One micro-batch: per row one image, prompt +-5 tokens of text, `answer` tokens + <|im_end|> labelled."""
+    IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, _ = tokens
     t, h, w = grid
     sequences, pixels = [], []
     for _ in range(rows):
@@ -108,7 +124,7 @@ def free(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen2.5_vl",
-                        help="model family: Qwen2.5-VL-3B or Qwen3-VL-4B shape")
+                        help="model family: Qwen2.5-VL-3B, Qwen3-VL-4B or Qwen3.5-9B (12 layers) shape")
     parser.add_argument("--tiny", action="store_true", help="tiny model (CPU is fine): exercises the code path")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -143,13 +159,13 @@ def main() -> None:
     hub_config, real_shape, shape_name, (min_pixels, max_pixels) = FAMILIES[args.family]
     family = model_lib.family_named(args.family)
     hf_config = family.hf_class().config_class.from_dict(hub_config(**({} if args.tiny else real_shape)))
-    spec = family.vision_spec(hf_config, PAD)
+    spec = family.vision_spec(hf_config, TOKENS[args.family][-1])
     grid = image_grid(width, height, patch=spec.patch_size, min_pixels=min_pixels, max_pixels=max_pixels)
     buckets = tuple(config.data.length_buckets)
     g = torch.Generator().manual_seed(0)
     steps = [[{k: v.to(device) for k, v in robo2vlm_like_batch(
         g, spec, rows=args.micro_batch, grid=grid, prompt=args.prompt_tokens, answer=args.answer_tokens,
-        buckets=buckets).items()} for _ in range(args.accum)] for _ in range(args.steps)]
+        buckets=buckets, tokens=TOKENS[args.family]).items()} for _ in range(args.accum)] for _ in range(args.steps)]
     host_steps = [[{k: v.cpu() for k, v in b.items()} for b in s] for s in steps]
     peak_flops = perf.device_peak_flops(device, compute_dtype)
 

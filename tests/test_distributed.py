@@ -106,6 +106,19 @@ def test_qwen3_vl_full_shard_on_2_ranks_takes_the_same_steps_as_one_process(qwen
     assert_same_steps(qwen3_runs(1), qwen3_runs(2, "--config.actor.fsdp_config.sharding_strategy=full_shard"))
 
 
+@pytest.fixture(scope="module")
+def qwen3_5_runs(tmp_path_factory, tiny_qwen3_5_dir, robo2vlm_dir):
+    """As `runs`, for the tiny Qwen3.5 (actor.model.model_type=qwen3_5: Gated DeltaNet + gated attention)."""
+    return cached_runs(tmp_path_factory.mktemp("dist_runs_qwen3_5"), tiny_qwen3_5_dir, robo2vlm_dir,
+                       "--config.actor.model.model_type=qwen3_5")
+
+
+@pytest.mark.slow
+def test_qwen3_5_full_shard_on_2_ranks_takes_the_same_steps_as_one_process(qwen3_5_runs):
+    assert_same_steps(qwen3_5_runs(1), qwen3_5_runs(2, "--config.actor.fsdp_config.sharding_strategy=full_shard",
+                                                    "--config.actor.fsdp_config.gradient_checkpointing=True"))
+
+
 def assert_same_steps(one: str, many: str) -> None:
     """Per-step losses and final params to TOL, token counts and eval counts equal, between two run dirs."""
     base, dist = read_metrics(one), read_metrics(many)

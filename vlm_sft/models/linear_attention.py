@@ -1,6 +1,6 @@
 """Gated DeltaNet's two sequence ops (Qwen3.5's linear-attention layers): a short causal depthwise conv, then the
-chunked gated delta rule. On CUDA the flash-linear-attention (`fla-core`) and `causal-conv1d` kernels when they are
-installed (`pip install -e '.[gpu]'`); everywhere else torch code equal to transformers' own torch fallback
+chunked gated delta rule. On CUDA the flash-linear-attention (`fla-core`: the delta rule and a triton conv) and, when
+installed, `causal-conv1d`'s conv kernel (`pip install -e '.[gpu]'`); everywhere else torch code equal to transformers' own torch fallback
 (`torch_chunk_gated_delta_rule`, `causal_conv1d_fn` in models/qwen3_5; tests/test_qwen3_5_model.py holds them equal).
 
 Packing: `cu_seqlens` [n + 1] (int32, cumulative lengths over the single row of a packed [1, T] batch, as the
@@ -30,11 +30,28 @@ def _fla_chunk_gated_delta_rule() -> Callable[..., Any] | None:
 
 @functools.cache
 def _causal_conv1d_fn() -> Callable[..., Any] | None:
+    """The conv kernel as (x [B, L, D], weight [D, W], cu_seqlens) -> silu(conv) [B, L, D]: the causal-conv1d
+    package's CUDA kernel, else fla's triton one (fla-core ships it: pure-Python wheels), else None."""
     try:
         from causal_conv1d import causal_conv1d_fn
     except Exception:
+        causal_conv1d_fn = None
+    if causal_conv1d_fn is not None:
+        def conv(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+            seq_idx = None if cu_seqlens is None else _segment_ids(cu_seqlens, x.shape[1])[None]
+            # channel-last view (stride 1 over D), which the kernel needs with seq_idx
+            return causal_conv1d_fn(x.transpose(1, 2), weight, None, seq_idx=seq_idx,
+                                    activation="silu").transpose(1, 2)
+        return conv
+    try:
+        from fla.modules.conv import causal_conv1d as fla_conv
+    except Exception:
         return None
-    return causal_conv1d_fn
+
+    def conv(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        return fla_conv(x, weight, activation="silu",
+                        cu_seqlens=None if cu_seqlens is None else cu_seqlens.long())[0]
+    return conv
 
 
 def kernel_path(device: torch.device) -> dict[str, bool]:
@@ -54,9 +71,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tenso
     """silu(causal depthwise conv) of x [B, L, D] with weight [D, W] (no bias) -> [B, L, D], in x's dtype."""
     fn = _causal_conv1d_fn() if x.is_cuda else None
     if fn is not None:
-        seq_idx = None if cu_seqlens is None else _segment_ids(cu_seqlens, x.shape[1])[None]
-        # channel-last view (stride 1 over D), which the kernel needs with seq_idx
-        return fn(x.transpose(1, 2), weight, None, seq_idx=seq_idx, activation="silu").transpose(1, 2)
+        return fn(x, weight, cu_seqlens)
     if cu_seqlens is None:
         out = F.conv1d(x.transpose(1, 2).to(weight.dtype), weight.unsqueeze(1), padding=weight.shape[-1] - 1,
                        groups=x.shape[-1])[:, :, :x.shape[1]]
