@@ -204,3 +204,33 @@ def test_compiled_step_uses_one_region_per_block_kind_and_equals_eager(tiny_qwen
     decoder_regions = {(fn, module) for fn, module in block_call.regions if module in set(text.layers)}
     assert decoder_regions == {(qwen3_5.linear_decoder_block, text.layers[0]),
                                (model_lib.common.decoder_block, text.layers[3])}
+
+
+def test_a_packed_row_equals_its_sequences_one_at_a_time(tiny_qwen3_5_dir):
+    """Packed (one row of several sequences with cu_seqlens / row_ids and per-sequence positions): the Gated
+    DeltaNet layers restart their conv and state and the gated attention stays within each sequence, so the
+    hidden states equal each sequence's alone; read as one sequence, the earlier ones leak into the later."""
+    model, params = model_lib.load_model(str(tiny_qwen3_5_dir))
+    spec = model.vision_spec(PAD)
+    g = torch.Generator().manual_seed(8)
+    alone, parts = [], []
+    for n in (9, 3, 70):  # the 3-token sequence is shorter than the conv window; the 70 spans two chunks
+        ids = torch.randint(100, 900, (n,), generator=g)
+        b = collate([(ids, ids)], [torch.zeros(0, PATCH_DIM)], [torch.zeros(0, 3, dtype=torch.long)], spec)
+        parts.append(b)
+        with torch.no_grad():
+            alone.append(model_lib.forward_hidden(model, params, b)[0])
+    lengths = [p["input_ids"].shape[1] for p in parts]
+    packed = {
+        "input_ids": torch.cat([p["input_ids"] for p in parts], dim=1),
+        "attention_mask": torch.cat([p["attention_mask"] for p in parts], dim=1),
+        "position_ids": torch.cat([p["position_ids"] for p in parts], dim=2),
+        "cu_seqlens": torch.tensor([0] + torch.cumsum(torch.tensor(lengths), 0).tolist(), dtype=torch.int32),
+        "row_ids": torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1),
+    }
+    with torch.no_grad():
+        ours = model_lib.forward_hidden(model, params, packed)[0]
+        torch.testing.assert_close(ours, torch.cat(alone), rtol=1e-5, atol=1e-5)
+        unpacked = {k: v for k, v in packed.items() if k not in ("cu_seqlens", "row_ids")}
+        leaked = model_lib.forward_hidden(model, params, unpacked)[0]
+    assert (leaked[lengths[0]:] - torch.cat(alone)[lengths[0]:]).abs().max() > 1e-3

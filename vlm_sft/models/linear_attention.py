@@ -62,9 +62,11 @@ def kernel_path(device: torch.device) -> dict[str, bool]:
 
 
 def _segment_ids(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
-    """[T] int32: the index of the sequence each position of a packed row belongs to."""
+    """[T] int32: the index of the sequence each position of a packed row belongs to (positions past the last
+    boundary, padding, count as the last sequence)."""
     positions = torch.arange(length, device=cu_seqlens.device)
-    return (torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)).to(torch.int32)
+    ids = torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+    return ids.clamp(max=cu_seqlens.shape[0] - 2).to(torch.int32)
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:

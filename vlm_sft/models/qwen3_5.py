@@ -63,31 +63,96 @@ def linear_decoder_block(layer: torch.nn.Module, p: Params, h: torch.Tensor,
     return h + _call(layer.mlp, _sub(p, "mlp."), x)
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def packed_gated_attention(attn: torch.nn.Module, p: Params, x: torch.Tensor,
+                           position_embeddings: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+                           ) -> torch.Tensor:
+    """transformers' Qwen3_5Attention on a packed row x [1, T, D] attending causally within each sequence only
+    (`mask` [1, 1, T, T], True = attend): q_proj gives each head's query and output gate, q/k RMSNorm, rope on the
+    first cos.shape[-1] dims of each head (partial rotary), sdpa, sigmoid(gate) * out, o_proj."""
+    b, t, _ = x.shape
+    d = attn.head_dim
+    q, gate = F.linear(x, p["q_proj.weight"], p.get("q_proj.bias")).view(b, t, -1, 2 * d).chunk(2, dim=-1)
+    k = F.linear(x, p["k_proj.weight"], p.get("k_proj.bias")).view(b, t, -1, d)
+    v = F.linear(x, p["v_proj.weight"], p.get("v_proj.bias")).view(b, t, -1, d).transpose(1, 2)
+    q = _call(attn.q_norm, _sub(p, "q_norm."), q).transpose(1, 2)      # [1, heads, T, d]
+    k = _call(attn.k_norm, _sub(p, "k_norm."), k).transpose(1, 2)
+    cos, sin = (e.unsqueeze(1) for e in position_embeddings)           # [1, 1, T, rotary]
+    r = cos.shape[-1]
+    q = torch.cat([q[..., :r] * cos + _rotate_half(q[..., :r]) * sin, q[..., r:]], dim=-1)
+    k = torch.cat([k[..., :r] * cos + _rotate_half(k[..., :r]) * sin, k[..., r:]], dim=-1)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling).transpose(1, 2)
+    out = out.reshape(b, t, -1) * torch.sigmoid(gate.reshape(b, t, -1))
+    return F.linear(out, p["o_proj.weight"], p.get("o_proj.bias"))
+
+
+def packed_full_decoder_block(layer: torch.nn.Module, p: Params, h: torch.Tensor,
+                              position_embeddings: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+                              ) -> torch.Tensor:
+    """A full-attention decoder layer on a packed row (the layer's own norms and MLP, packed_gated_attention)."""
+    x = _call(layer.input_layernorm, _sub(p, "input_layernorm."), h)
+    h = h + packed_gated_attention(layer.self_attn, _sub(p, "self_attn."), x, position_embeddings, mask)
+    x = _call(layer.post_attention_layernorm, _sub(p, "post_attention_layernorm."), h)
+    return h + _call(layer.mlp, _sub(p, "mlp."), x)
+
+
+def packed_linear_decoder_block(layer: torch.nn.Module, p: Params, h: torch.Tensor,
+                                position_embeddings: tuple[torch.Tensor, torch.Tensor], cu_seqlens: torch.Tensor
+                                ) -> torch.Tensor:
+    """A linear-attention decoder layer on a packed row: conv window and recurrent state restart per sequence."""
+    x = _call(layer.input_layernorm, _sub(p, "input_layernorm."), h)
+    h = h + gated_delta_net(layer.linear_attn, _sub(p, "linear_attn."), x, cu_seqlens)
+    x = _call(layer.post_attention_layernorm, _sub(p, "post_attention_layernorm."), h)
+    return h + _call(layer.mlp, _sub(p, "mlp."), x)
+
+
 BLOCK_FNS = {"linear_attention": linear_decoder_block, "full_attention": decoder_block}
+PACKED_BLOCK_FNS = {"linear_attention": packed_linear_decoder_block, "full_attention": packed_full_decoder_block}
 
 
-def text_stack(model: Model, params: Params, h: torch.Tensor, position_ids: torch.Tensor, block_call: BlockCall
-               ) -> torch.Tensor:
+def text_stack(model: Model, params: Params, h: torch.Tensor, position_ids: torch.Tensor, block_call: BlockCall,
+               packing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The hybrid decoder layers and final norm on input embeddings h [B, L, D]. Layers of one kind share their
-    function and template module (the first layer of that kind): one compiled region per kind."""
+    function and template module (the first layer of that kind): one compiled region per kind.
+
+    `packing` (cu_seqlens [n + 1], row_ids [1, T]): h is one packed row of n sequences; the linear layers restart
+    their conv and state at each boundary, the full-attention layers attend within each sequence (sdpa under the
+    block-diagonal causal mask: exact anywhere)."""
     text = model.module.model.language_model
     kinds = text.config.layer_types
     templates = {kind: text.layers[kinds.index(kind)] for kind in set(kinds)}
     position_embeddings = text.rotary_emb(h, position_ids)
+    extra: dict[str, tuple] = {kind: () for kind in kinds}
+    fns = BLOCK_FNS
+    if packing is not None:
+        cu_seqlens, row_ids = packing
+        seg = row_ids[0]
+        mask = (seg[:, None] == seg[None, :]).tril()[None, None]
+        extra = {"linear_attention": (cu_seqlens,), "full_attention": (mask,)}
+        fns = PACKED_BLOCK_FNS
     for i, kind in enumerate(kinds):
-        h = block_call(BLOCK_FNS[kind], templates[kind], model.block_params(params, f"{TEXT}layers.{i}."), h,
-                       position_embeddings, remat=True)
+        h = block_call(fns[kind], templates[kind], model.block_params(params, f"{TEXT}layers.{i}."), h,
+                       position_embeddings, *extra[kind], remat=True)
     return block_call(apply_module, text.norm, model.block_params(params, TEXT + "norm."), h)
 
 
 def forward_hidden(model: Model, params: Params, batch: Batch, block_call: BlockCall = plain_block_call
                    ) -> torch.Tensor:
-    """Final-norm hidden states [B, L, H] of the text model for the batch (images scattered into their tokens)."""
+    """Final-norm hidden states [B, L, H] of the text model for the batch (images scattered into their tokens).
+    A packed batch (one row of several sequences, with `cu_seqlens` and `row_ids` as the packing collate gives
+    them, positions restarting per sequence) keeps every sequence to itself."""
     h = embed_tokens(model, params, batch["input_ids"], block_call)
     if "pixel_values" in batch:
         merged, _ = qwen3_vl.image_features(model, params, batch, block_call)  # no DeepStack features
         h = scatter_rows(h, batch["image_index"], merged)
-    return text_stack(model, params, h, batch["position_ids"], block_call)
+    packing = (batch["cu_seqlens"], batch["row_ids"]) if "cu_seqlens" in batch else None
+    return text_stack(model, params, h, batch["position_ids"], block_call, packing)
 
 
 def hub_name(name: str) -> str:
