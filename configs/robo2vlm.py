@@ -91,6 +91,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.max_pixels = ml_collections.config_dict.placeholder(int)
     # new: padded sequence lengths for a compiled step (each bucket in use is one compilation; longer sequences
     # pad to a multiple of the last). A 640x480 image is 391 tokens, so Robo2VLM rows land in 512 or 640.
+    c.data.packing = True            # new: training rows packed into micro-batches of <= max_tokens_per_micro_batch
     c.data.length_buckets = [128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048]
     c.data.shuffle = True
     c.data.demo_rows = 512          # new: rows of the generated demo set (train; test gets 1/8 of it)
@@ -98,7 +99,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.actor = ml_collections.ConfigDict()
     c.actor.training_backend = "fsdp"
-    c.actor.micro_batch_size = 4
+    c.actor.micro_batch_size = 4     # rows per micro-batch with data.packing=False (RLinf's padded batches)
+    c.actor.max_tokens_per_micro_batch = 16384  # new: token budget of a packed micro-batch (image tokens included)
+    c.actor.loss_normalization = "tokens"  # new: "tokens" (mean over the global batch's answer tokens) or
+    # "micro_batch" (RLinf's: each micro-batch's token mean, averaged)
     c.actor.eval_batch_size = 4
     c.actor.global_batch_size = 256
     c.actor.seed = 42

@@ -143,3 +143,22 @@ def test_cli_check_exits_nonzero_with_one_line(tmp_path, model_without_weights, 
     assert "check train: [" in stderr and "ETA" in stderr  # the progress bar
     assert "bad (image): 3" in stdout and "WOULD STOP" in stdout
     assert os.path.isfile(tmp_path / "qwen2_5_vl_sft_robo2vlm" / "preflight.json")
+
+
+def test_check_reports_the_packing_and_a_budget_below_the_longest_row_would_stop(
+        tmp_path, model_without_weights, planted, robo2vlm_dir, no_model_load, capsys):
+    c = check_config(tmp_path, model_without_weights, planted, **{"data.bad_rows": "skip"})
+    train = main_lib.run(c, "check")["splits"]["train"]
+    packing = train["packing"]
+    assert packing["enabled"] and packing["max_tokens_per_micro_batch"] == 16384 and packing["world_size"] == 1
+    assert packing["micro_batches_per_step"]["max"] == 1  # 4 rows of < 128 tokens: one micro-batch
+    assert packing["padding_fraction"] < packing["unpacked_padding_fraction"]
+    assert "packing (on: data.packing): micro-batches of <= 16384 tokens" in capsys.readouterr().out
+
+    c = check_config(tmp_path, model_without_weights, robo2vlm_dir, **{"data.bad_rows": "skip"})
+    longest = main_lib.run(c, "check")["splits"]["train"]["sequence_tokens"]["max"]
+    with pytest.raises(preflight.DataCheckFailed, match=rf"bad train row.*data.bad_rows='error'.*parquet:\d+: "
+                                                        rf"{longest} tokens \(image tokens included\) exceed "
+                                                        rf"actor.max_tokens_per_micro_batch={longest - 1}"):
+        main_lib.run(override(c, {"data.bad_rows": "error", "actor.max_tokens_per_micro_batch": longest - 1}),
+                     "check")

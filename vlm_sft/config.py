@@ -14,6 +14,7 @@ SHARDING_STRATEGIES = ("no_shard", "full_shard", "hybrid_shard")
 SCHEDULERS = ("cosine", "constant", "linear")
 TRUNCATION = ("text", "error")
 BAD_ROWS = ("error", "skip")
+LOSS_NORMALIZATIONS = ("tokens", "micro_batch")
 MODES = ("train", "eval", "check")
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -64,7 +65,16 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
     _positive(a.micro_batch_size, "actor.micro_batch_size")
     _positive(a.eval_batch_size, "actor.eval_batch_size")
     _positive(a.global_batch_size, "actor.global_batch_size")
-    accumulation_steps(config, world_size)
+    if not isinstance(d.packing, bool):
+        raise ConfigError(f"data.packing={d.packing!r}: expected True or False")
+    _one_of(a.loss_normalization, LOSS_NORMALIZATIONS, "actor.loss_normalization")
+    if d.packing:
+        _positive(a.max_tokens_per_micro_batch, "actor.max_tokens_per_micro_batch")
+        if a.global_batch_size % world_size:
+            raise ConfigError(f"actor.global_batch_size={a.global_batch_size} is not divisible by the world size "
+                              f"{world_size}")
+    else:
+        accumulation_steps(config, world_size)
     _one_of(a.fsdp_config.sharding_strategy, SHARDING_STRATEGIES, "actor.fsdp_config.sharding_strategy")
     _one_of(a.optim.lr_scheduler, SCHEDULERS, "actor.optim.lr_scheduler")
     _one_of(d.truncation, TRUNCATION, "data.truncation")

@@ -37,6 +37,7 @@ from vlm_sft import sharding as sharding_lib
 from vlm_sft import step as step_lib
 from vlm_sft import trainable as trainable_lib
 from vlm_sft.data import loader as loader_lib
+from vlm_sft.data import packing as packing_lib
 from vlm_sft.data import robo2vlm, sources
 from vlm_sft.data.collate import check_length_buckets, collate_encoded
 from vlm_sft.data.encode import Encoder, PromptTooLong
@@ -108,8 +109,11 @@ def check_data(config: Any) -> dict[str, Any]:
         check_length_buckets(config.data.length_buckets)
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
-    return preflight.check(config, splits, make_encoder(config),
-                           out_path=os.path.join(run_dir, "preflight.json"))
+    # The packing report is per rank of the run this machine would launch: cluster.num_nodes x its GPUs.
+    world = config.cluster.num_nodes * max(torch.cuda.device_count(), 1)
+    world = world if config.actor.global_batch_size % world == 0 else 1
+    return preflight.check(config, splits, make_encoder(config), out_path=os.path.join(run_dir, "preflight.json"),
+                           world_size=world)
 
 
 def available_memory_bytes() -> int:
@@ -444,13 +448,16 @@ def make_train_loader(config: Any, checked: Checked, loaded: Loaded, device: tor
     compiled = a.compile if a.compile is not None else device.type == "cuda"
     buckets = tuple(d.length_buckets) if compiled else ()
     source = make_source(checked.train_files, config)
+    budget = a.max_tokens_per_micro_batch if d.packing else 0
+    if d.packing:  # each rank's share of a global batch packed into micro-batches of <= budget tokens
+        collate_fn = packing_lib.make_packed_collate(loaded.spec, budget, buckets)
+    else:
+        collate_fn = functools.partial(collate_encoded, spec=loaded.spec, length_buckets=buckets, pad_labels=compiled)
     loader = loader_lib.TrainLoader(
-        source, loaded.encoder,
-        functools.partial(collate_encoded, spec=loaded.spec, length_buckets=buckets, pad_labels=compiled),
-        global_batch_size=a.global_batch_size,
+        source, loaded.encoder, collate_fn, global_batch_size=a.global_batch_size,
         micro_batch_size=a.micro_batch_size, world_size=proc.world_size, rank=proc.rank, seed=a.seed,
         shuffle=d.shuffle, num_workers=d.num_workers, bad_rows=d.bad_rows, lazy=d.lazy_loading,
-        position=checkpoint_lib.read_meta(resume_from)["data_position"] if resume_from else None)
+        position=checkpoint_lib.read_meta(resume_from)["data_position"] if resume_from else None, max_tokens=budget)
     return loader, compiled
 
 
@@ -493,7 +500,9 @@ def make_step(config: Any, loaded: Loaded, plan: trainable_lib.TrainPlan, tx: An
         compile_lib.set_cache_dir(a.compile_cache_dir or os.path.join(config.runner.logger.log_path,
                                                                       ".inductor_cache"))
     train_step = step_lib.make_train_step(loaded.step_model, tx, schedule, compile=compiled, block_call=block_call,
-                                          trainable=frozenset(plan.trainable))
+                                          trainable=frozenset(plan.trainable),
+                                          loss_normalization=a.loss_normalization,
+                                          world_size=sharding.mesh.size())
     flop_model = perf.FlopModel.from_model(
         model.config, {k: v.shape for k, v in state.params.items() if not lora_lib.is_adapter(k)},
         model.lm_head_name, weight_grads=plan.weight_grads, lora_rank=plan.lora_rank)
@@ -507,10 +516,12 @@ def log_training(config: Any, steps: int, loader: loader_lib.TrainLoader, loaded
                  proc: sharding_lib.ProcessInfo) -> None:
     """One line saying what is about to train, and how it is split over ranks and micro-batches."""
     a, world_size = config.actor, proc.world_size
-    logging.info("training %d steps: %d train rows (%d steps/epoch), global batch %d = %d ranks x %d micro-batches "
-                 "of %d; %s on mesh %s", steps, len(loader.source), loader.steps_per_epoch, a.global_batch_size,
-                 world_size, config_lib.accumulation_steps(config, world_size), a.micro_batch_size,
-                 a.fsdp_config.sharding_strategy, tuple(loaded.sharding.mesh.shape))
+    per_rank = (f"packed into micro-batches of <= {loader.max_tokens} tokens" if loader.max_tokens else
+                f"{config_lib.accumulation_steps(config, world_size)} micro-batches of {a.micro_batch_size}")
+    logging.info("training %d steps: %d train rows (%d steps/epoch), global batch %d = %d ranks x %s; loss "
+                 "normalized by %s; %s on mesh %s", steps, len(loader.source), loader.steps_per_epoch,
+                 a.global_batch_size, world_size, per_rank, a.loss_normalization, a.fsdp_config.sharding_strategy,
+                 tuple(loaded.sharding.mesh.shape))
 
 
 def train_loop(config: Any, state: Any, loader: loader_lib.TrainLoader, setup: StepSetup, steps: int,
@@ -531,6 +542,10 @@ def train_loop(config: Any, state: Any, loader: loader_lib.TrainLoader, setup: S
         """The next step's batch, already on its way to the device (pinned memory, non-blocking copies)."""
         t0 = time.perf_counter()
         fetched = next(batches)
+        # Every rank runs as many micro-batches; the global batch's answer-token count (one small collective).
+        fetched.micro_batches, fetched.global_label_tokens = packing_lib.balance(
+            fetched.micro_batches, loader.empty_micro_batch if loader.max_tokens else None, world_size=world_size,
+            rank=rank)
         return fetched, [_to_device(b, device) for b in fetched.micro_batches], time.perf_counter() - t0
 
     upcoming = fetch() if int(state.step) < steps else None
@@ -541,7 +556,7 @@ def train_loop(config: Any, state: Any, loader: loader_lib.TrainLoader, setup: S
         for source_name in batch.skipped_sources:
             logging.warning("skipped bad row %s", source_name)
         faults.stall_for_tests(rank, step)
-        state, metrics = train_step(state, micro_batches)
+        state, metrics = train_step(state, micro_batches, batch.global_label_tokens)
         # Fetch the next batch while the device still runs this step (reading the metrics below waits for it).
         upcoming = fetch() if step < steps else None
         t_data = upcoming[2] if upcoming else 0.0

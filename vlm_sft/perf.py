@@ -142,7 +142,10 @@ class FlopModel:
 
     def batch_flops(self, batch: Batch) -> float:
         """FLOPs one micro-batch needs (forward + backward). Reads host-side index tensors only."""
-        lengths = batch["attention_mask"].sum(dim=1).to(torch.float64)
+        if "row_ids" in batch:  # packed: each row attends within itself (data/collate.py collate_packed)
+            lengths = torch.bincount(batch["row_ids"][batch["attention_mask"] > 0]).to(torch.float64)
+        else:
+            lengths = batch["attention_mask"].sum(dim=1).to(torch.float64)
         if "label_weight" in batch:
             labels = float(batch["label_weight"].sum())
         else:

@@ -196,6 +196,45 @@ def summarize_split(stats: list[RowStats], *, files: Sequence[str], buckets: Seq
     }
 
 
+def mark_over_budget(stats: list[RowStats], max_tokens: int) -> None:
+    """Rows longer than a packed micro-batch's budget are bad rows (rows are never split)."""
+    for s in stats:
+        if s.reason is None and s.sequence_tokens > max_tokens:
+            s.reason = "over_budget"
+            s.message = (f"{s.source}: {s.sequence_tokens} tokens (image tokens included) exceed "
+                         f"actor.max_tokens_per_micro_batch={max_tokens}")
+
+
+def packing_report(stats: list[RowStats], *, max_tokens: int, buckets: Sequence[int], micro_batch_size: int,
+                   global_batch_size: int, world_size: int, seed: int, shuffle: bool) -> dict[str, Any]:
+    """What the first epoch's steps would get, packed (data.packing) and as padded micro-batches of
+    micro_batch_size rows (packing off), for each of `world_size` ranks: micro-batches per rank per step and the
+    padding fraction (padded positions / all positions). Bad rows are left out as data.bad_rows="skip" would."""
+    from vlm_sft.data import loader, packing
+
+    lengths = [s.sequence_tokens if s.reason is None else 0 for s in stats]
+    order = loader.epoch_order(len(stats), seed=seed, epoch=0, shuffle=shuffle)
+    per_rank = global_batch_size // world_size
+    budget_buckets = packing.budget_buckets(max_tokens, buckets)
+    counts, real, packed, padded = [], 0, 0, 0
+    for step in range(len(stats) // global_batch_size):
+        for r in range(world_size):
+            start = step * global_batch_size + r * per_rank
+            shard = [lengths[i] for i in order[start:start + per_rank] if lengths[i]]
+            groups = packing.pack_rows(shard, max_tokens) if shard else []
+            counts.append(len(groups))
+            real += sum(shard)
+            packed += sum(packing.padded_length(sum(shard[j] for j in g), max_tokens, budget_buckets)
+                          for g in groups)
+            for j in range(0, len(shard), micro_batch_size):
+                rows = shard[j:j + micro_batch_size]
+                padded += len(rows) * bucket_length(max(rows), buckets, PAD_MULTIPLE)
+    return {"max_tokens_per_micro_batch": max_tokens, "world_size": world_size,
+            "micro_batches_per_step": _spread(counts), "padding_fraction": 1.0 - real / packed if packed else 0.0,
+            "unpacked_micro_batch_size": micro_batch_size,
+            "unpacked_padding_fraction": 1.0 - real / padded if padded else 0.0}
+
+
 def stop_reasons(report: dict[str, Any], *, bad_rows: str, global_batch_size: int) -> list[str]:
     """Why the run as configured would stop on this data (empty: it would not)."""
     reasons = []
@@ -210,7 +249,7 @@ def stop_reasons(report: dict[str, Any], *, bad_rows: str, global_batch_size: in
 
 
 def check(config: Any, splits: dict[str, tuple[list[str], Any]], encoder: Encoder, *, out_path: str,
-          stream: TextIO | None = None) -> dict[str, Any]:
+          stream: TextIO | None = None, world_size: int = 1) -> dict[str, Any]:
     """Check every row of each split ({"train"|"test": (files, source)}), print the report to `stream`
     (stdout) and write it as JSON to `out_path`. Raises DataCheckFailed (after writing) when the run would stop."""
     d, a, r = config.data, config.actor, config.runner
@@ -224,8 +263,15 @@ def check(config: Any, splits: dict[str, tuple[list[str], Any]], encoder: Encode
     t0 = time.perf_counter()
     for split, (files, source) in splits.items():
         stats = check_rows(source, encoder, num_workers=d.num_workers, label=f"check {split}")
+        if split == "train" and d.packing:
+            mark_over_budget(stats, a.max_tokens_per_micro_batch)
         report["splits"][split] = summarize_split(stats, files=files, buckets=buckets,
                                                   max_prompt_length=d.max_prompt_length)
+        if split == "train" and len(stats) >= a.global_batch_size:
+            report["splits"][split]["packing"] = dict(packing_report(
+                stats, max_tokens=a.max_tokens_per_micro_batch, buckets=buckets, micro_batch_size=a.micro_batch_size,
+                global_batch_size=a.global_batch_size, world_size=world_size, seed=a.seed, shuffle=d.shuffle),
+                enabled=bool(d.packing))
     if "train" in report["splits"]:
         rows = report["splits"]["train"]["rows"]
         steps_per_epoch = rows // a.global_batch_size
@@ -287,6 +333,13 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  epoch: {e['rows']:,} rows = {e['steps_per_epoch']:,} steps at global batch "
                          f"{e['global_batch_size']} ({e['rows_left_out_per_epoch']:,} rows wait for the next "
                          f"epoch); {e['configured_steps']:,} configured steps = {epochs} epochs")
+        if "packing" in r:
+            p = r["packing"]
+            lines.append(f"  packing ({'on' if p['enabled'] else 'off'}: data.packing): micro-batches of <= "
+                         f"{p['max_tokens_per_micro_batch']} tokens per rank per step (min / median / p99 / max, "
+                         f"{p['world_size']} rank(s)): {_fmt_spread(p['micro_batches_per_step'])}; padding "
+                         f"{100 * p['padding_fraction']:.1f}% packed vs {100 * p['unpacked_padding_fraction']:.1f}% "
+                         f"in micro-batches of {p['unpacked_micro_batch_size']} rows")
         if "rows_evaluated" in r:
             lines.append(f"  evaluated: {r['rows_evaluated']:,} rows (data.eval_max_rows)")
     if report["would_stop"]:

@@ -1,8 +1,11 @@
 """The training step: `train_step(state, micro_batches) -> (state, metrics)`, pure from the caller's side.
 
-Loss (RLinf's definition): token-mean cross-entropy over the answer tokens of each micro-batch, divided by the
-number of micro-batches, so the step's gradient is the mean of the micro-batch gradients. The update is skipped
-(params and optimizer state unchanged, counted in metrics) when the gradient norm is not finite. State buffers may
+Loss (actor.loss_normalization): "tokens" (the config's default) is the mean cross-entropy over every answer
+token of the global batch, across micro-batches and ranks, so packing, micro-batch size and world size leave the
+gradient unchanged; "micro_batch" (RLinf's definition, this module's default) is each micro-batch's token mean,
+averaged over micro-batches (and ranks), so a micro-batch with few answer tokens weighs as much as a long one.
+The update is skipped (params and optimizer state unchanged, counted in metrics) when the gradient norm is not
+finite. State buffers may
 be updated in place (donation): callers must not keep using the state they passed in.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ from vlm_sft.trainable import TrainPlan
 
 Batch = dict[str, torch.Tensor]
 Metrics = dict[str, torch.Tensor]
+LOSS_NORMALIZATIONS = ("tokens", "micro_batch")
 
 
 def make_loss_and_grad(model: model_lib.Model, block_call: model_lib.BlockCall = model_lib.plain_block_call,
@@ -51,7 +55,7 @@ def token_mean(nll: torch.Tensor, batch: Batch) -> torch.Tensor:
     if "label_weight" not in batch:
         return nll.mean()
     w = batch["label_weight"]
-    return (nll * w).sum() / w.sum()
+    return (nll * w).sum() / w.sum().clamp(min=1)  # a padding-only micro-batch (packing.balance): 0
 
 
 def label_tokens(batch: Batch) -> torch.Tensor:
@@ -84,10 +88,16 @@ def make_apply_update(tx: optim.GradientTransformation, schedule: Callable[[torc
 def make_train_step(model: model_lib.Model, tx: optim.GradientTransformation,
                     schedule: Callable[[torch.Tensor], torch.Tensor], *, compile: bool = False,
                     block_call: model_lib.BlockCall = model_lib.plain_block_call,
-                    trainable: Collection[str] | None = None,
-                    ) -> Callable[[TrainState, Sequence[Batch | None]], tuple[TrainState, Metrics]]:
-    """Build train_step(state, micro_batches) -> (state, metrics). `trainable`: the leaves that train
-    (trainable.TrainPlan; default all); `tx` and the state's optimizer state cover exactly those.
+                    trainable: Collection[str] | None = None, loss_normalization: str = "micro_batch",
+                    world_size: int = 1,
+                    ) -> Callable[..., tuple[TrainState, Metrics]]:
+    """Build train_step(state, micro_batches, global_label_tokens=None) -> (state, metrics). `trainable`: the
+    leaves that train (trainable.TrainPlan; default all); `tx` and the state's optimizer state cover exactly those.
+
+    loss_normalization "tokens": each micro-batch's summed NLL is divided by `global_label_tokens`, the answer
+    tokens of the whole global batch (packing.balance counts them across ranks; default: these micro-batches' own, right
+    for one rank), times `world_size` because the sharded gathers average the gradients over ranks. "micro_batch":
+    each micro-batch's mean over the micro-batches that hold labels.
 
     compile=False runs eagerly. compile=True compiles by region (vlm_sft/compile.py): the model's regions through
     `block_call`, which must then be a compiling one (compile_lib.make_block_call or sharding.make_block_call with
@@ -100,6 +110,9 @@ def make_train_step(model: model_lib.Model, tx: optim.GradientTransformation,
     (collate's length_buckets, pad_labels); the image regions take any image sizes. Every call that compiles
     something logs it (compile_lib.watch).
     """
+    if loss_normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"actor.loss_normalization={loss_normalization!r}: expected one of "
+                         f"{list(LOSS_NORMALIZATIONS)}")
     if compile and getattr(block_call, "regions", None) is None:
         raise ValueError("make_train_step(compile=True) needs a compiling block_call "
                          "(sharding.make_block_call(..., compile=True) or compile.make_block_call(compile=True))")
@@ -117,21 +130,29 @@ def make_train_step(model: model_lib.Model, tx: optim.GradientTransformation,
         stack.enter_context(compile_lib.watch(f"train_step call {calls[0]}", regions))
         return stack
 
-    def train_step(state: TrainState, micro_batches: Sequence[Batch | None]) -> tuple[TrainState, Metrics]:
+    def train_step(state: TrainState, micro_batches: Sequence[Batch | None],
+                   global_label_tokens: float | None = None) -> tuple[TrainState, Metrics]:
         present = [b for b in micro_batches if b is not None]  # None: every row of a micro-batch was skipped
         if not present:
             raise ValueError("train_step got no micro-batch with rows (every row of the global batch was skipped)")
-        scale = torch.tensor(1.0 / len(present))
+        counts = [label_tokens(b) for b in present]  # 0-dim tensors where the batch is: no host sync
+        if loss_normalization == "tokens":
+            total = sum(counts) if global_label_tokens is None else torch.tensor(float(global_label_tokens))
+            # loss_and_grad differentiates the token mean: times its own count, over the global count.
+            scales = [n * (world_size / total.clamp(min=1)) for n in counts]
+        else:
+            labelled = sum((n > 0).to(torch.float32) for n in counts)
+            scales = [1.0 / labelled.clamp(min=1)] * len(present)
         grads, loss_sum = None, torch.zeros(())
         with scope():
-            for batch in present:
+            for batch, scale in zip(present, scales):
                 loss, g = loss_and_grad(state.params, batch, scale)
                 grads = g if grads is None else {k: grads[k].add_(g[k]) for k in grads}
-                loss_sum = loss_sum + loss
+                loss_sum = loss_sum + loss * scale
             state, metrics = apply_update(state, grads)
         tokens = sum(b["attention_mask"].sum() for b in present)
         metrics.update({
-            "train/loss": loss_sum / len(present),
+            "train/loss": loss_sum,
             "train/tokens": tokens.to(torch.float32),
             "train/label_tokens": sum(label_tokens(b) for b in present),
         })

@@ -85,6 +85,13 @@ def collate(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel_values
         "label_ids": torch.cat(label_ids),
         "label_row": torch.cat(label_row),
     }
+    return _finish(batch, pixel_values, grids, spec, pad_labels)
+
+
+def _finish(batch: Batch, pixel_values: Sequence[torch.Tensor], grids: Sequence[torch.Tensor], spec: Spec,
+            pad_labels: bool) -> Batch:
+    """The label padding and the images' inputs, shared by padded and packed batches."""
+    input_ids = batch["input_ids"]
     if pad_labels:
         n = len(batch["label_ids"])
         pad = label_bucket(n) - n
@@ -105,6 +112,66 @@ def collate(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel_values
             raise ValueError(f"{len(batch['image_index'])} <|image_pad|> tokens for {features} image "
                              "features: the image processor and the tokenizer disagree")
     return batch
+
+
+def cu_seqlens_bucket(n: int) -> int:
+    """Static entry count of a packed batch's cu_seqlens for n boundaries: the next power of two (at least 8)."""
+    return max(8, 1 << max(n - 1, 0).bit_length())
+
+
+def collate_packed(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], pixel_values: Sequence[torch.Tensor],
+                   grids: Sequence[torch.Tensor], spec: Spec, *, length: int, pad_labels: bool = True) -> Batch:
+    """Several rows as ONE sequence [1, length]: rows back to back in the given order, then padding.
+
+    Each row keeps the positions it has alone (M-RoPE restarts per row) and attends only within itself: the batch
+    carries the rows' boundaries as `cu_seqlens` [cu_seqlens_bucket(rows + 2)] int32 (0, the end of each row, the
+    end of the padding, then repeats of `length`: empty segments, so the shape is static) and `row_ids` [1, length]
+    (the row of each position; the padding is one more row). The labels are as collate's over the flat positions
+    (label_row: the row within this batch). No rows: a batch of padding only (no labels), for a rank that has
+    fewer micro-batches than another.
+    """
+    total = sum(len(ids) for ids, _ in sequences)
+    if total > length:
+        raise ValueError(f"{len(sequences)} rows of {total} tokens do not fit a packed batch of {length}")
+    input_ids = torch.full((1, length), spec.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(1, length, dtype=torch.long)
+    position_ids = torch.zeros(3, 1, length, dtype=torch.long)
+    row_ids = torch.full((1, length), len(sequences), dtype=torch.long)
+    bounds, label_index, label_ids, label_row = [0], [], [], []
+    start = 0
+    for r, ((ids, labels), grid) in enumerate(zip(sequences, grids)):
+        n = len(ids)
+        input_ids[0, start:start + n] = ids
+        attention_mask[0, start:start + n] = 1
+        row_ids[0, start:start + n] = r
+        position_ids[:, 0, start:start + n] = mrope_position_ids(ids, grid, spec)
+        pos = torch.nonzero(labels[1:] != -100).flatten() + 1
+        label_index.append(start + pos - 1)
+        label_ids.append(labels[pos])
+        label_row.append(torch.full_like(pos, r))
+        start += n
+        bounds.append(start)
+    bounds.append(length)
+    entries = cu_seqlens_bucket(len(bounds))
+    cu_seqlens = torch.tensor(bounds + [length] * (entries - len(bounds)), dtype=torch.int32)
+    empty = torch.zeros(0, dtype=torch.long)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "row_ids": row_ids,
+        "cu_seqlens": cu_seqlens,
+        "label_index": torch.cat(label_index) if label_index else empty,
+        "label_ids": torch.cat(label_ids) if label_ids else empty,
+        "label_row": torch.cat(label_row) if label_row else empty,
+    }
+    return _finish(batch, pixel_values, grids, spec, pad_labels)
+
+
+def collate_encoded_packed(examples: Sequence, spec: Spec, *, length: int, pad_labels: bool = True) -> Batch:
+    """collate_packed over `Encoded` examples (data/encode.py): their target labels."""
+    return collate_packed([(e.input_ids, e.labels) for e in examples], [e.pixel_values for e in examples],
+                          [e.image_grid_thw for e in examples], spec, length=length, pad_labels=pad_labels)
 
 
 def collate_encoded(examples: Sequence, spec: Spec, *, pad_multiple: int = 8,

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from vlm_sft.data import packing
 from vlm_sft.errors import RowError
 
 _PREFETCH_FACTOR = 4  # micro-batches in flight per worker
@@ -49,6 +50,7 @@ class TrainBatch:
     position: dict               # {"epoch", "offset"} AFTER this batch: pass as position= to resume with the next
     num_skipped: int             # rows of this rank's shard left out (bad_rows="skip")
     skipped_sources: list[str]   # "<file>:<row>" of each skipped row
+    global_label_tokens: float | None = None  # answer tokens of the whole global batch (packing.balance sets it)
 
 
 @dataclasses.dataclass
@@ -74,20 +76,27 @@ def _source_of(source, i: int) -> str:
 class _MicroBatchDataset(torch.utils.data.Dataset):
     """Map-style dataset whose key is a tuple of row indices and whose item is one collated micro-batch."""
 
-    def __init__(self, source, encode_fn: Callable, collate_fn: Callable, bad_rows: str, in_worker: bool):
+    def __init__(self, source, encode_fn: Callable, collate_fn: Callable, bad_rows: str, in_worker: bool,
+                 max_tokens: int = 0):
         if bad_rows not in ("error", "skip"):
             raise ValueError(f"data.bad_rows must be 'error' or 'skip', got {bad_rows!r}")
         self.source, self.encode_fn, self.collate_fn = source, encode_fn, collate_fn
         self.bad_rows, self.in_worker = bad_rows, in_worker
+        self.max_tokens = max_tokens  # > 0: the key is a whole shard, packed into micro-batches of this budget
 
     def _encode(self, i: int) -> Any:
         example = self.source[i]
         try:
-            return self.encode_fn(example)
+            encoded = self.encode_fn(example)
         except ValueError as e:
             if example.source in str(e):
                 raise
             raise RowError(f"{example.source}: {e}") from e
+        if self.max_tokens and len(encoded.input_ids) > self.max_tokens:
+            raise RowError(f"{example.source}: {len(encoded.input_ids)} tokens (image tokens included) exceed "
+                           f"actor.max_tokens_per_micro_batch={self.max_tokens}; rows are never split: raise the "
+                           "budget, lower data.max_prompt_length or set data.bad_rows=skip")
+        return encoded
 
     def __getitem__(self, indices: Sequence[int]) -> _MicroResult:
         try:
@@ -113,6 +122,9 @@ class _MicroBatchDataset(torch.utils.data.Dataset):
                 if self.bad_rows == "error":
                     raise
                 skipped.append(_source_of(self.source, i))
+        if self.max_tokens:  # a list of packed micro-batches (none when every row was skipped)
+            groups = packing.pack_rows([len(e.input_ids) for e in encoded], self.max_tokens)
+            return _MicroResult([self.collate_fn([encoded[j] for j in g]) for g in groups], kept, skipped)
         batch = self.collate_fn(encoded) if encoded else None
         return _MicroResult(batch, kept, skipped)
 
@@ -177,14 +189,22 @@ class TrainLoader:
     Iterating yields one TrainBatch per global step holding this rank's `accum` micro-batches. `position` is
     {"epoch", "offset"}: offset counts rows of the epoch's order already consumed by ALL ranks, so a run may
     resume on a different number of ranks (or batch size) and continue with exactly the next rows.
+
+    With `max_tokens` > 0 (packing), micro_batch_size is unused: the rank's whole shard is encoded together and
+    packed (data/packing.py) into as many micro-batches of at most max_tokens tokens as it needs, each built by
+    `collate_fn` (e.g. packing.make_packed_collate); a row over the budget is a bad row.
     """
 
     def __init__(self, source, encode_fn: Callable, collate_fn: Callable, *, global_batch_size: int,
                  micro_batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
-                 num_workers: int = 0, bad_rows: str = "error", lazy: bool = False, position: dict | None = None):
+                 num_workers: int = 0, bad_rows: str = "error", lazy: bool = False, position: dict | None = None,
+                 max_tokens: int = 0):
         assert 0 <= rank < world_size, (rank, world_size)
+        if max_tokens:
+            micro_batch_size = global_batch_size // world_size
         assert global_batch_size % (micro_batch_size * world_size) == 0, (
             global_batch_size, micro_batch_size, world_size)
+        self.max_tokens = max_tokens
         self.source = source
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
@@ -196,7 +216,12 @@ class TrainLoader:
             raise ValueError(f"{self.num_rows} training rows are fewer than global_batch_size={global_batch_size}")
         self.row_groups = source.row_groups() if lazy else None
         self.position = _check_position(position, self.num_rows)
-        self._dataset = _MicroBatchDataset(source, encode_fn, collate_fn, bad_rows, in_worker=num_workers > 0)
+        self._dataset = _MicroBatchDataset(source, encode_fn, collate_fn, bad_rows, in_worker=num_workers > 0,
+                                           max_tokens=max_tokens)
+
+    def empty_micro_batch(self) -> Any:
+        """A padding-only micro-batch (packing), for a rank that packed fewer than another (packing.balance)."""
+        return self._dataset.collate_fn([])
 
     @property
     def steps_per_epoch(self) -> int:
@@ -227,7 +252,8 @@ class TrainLoader:
             parts = [next(results) for _ in micro]
             skipped = [s for p in parts for s in p.skipped_sources]
             self.position = after
-            yield TrainBatch([p.batch for p in parts], dict(after), len(skipped), skipped)
+            batches = parts[0].batch if self.max_tokens else [p.batch for p in parts]
+            yield TrainBatch(batches, dict(after), len(skipped), skipped)
 
 
 def eval_shard(num_rows: int, *, world_size: int = 1, rank: int = 0) -> range:

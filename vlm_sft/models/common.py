@@ -19,6 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+try:  # torch >= 2.10: flash attention over packed variable-length sequences (CUDA, bf16/fp16)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch: the reference path everywhere
+    varlen_attn = None
+
 Params = dict[str, torch.Tensor]
 Batch = dict[str, torch.Tensor]
 BlockCall = Callable[..., Any]
@@ -129,15 +134,32 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+def attention_impl(device: torch.device, dtype: torch.dtype) -> str:
+    """How attention over packed segments runs: "varlen" (torch's flash kernel over cu_seqlens: CUDA, half
+    precision) or "reference" (sdpa, exact on any device; the tests hold the two equal)."""
+    if varlen_attn is not None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return "varlen"
+    return "reference"
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                      max_len: int, *, causal: bool, scale: float | None = None) -> torch.Tensor:
+    """varlen flash attention of packed q [T, heads, d], k/v [T, kv_heads, d] within the segments cu_seqlens
+    [n + 1] (int32; trailing repeats are empty segments). `max_len` bounds the longest segment: an upper bound
+    is exact, so a static one (the budget) keeps compiled shapes from changing every step."""
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale,
+                       window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1])
+
+
 def vision_attention(block: torch.nn.Module, p: Params, x: torch.Tensor, gather: torch.Tensor,
                      mask: torch.Tensor, scatter: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> torch.Tensor:
     """Attention within each segment (window or frame) of the packed patches x [P, D], no loop over images.
 
-    The segments' layout comes precomputed (data/vision.py attention_layout): one batched sdpa over the segments
-    gathered into padded rows [segments, max_len], pad keys masked. It costs segments * max_len^2 (~sum(len^2):
-    windows differ only at image borders), not the P^2 of a block-diagonal mask. `cu_seqlens` is the same layout
-    for a varlen flash attention kernel (not used yet: untested without a GPU).
+    The segments' layout comes precomputed (data/vision.py attention_layout). On CUDA in half precision: the varlen
+    flash kernel over `cu_seqlens` (the longest segment is gather's width). Elsewhere: one batched sdpa over the
+    segments gathered into padded rows [segments, max_len], pad keys masked. It costs segments * max_len^2
+    (~sum(len^2): windows differ only at image borders), not the P^2 of a block-diagonal mask.
     """
     attn = block.attn
     n = x.shape[0]
@@ -147,6 +169,9 @@ def vision_attention(block: torch.nn.Module, p: Params, x: torch.Tensor, gather:
     q = (q.float() * c + _rotate_half(q.float()) * s).to(v.dtype)
     k = (k.float() * c + _rotate_half(k.float()) * s).to(v.dtype)
     rows, width = gather.shape
+    if attention_impl(x.device, v.dtype) == "varlen":
+        out = segment_attention(q, k, v, cu_seqlens, width, causal=False)
+        return F.linear(out.reshape(n, -1), p["attn.proj.weight"], p["attn.proj.bias"])
     q, k, v = (t[gather].transpose(1, 2) for t in (q, k, v))   # [segments, heads, max_len, head_dim]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
     out = out.transpose(1, 2).reshape(rows * width, -1)[scatter]
@@ -170,6 +195,63 @@ def decoder_block(layer: torch.nn.Module, p: Params, h: torch.Tensor,
     # layer serves every layer.
     out = _call(layer, p, h, attention_mask=None, position_embeddings=position_embeddings)
     return out[0] if isinstance(out, tuple) else out
+
+
+def _sub(p: Params, prefix: str) -> Params:
+    return {k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)}
+
+
+def packed_self_attention(attn: torch.nn.Module, p: Params, x: torch.Tensor,
+                          position_embeddings: tuple[torch.Tensor, torch.Tensor], layout: torch.Tensor, impl: str
+                          ) -> torch.Tensor:
+    """transformers' text self-attention of either family (q/k/v projections, Qwen3's per-head q/k RMSNorm, rope
+    on the M-RoPE cos/sin, o_proj) on one packed sequence x [1, T, D], attending causally within each row only.
+
+    `layout`: for impl "varlen" the rows' cu_seqlens (int32, padded with T); for "reference" the [1, 1, T, T]
+    boolean mask (True = attend: same row and not in the future) that sdpa applies exactly.
+    """
+    b, t, _ = x.shape
+    d = attn.head_dim
+
+    def project(name: str) -> torch.Tensor:
+        return F.linear(x, p[f"{name}.weight"], p.get(f"{name}.bias")).view(b, t, -1, d)
+
+    q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
+    if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before rope
+        q, k = _call(attn.q_norm, _sub(p, "q_norm."), q), _call(attn.k_norm, _sub(p, "k_norm."), k)
+    cos, sin = (e.unsqueeze(2) for e in position_embeddings)      # [1, T, 1, d]
+    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin  # [1, T, heads, d]
+    if impl == "varlen":
+        out = segment_attention(q[0], k[0], v[0], layout, t, causal=True, scale=attn.scaling)
+    else:
+        groups = q.shape[2] // k.shape[2]
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))           # [1, heads, T, d]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout, scale=attn.scaling).transpose(1, 2)
+    return F.linear(out.reshape(b, t, -1), p["o_proj.weight"], p.get("o_proj.bias"))
+
+
+def packed_decoder_block(layer: torch.nn.Module, p: Params, h: torch.Tensor,
+                         position_embeddings: tuple[torch.Tensor, torch.Tensor], layout: torch.Tensor, impl: str
+                         ) -> torch.Tensor:
+    """A text decoder layer (both families: pre-norm attention and MLP, residuals) on a packed sequence; the
+    norms and the MLP are the layer's own modules, the attention is packed_self_attention."""
+    x = _call(layer.input_layernorm, _sub(p, "input_layernorm."), h)
+    h = h + packed_self_attention(layer.self_attn, _sub(p, "self_attn."), x, position_embeddings, layout, impl)
+    x = _call(layer.post_attention_layernorm, _sub(p, "post_attention_layernorm."), h)
+    return h + _call(layer.mlp, _sub(p, "mlp."), x)
+
+
+def text_layout(batch: Batch, h: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+    """How a packed batch's text attention keeps to its rows (None: not packed, plain causal attention)."""
+    if "cu_seqlens" not in batch:
+        return None
+    impl = attention_impl(h.device, h.dtype)
+    if impl == "varlen":
+        return batch["cu_seqlens"], impl
+    seg = batch["row_ids"][0]
+    mask = (seg[:, None] == seg[None, :]).tril()
+    return mask[None, None], impl
 
 
 def layer_templates(layers: torch.nn.ModuleList) -> list[torch.nn.Module]:
@@ -210,15 +292,18 @@ def scatter_rows(h: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, *, ad
 
 
 def decoder_stack(model: Model, params: Params, h: torch.Tensor, position_ids: torch.Tensor,
-                  block_call: BlockCall, after_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None
-                  ) -> torch.Tensor:
+                  block_call: BlockCall, after_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                  layout: tuple[torch.Tensor, str] | None = None) -> torch.Tensor:
     """The text decoder layers and final norm on input embeddings h [B, L, D]; `after_layer(i, h)` may change
-    the hidden states between layers (DeepStack)."""
+    the hidden states between layers (DeepStack). `layout` (text_layout): a packed batch's row boundaries."""
     text = model.module.model.language_model
     position_embeddings = text.rotary_emb(h, position_ids)
     for i, template in enumerate(layer_templates(text.layers)):
-        h = block_call(decoder_block, template, model.block_params(params, f"{TEXT}layers.{i}."), h,
-                       position_embeddings, remat=True)
+        p = model.block_params(params, f"{TEXT}layers.{i}.")
+        if layout is None:
+            h = block_call(decoder_block, template, p, h, position_embeddings, remat=True)
+        else:
+            h = block_call(packed_decoder_block, template, p, h, position_embeddings, *layout, remat=True)
         if after_layer is not None:
             h = after_layer(i, h)
     return block_call(apply_module, text.norm, model.block_params(params, TEXT + "norm."), h)

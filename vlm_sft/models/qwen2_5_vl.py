@@ -9,8 +9,8 @@ import torch
 from vlm_sft.data.vision import VisionSpec
 from vlm_sft.errors import ModelLoadError
 from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, Params, apply_module,
-                                   decoder_stack, embed_tokens, plain_block_call, scatter_rows, vision_block,
-                                   vision_rotary)
+                                   decoder_stack, embed_tokens, plain_block_call, scatter_rows, text_layout,
+                                   vision_block, vision_rotary)
 
 
 def _window_order(t: torch.Tensor, window: torch.Tensor, unit: int) -> torch.Tensor:
@@ -51,7 +51,8 @@ def forward_hidden(model: Model, params: Params, batch: Batch, block_call: Block
     h = embed_tokens(model, params, batch["input_ids"], block_call)
     if "pixel_values" in batch:
         h = scatter_rows(h, batch["image_index"], image_features(model, params, batch, block_call))
-    return decoder_stack(model, params, h, batch["position_ids"], block_call)
+    return decoder_stack(model, params, h, batch["position_ids"], block_call,
+                         layout=text_layout(batch, h))
 
 
 def hub_name(name: str) -> str:

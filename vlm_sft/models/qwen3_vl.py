@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from vlm_sft.data.vision import Qwen3VLVisionSpec
 from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, Params, apply_module,
-                                   decoder_stack, embed_tokens, plain_block_call, scatter_rows, vision_block,
-                                   vision_rotary)
+                                   decoder_stack, embed_tokens, plain_block_call, scatter_rows, text_layout,
+                                   vision_block, vision_rotary)
 
 DEEPSTACK = VISUAL + "deepstack_merger_list."
 
@@ -61,7 +61,8 @@ def forward_hidden(model: Model, params: Params, batch: Batch, block_call: Block
     DeepStack features added after the first decoder layers)."""
     h = embed_tokens(model, params, batch["input_ids"], block_call)
     if "pixel_values" not in batch:
-        return decoder_stack(model, params, h, batch["position_ids"], block_call)
+        return decoder_stack(model, params, h, batch["position_ids"], block_call,
+                             layout=text_layout(batch, h))
     merged, deepstack = image_features(model, params, batch, block_call)
     index = batch["image_index"]
     h = scatter_rows(h, index, merged)
@@ -69,7 +70,8 @@ def forward_hidden(model: Model, params: Params, batch: Batch, block_call: Block
     def add_deepstack(i: int, h: torch.Tensor) -> torch.Tensor:
         return scatter_rows(h, index, deepstack[i], add=True) if i < len(deepstack) else h
 
-    return decoder_stack(model, params, h, batch["position_ids"], block_call, add_deepstack)
+    return decoder_stack(model, params, h, batch["position_ids"], block_call, add_deepstack,
+                         layout=text_layout(batch, h))
 
 
 def hub_name(name: str) -> str:
