@@ -50,11 +50,11 @@ def test_packed_row_equals_its_sequences_one_at_a_time():
     conv window included); without it, the earlier sequences would leak into the later ones."""
     lengths = [70, 2, 9, 40]
     cu = torch.tensor([0] + torch.cumsum(torch.tensor(lengths), 0).tolist(), dtype=torch.int32)
+    rows = list(zip(cu.tolist()[:-1], cu.tolist()[1:]))
+    cu = torch.cat([cu, cu[-1:].repeat(3)])  # trailing repeats, as the packing collate pads it: empty sequences
     g = torch.Generator().manual_seed(3)
     q, k, v, g_, beta = _inputs(g, 1, sum(lengths))
     x, w = torch.randn(1, sum(lengths), 6, generator=g), torch.randn(6, 4, generator=g)
-    bounds = cu.tolist()
-    rows = list(zip(bounds[:-1], bounds[1:]))
     conv_rows = torch.cat([linear_attention.causal_conv1d(x[:, s:e], w) for s, e in rows], dim=1)
     torch.testing.assert_close(linear_attention.causal_conv1d(x, w, cu), conv_rows, rtol=1e-6, atol=1e-6)
     rule_rows = torch.cat([linear_attention.gated_delta_rule(q[:, s:e], k[:, s:e], v[:, s:e], g_[:, s:e],

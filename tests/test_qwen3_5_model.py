@@ -225,7 +225,9 @@ def test_a_packed_row_equals_its_sequences_one_at_a_time(tiny_qwen3_5_dir):
         "input_ids": torch.cat([p["input_ids"] for p in parts], dim=1),
         "attention_mask": torch.cat([p["attention_mask"] for p in parts], dim=1),
         "position_ids": torch.cat([p["position_ids"] for p in parts], dim=2),
-        "cu_seqlens": torch.tensor([0] + torch.cumsum(torch.tensor(lengths), 0).tolist(), dtype=torch.int32),
+        # as the packing collate writes it: a static entry count, trailing repeats are empty sequences
+        "cu_seqlens": torch.tensor([0] + torch.cumsum(torch.tensor(lengths), 0).tolist() + [sum(lengths)] * 4,
+                                   dtype=torch.int32),
         "row_ids": torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1),
     }
     with torch.no_grad():

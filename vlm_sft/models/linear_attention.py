@@ -143,9 +143,9 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
                     use_qk_l2norm_in_kernel=True)
         return out
     if cu_seqlens is not None:  # the reference path: one sequence at a time (host-side lengths)
-        bounds = cu_seqlens.tolist()
+        bounds = cu_seqlens.tolist()  # trailing repeats (a static entry count) are empty sequences: skipped
         return torch.cat([gated_delta_rule(*(t[:, s:e] for t in (q, k, v, g, beta)))
-                          for s, e in zip(bounds[:-1], bounds[1:])], dim=1)
+                          for s, e in zip(bounds[:-1], bounds[1:]) if e > s], dim=1)
     dtype = v.dtype
     q, k, v, beta, g = (t.transpose(1, 2).float().contiguous() for t in (q, k, v, beta, g))
     q, k = _l2norm(q), _l2norm(k)

@@ -21,7 +21,8 @@ from vlm_sft.data.vision import Qwen3VLVisionSpec
 from vlm_sft.models import linear_attention, qwen3_vl
 from vlm_sft.errors import ModelLoadError
 from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, Params, _call,
-                                   apply_module, decoder_block, embed_tokens, plain_block_call, scatter_rows)
+                                   apply_module, decoder_block, embed_tokens, plain_block_call, scatter_rows,
+                                   segment_attention, text_layout)
 
 LAYER_KINDS = ("linear_attention", "full_attention")
 
@@ -69,11 +70,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def packed_gated_attention(attn: torch.nn.Module, p: Params, x: torch.Tensor,
-                           position_embeddings: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+                           position_embeddings: tuple[torch.Tensor, torch.Tensor], layout: torch.Tensor, impl: str
                            ) -> torch.Tensor:
-    """transformers' Qwen3_5Attention on a packed row x [1, T, D] attending causally within each sequence only
-    (`mask` [1, 1, T, T], True = attend): q_proj gives each head's query and output gate, q/k RMSNorm, rope on the
-    first cos.shape[-1] dims of each head (partial rotary), sdpa, sigmoid(gate) * out, o_proj."""
+    """transformers' Qwen3_5Attention on a packed row x [1, T, D] attending causally within each sequence only:
+    q_proj gives each head's query and output gate, q/k RMSNorm, rope on the first cos.shape[-1] dims of each head
+    (partial rotary), attention, sigmoid(gate) * out, o_proj. `layout`, `impl` as common.text_layout gives them:
+    the sequences' cu_seqlens for torch's varlen flash kernel ("varlen": CUDA, half precision), else the
+    [1, 1, T, T] block-diagonal causal mask for sdpa ("reference")."""
     b, t, _ = x.shape
     d = attn.head_dim
     q, gate = F.linear(x, p["q_proj.weight"], p.get("q_proj.bias")).view(b, t, -1, 2 * d).chunk(2, dim=-1)
@@ -85,19 +88,23 @@ def packed_gated_attention(attn: torch.nn.Module, p: Params, x: torch.Tensor,
     r = cos.shape[-1]
     q = torch.cat([q[..., :r] * cos + _rotate_half(q[..., :r]) * sin, q[..., r:]], dim=-1)
     k = torch.cat([k[..., :r] * cos + _rotate_half(k[..., :r]) * sin, k[..., r:]], dim=-1)
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling).transpose(1, 2)
+    if impl == "varlen":
+        out = segment_attention(*(z[0].transpose(0, 1) for z in (q, k, v)), layout, t, causal=True,
+                                scale=attn.scaling)
+    else:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout, scale=attn.scaling).transpose(1, 2)
     out = out.reshape(b, t, -1) * torch.sigmoid(gate.reshape(b, t, -1))
     return F.linear(out, p["o_proj.weight"], p.get("o_proj.bias"))
 
 
 def packed_full_decoder_block(layer: torch.nn.Module, p: Params, h: torch.Tensor,
-                              position_embeddings: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
-                              ) -> torch.Tensor:
+                              position_embeddings: tuple[torch.Tensor, torch.Tensor], layout: torch.Tensor,
+                              impl: str) -> torch.Tensor:
     """A full-attention decoder layer on a packed row (the layer's own norms and MLP, packed_gated_attention)."""
     x = _call(layer.input_layernorm, _sub(p, "input_layernorm."), h)
-    h = h + packed_gated_attention(layer.self_attn, _sub(p, "self_attn."), x, position_embeddings, mask)
+    h = h + packed_gated_attention(layer.self_attn, _sub(p, "self_attn."), x, position_embeddings, layout, impl)
     x = _call(layer.post_attention_layernorm, _sub(p, "post_attention_layernorm."), h)
     return h + _call(layer.mlp, _sub(p, "mlp."), x)
 
@@ -117,13 +124,13 @@ PACKED_BLOCK_FNS = {"linear_attention": packed_linear_decoder_block, "full_atten
 
 
 def text_stack(model: Model, params: Params, h: torch.Tensor, position_ids: torch.Tensor, block_call: BlockCall,
-               packing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               packing: tuple[torch.Tensor, tuple[torch.Tensor, str]] | None = None) -> torch.Tensor:
     """The hybrid decoder layers and final norm on input embeddings h [B, L, D]. Layers of one kind share their
     function and template module (the first layer of that kind): one compiled region per kind.
 
-    `packing` (cu_seqlens [n + 1], row_ids [1, T]): h is one packed row of n sequences; the linear layers restart
-    their conv and state at each boundary, the full-attention layers attend within each sequence (sdpa under the
-    block-diagonal causal mask: exact anywhere)."""
+    `packing` (cu_seqlens [n + 1], common.text_layout's (layout, impl)): h is one packed row of n sequences; the
+    linear layers restart their conv and state at each boundary, the full-attention layers attend within each
+    sequence."""
     text = model.module.model.language_model
     kinds = text.config.layer_types
     templates = {kind: text.layers[kinds.index(kind)] for kind in set(kinds)}
@@ -131,10 +138,8 @@ def text_stack(model: Model, params: Params, h: torch.Tensor, position_ids: torc
     extra: dict[str, tuple] = {kind: () for kind in kinds}
     fns = BLOCK_FNS
     if packing is not None:
-        cu_seqlens, row_ids = packing
-        seg = row_ids[0]
-        mask = (seg[:, None] == seg[None, :]).tril()[None, None]
-        extra = {"linear_attention": (cu_seqlens,), "full_attention": (mask,)}
+        cu_seqlens, layout = packing
+        extra = {"linear_attention": (cu_seqlens,), "full_attention": layout}
         fns = PACKED_BLOCK_FNS
     for i, kind in enumerate(kinds):
         h = block_call(fns[kind], templates[kind], model.block_params(params, f"{TEXT}layers.{i}."), h,
@@ -151,7 +156,8 @@ def forward_hidden(model: Model, params: Params, batch: Batch, block_call: Block
     if "pixel_values" in batch:
         merged, _ = qwen3_vl.image_features(model, params, batch, block_call)  # no DeepStack features
         h = scatter_rows(h, batch["image_index"], merged)
-    packing = (batch["cu_seqlens"], batch["row_ids"]) if "cu_seqlens" in batch else None
+    layout = text_layout(batch, h)
+    packing = None if layout is None else (batch["cu_seqlens"], layout)
     return text_stack(model, params, h, batch["position_ids"], block_call, packing)
 
 
