@@ -236,3 +236,16 @@ def test_a_packed_row_equals_its_sequences_one_at_a_time(tiny_qwen3_5_dir):
         unpacked = {k: v for k, v in packed.items() if k not in ("cu_seqlens", "row_ids")}
         leaked = model_lib.forward_hidden(model, params, unpacked)[0]
     assert (leaked[lengths[0]:] - torch.cat(alone)[lengths[0]:]).abs().max() > 1e-3
+
+
+def test_with_cuda_kernels_the_linear_blocks_run_eagerly_under_compile(monkeypatch):
+    """Where the fla / causal-conv1d kernels would run (CUDA), the linear-attention block is the compile-disabled
+    one (dynamo skips it; compile.py's fullgraph regions cannot fail on it); on CPU the plain, compiled one."""
+    from vlm_sft.models import linear_attention
+    assert qwen3_5.block_fns(torch.device("cpu"), packed=False) is qwen3_5.BLOCK_FNS
+    monkeypatch.setattr(linear_attention, "kernel_path", lambda device: {"conv": False, "delta_rule": True})
+    for packed, plain in ((False, qwen3_5.BLOCK_FNS), (True, qwen3_5.PACKED_BLOCK_FNS)):
+        fns = qwen3_5.block_fns(torch.device("cpu"), packed=packed)
+        assert fns["full_attention"] is plain["full_attention"]
+        assert fns["linear_attention"] is not plain["linear_attention"]
+        assert fns["linear_attention"].__wrapped__ is plain["linear_attention"]  # the same block, not compiled

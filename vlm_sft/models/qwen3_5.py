@@ -121,6 +121,23 @@ def packed_linear_decoder_block(layer: torch.nn.Module, p: Params, h: torch.Tens
 
 BLOCK_FNS = {"linear_attention": linear_decoder_block, "full_attention": decoder_block}
 PACKED_BLOCK_FNS = {"linear_attention": packed_linear_decoder_block, "full_attention": packed_full_decoder_block}
+# With the CUDA kernels the linear-attention blocks run eagerly even in a compiled step: fla's ops are triton
+# autograd Functions behind Python-level guards (inspect.signature, device contexts) that dynamo's fullgraph
+# tracing is not known to take (untested without a GPU); eager, they still run the kernels and cuBLAS matmuls, and
+# the full-attention blocks and the vision tower stay compiled. torch.compiler.disable keeps the region's call
+# sites as they are (compile.py compiles it; dynamo skips its frame).
+KERNEL_BLOCK_FNS = {"linear_attention": torch.compiler.disable(linear_decoder_block),
+                    "full_attention": decoder_block}
+KERNEL_PACKED_BLOCK_FNS = {"linear_attention": torch.compiler.disable(packed_linear_decoder_block),
+                           "full_attention": packed_full_decoder_block}
+
+
+def block_fns(device: torch.device, packed: bool) -> dict[str, Any]:
+    """The function each layer kind is applied with on `device` (module docstring; KERNEL_BLOCK_FNS)."""
+    kernels = any(linear_attention.kernel_path(device).values())
+    if packed:
+        return KERNEL_PACKED_BLOCK_FNS if kernels else PACKED_BLOCK_FNS
+    return KERNEL_BLOCK_FNS if kernels else BLOCK_FNS
 
 
 def text_stack(model: Model, params: Params, h: torch.Tensor, position_ids: torch.Tensor, block_call: BlockCall,
@@ -136,11 +153,10 @@ def text_stack(model: Model, params: Params, h: torch.Tensor, position_ids: torc
     templates = {kind: text.layers[kinds.index(kind)] for kind in set(kinds)}
     position_embeddings = text.rotary_emb(h, position_ids)
     extra: dict[str, tuple] = {kind: () for kind in kinds}
-    fns = BLOCK_FNS
+    fns = block_fns(h.device, packed=packing is not None)
     if packing is not None:
         cu_seqlens, layout = packing
         extra = {"linear_attention": (cu_seqlens,), "full_attention": layout}
-        fns = PACKED_BLOCK_FNS
     for i, kind in enumerate(kinds):
         h = block_call(fns[kind], templates[kind], model.block_params(params, f"{TEXT}layers.{i}."), h,
                        position_embeddings, *extra[kind], remat=True)
