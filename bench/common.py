@@ -97,7 +97,8 @@ def hf_step_fn(module: torch.nn.Module, *, lr: float, weight_decay: float, max_g
 
 
 def trainer_step_fn(model, params: dict, sharding, *, lr: float, weight_decay: float, max_grad_norm: float,
-                    compile: bool, checkpointing: bool = False) -> Callable[[Sequence[Batch]], torch.Tensor]:
+                    compile: bool, checkpointing: bool = False, loss_normalization: str = "micro_batch"
+                    ) -> Callable[[Sequence[Batch]], torch.Tensor]:
     """This trainer's train_step as main.py builds it (params sharded as DTensors, gathered per block by
     sharding.make_block_call), with the same optimizer settings as the HF loop. Takes the step's micro-batches.
     `model`'s module is turned into a skeleton (sharding.shard_model): give each contestant its own."""
@@ -107,7 +108,8 @@ def trainer_step_fn(model, params: dict, sharding, *, lr: float, weight_decay: f
     tx = optim.adamw(schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
     state = init_train_state(sharding_lib.shard_model(model, params, sharding), tx)
     block_call = sharding_lib.make_block_call(sharding, checkpointing=checkpointing, compile=compile)
-    train_step = step_lib.make_train_step(model, tx, schedule, compile=compile, block_call=block_call)
+    train_step = step_lib.make_train_step(model, tx, schedule, compile=compile, block_call=block_call,
+                                          loss_normalization=loss_normalization)
     holder = {"state": state}
 
     def step(micro_batches: Sequence[Batch]) -> torch.Tensor:
@@ -135,6 +137,13 @@ class Result:
         return statistics.median(self.step_times)
 
 
+def rows_of(batch: Batch) -> int:
+    """Samples in a micro-batch: its rows, or with packing the rows packed into its one sequence."""
+    if "row_ids" in batch:
+        return int(batch["row_ids"][batch["attention_mask"] > 0].unique().numel())
+    return len(batch["input_ids"])
+
+
 def run_rounds(contestants: dict[str, Callable[[Sequence[Batch]], torch.Tensor]], steps: Sequence[Sequence[Batch]],
                *, warmup: int, rounds: int, device: torch.device, flops: Callable[[Sequence[Batch]], float]
                ) -> dict[str, Result]:
@@ -150,7 +159,7 @@ def run_rounds(contestants: dict[str, Callable[[Sequence[Batch]], torch.Tensor]]
         for i in range(1, warmup):
             step(steps[i % len(steps)])
         sync(device)
-        results[name] = Result(name, first, [], sum(len(b["input_ids"]) for b in steps[0]),
+        results[name] = Result(name, first, [], sum(rows_of(b) for b in steps[0]),
                                statistics.mean(sum(float(b["attention_mask"].sum()) for b in s) for s in steps),
                                statistics.mean(flops(s) for s in steps), loss, loss)
     for _ in range(rounds):

@@ -10,7 +10,8 @@
 # Qwen3.5-9B's widths, 12 of 32 layers); bring fla-core and flash-linear-attention wheels too (pure Python + triton:
 # `pip download --no-deps fla-core flash-linear-attention` into .whl/) so the Gated DeltaNet runs on the kernels.
 # Prints, in order: the machine, a one-GPU NCCL smoke run of the CLI (the demo, compiled), then for each family
-# (GPU_CHECK_FAMILIES, default "qwen2.5_vl qwen3_vl") bench/step_gpu.py cold (empty cache dir: first step with compilation,
+# (GPU_CHECK_FAMILIES, default "qwen2.5_vl qwen3_vl"; "qwen3_vl_moe" times Qwen3-VL-30B-A3B's layers at 4 of its 48,
+# e.g. GPU_CHECK_FAMILIES=qwen3_vl_moe bench/gpu_check.sh) bench/step_gpu.py cold (empty cache dir: first step with compilation,
 # steady step, MFU, peak memory, the eager HF loop on the same batches) and warm (a second process with the same
 # cache dir: a restarted run's first step), and last the table bench/RESULTS.md takes. Every step has its own time
 # limit, so one slow step cannot eat the others' time; the exit code is non-zero if any step failed.

@@ -10,6 +10,14 @@
    on 1 GPU, full_shard on 8), plus activations at micro-batch 4 x 512 tokens, to check the target "LoRA on the 3B
    shape fits one 24 GB GPU at micro-batch 4". Trained leaves: fp32 master + fp32 gradient + 2 fp32 Adam moments
    (16 bytes/param); frozen leaves held in the bf16 compute dtype (2 bytes/param), no gradient, no state.
+3. On paper: Qwen3-VL-30B-A3B (31.1B params, 3.3B active) under full_shard on 8 and 16 GPUs, full fine-tuning and
+   LoRA, with and without activation checkpointing: the sharded state per GPU, the largest per-block gather (a
+   sparse layer's 128 stacked experts, gathered in fp32 then cast to bf16: both alive at the cast; without
+   checkpointing every block's bf16 copy stays alive for backward, tests/test_distributed.py measures it),
+   activations.
+   Expert parallelism (actor.fsdp_config.expert_parallel_size) is not implemented yet, so it has no rows.
+
+  python bench/memory.py --paper   # the on-paper tables only (seconds; no model is built)
 """
 from __future__ import annotations
 
@@ -166,10 +174,15 @@ def plan_for(hub_config: dict, mode: str):
 def activation_bytes(config, rows: int, length: int, patches_per_row: int, checkpointing: bool) -> float:
     """bf16 activations kept for backward, rough: per decoder layer (6H + 2*kv + 3I) values per token (q, k, v, o,
     attention out, norms, MLP gate/up/act); per vision block (6Hv + 3Iv) per patch. With checkpointing, each block
-    keeps only its input and one block's internals exist at a time. The lm_head runs at label tokens only."""
+    keeps only its input and one block's internals exist at a time. The lm_head runs at label tokens only.
+    A sparse MoE layer (config.text_config.num_experts) keeps per token E router logits and, for each of its k
+    experts, the gathered input, gate/up/act (3 * moe_intermediate) and the output: E + k * (2H + 3I_moe)."""
     t, v = config.text_config, config.vision_config
     kv = t.num_key_value_heads * (getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads)
-    per_token = 6 * t.hidden_size + 2 * kv + 3 * t.intermediate_size
+    mlp = 3 * t.intermediate_size
+    if getattr(t, "num_experts", 0):
+        mlp = t.num_experts + t.num_experts_per_tok * (2 * t.hidden_size + 3 * t.moe_intermediate_size)
+    per_token = 6 * t.hidden_size + 2 * kv + mlp
     per_patch = 6 * v.hidden_size + 3 * v.intermediate_size
     tokens, patches = rows * length, rows * patches_per_row
     if checkpointing:
@@ -198,14 +211,68 @@ def on_paper() -> list[dict]:
     return rows
 
 
+def shapes_30b_a3b() -> dict:
+    from vlm_sft.demo import tiny_qwen3_vl_moe_hub_config
+    return tiny_qwen3_vl_moe_hub_config(
+        text_hidden=2048, text_layers=48, text_heads=32, text_kv_heads=4, text_head_dim=128, text_intermediate=6144,
+        vision_hidden=1152, vision_depth=27, vision_heads=16, vision_intermediate=4304, num_position_embeddings=2304,
+        deepstack_visual_indexes=[8, 16, 24], num_experts=128, num_experts_per_tok=8, moe_intermediate=768,
+        mlp_only_layers=())
+
+
+def moe_on_paper() -> list[dict]:
+    """Qwen3-VL-30B-A3B per GPU under full_shard (section 3 of the module docstring)."""
+    import transformers
+
+    from vlm_sft import trainable as trainable_lib
+
+    config = transformers.Qwen3VLMoeConfig.from_dict(shapes_30b_a3b())
+    with torch.device("meta"):
+        module = transformers.Qwen3VLMoeForConditionalGeneration(config)
+    layer = "model.language_model.layers.0."
+    block = sum(p.numel() for n, p in module.named_parameters() if n.startswith(layer))
+    total = sum(p.numel() for p in module.parameters())
+    rows = []
+    for mode in ("full", "lora"):
+        c = _config(mode)
+        c.actor.model.model_type = "qwen3_vl_moe"
+        plan = trainable_lib.make_plan(c, module)
+        trained, frozen = plan.numel(plan.trainable), plan.numel(plan.frozen)
+        state = 16 * trained + 2 * frozen
+        cast = 4 if mode == "full" else 0  # trained leaves gathered in fp32, then cast (frozen: gathered in bf16)
+        for gpus in (8, 16):
+            for ckpt in (False, True):
+                gather = block * (cast + 2) if ckpt else total * 2 + block * cast
+                act = activation_bytes(config, 4, 512, 1200, ckpt)  # a 640x480 image: 1200 patches of 16
+                rows.append({"model": "Qwen3-VL-30B-A3B", "mode": mode, "gpus": gpus, "checkpointing": ckpt,
+                             "trainable": trained, "frozen": frozen, "state_gib": state / gpus / GIB,
+                             "gather_gib": gather / GIB, "act_gib": act / GIB,
+                             "total_gib": (state / gpus + gather + act) / GIB})
+    return rows
+
+
+def print_moe_on_paper() -> None:
+    print("\n| model | mode | GPUs (full_shard) | checkpointing | trainable | state per GPU (GiB) | gathered params "
+          "alive (GiB) | activations mb4 x 512 (GiB) | total per GPU (GiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in moe_on_paper():
+        print(f"| {r['model']} | {r['mode']} | {r['gpus']} | {r['checkpointing']} | {r['trainable'] / 1e9:.3g}B | "
+              f"{r['state_gib']:.1f} | {r['gather_gib']:.2f} | {r['act_gib']:.1f} | {r['total_gib']:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/bench_memory")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--child", choices=sorted(MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--paper", action="store_true", help="the on-paper tables only")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.workdir, args.steps)))
+        return
+    if args.paper:
+        print_paper()
+        print_moe_on_paper()
         return
     from bench.common import machine
 
@@ -220,6 +287,11 @@ def main() -> None:
         extra, extra_full = r["peak_gib"] - r["loaded_gib"], full["peak_gib"] - full["loaded_gib"]
         print(f"| {r['mode']} | {r['trainable']:,} | {r['frozen']:,} | {r['opt_state_gib'] * 1024:.1f} | "
               f"{extra:.3f} | {extra / extra_full:.2f} | {r['step_s']:.3f} | {r['step_s'] / full['step_s']:.2f} |")
+    print_paper()
+    print_moe_on_paper()
+
+
+def print_paper() -> None:
     print("\n| model | mode | trainable | frozen | params+grads+Adam, 1 GPU (GiB) | same, full_shard on 8 (GiB) | "
           "activations mb4 x 512 (GiB) | with checkpointing (GiB) | 1 GPU total (GiB) | 1 GPU, checkpointing (GiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

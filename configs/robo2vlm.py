@@ -9,6 +9,8 @@ Variants after the colon (comma separated):
   eval   eval-only: no training data (set data.eval_data_paths and actor.model.model_path).
   qwen3  Qwen3-VL (actor.model.model_type=qwen3_vl); with demo, the tiny random model is a Qwen3-VL shaped as the
          Hub ships Qwen3-VL-2B-Instruct.
+  qwen3_moe  Qwen3-VL-MoE (actor.model.model_type=qwen3_vl_moe, e.g. Qwen3-VL-30B-A3B-Instruct); with demo, a tiny
+         random MoE shaped as the Hub ships the 30B-A3B.
   lora   LoRA adapters (actor.model.is_lora) instead of full-parameter training; `:demo,lora` on the demo.
   qwen3_5  Qwen3.5 dense (actor.model.model_type=qwen3_5: hybrid linear-attention decoder); with demo, a tiny
          random Qwen3.5 shaped as the Hub ships Qwen3.5-9B.
@@ -16,6 +18,7 @@ Variants after the colon (comma separated):
   python -m vlm_sft.main --config configs/robo2vlm.py:demo
   python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3
   python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3_5
+  python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3_moe
   python -m vlm_sft.main --config configs/robo2vlm.py \
       --config.actor.model.model_path=/models/Qwen2.5-VL-3B-Instruct \
       --config.data.train_data_paths=/data/Robo2VLM-1/data --config.data.eval_data_paths=/data/Robo2VLM-1/data
@@ -28,12 +31,13 @@ import ml_collections
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
-    unknown = variants - {"demo", "eval", "qwen3", "lora", "qwen3_5"}
+    unknown = variants - {"demo", "eval", "qwen3", "qwen3_moe", "lora", "qwen3_5"}
     if unknown:
         raise ValueError(f"configs/robo2vlm.py: unknown variant(s) {sorted(unknown)}; known: demo, eval, qwen3, "
-                         "lora, qwen3_5")
-    if {"qwen3", "qwen3_5"} <= variants:
-        raise ValueError("configs/robo2vlm.py: variants qwen3 and qwen3_5 name two model families; pick one")
+                         "qwen3_moe, lora, qwen3_5")
+    if len(variants & {"qwen3", "qwen3_moe", "qwen3_5"}) > 1:
+        raise ValueError("configs/robo2vlm.py: variants qwen3, qwen3_moe and qwen3_5 name different model families; "
+                         "pick one")
 
     c = ml_collections.ConfigDict()
 
@@ -46,7 +50,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.runner.logger.log_path = "../results"
     c.runner.logger.project_name = "vlm_sft"
     c.runner.logger.experiment_name = "qwen2_5_vl_sft_robo2vlm"
-    c.runner.logger.logger_backends = ["tensorboard"]
+    c.runner.logger.logger_backends = ("tensorboard",)  # any of tensorboard, wandb, swanlab (vlm_sft/loggers.py)
     c.runner.max_epochs = 1          # full passes over the training data; used when max_steps <= 0
     c.runner.max_steps = 6000        # optimizer steps; wins when > 0 (RLinf's "max_epochs: 6000" meant steps)
     c.runner.val_check_interval = 1000
@@ -76,7 +80,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.prompt_key = "question"
     c.data.choice_key = "choices"
     c.data.answer_key = "correct_answer"
-    c.data.image_keys = ["image"]    # several keys, or a list in one key: several images per row, in this order
+    c.data.image_keys = ("image",)   # several keys, or a list in one key: several images per row, in this order
     c.data.apply_chat_template = True
     c.data.use_chat_template = True
     c.data.max_prompt_length = 1024  # prompt tokens, image tokens included
@@ -92,7 +96,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # new: padded sequence lengths for a compiled step (each bucket in use is one compilation; longer sequences
     # pad to a multiple of the last). A 640x480 image is 391 tokens, so Robo2VLM rows land in 512 or 640.
     c.data.packing = True            # new: training rows packed into micro-batches of <= max_tokens_per_micro_batch
-    c.data.length_buckets = [128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048]
+    c.data.length_buckets = (128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048)
     c.data.shuffle = True
     c.data.demo_rows = 512          # new: rows of the generated demo set (train; test gets 1/8 of it)
     c.data.eval_max_rows = 0         # new: evaluate only the first N rows (0 = every row)
@@ -115,7 +119,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.compile_cache_dir = ""
 
     c.actor.model = ml_collections.ConfigDict()
-    c.actor.model.model_type = "qwen2.5_vl"  # qwen2.5_vl | qwen3_vl | qwen3_5; must agree with config.json
+    c.actor.model.model_type = "qwen2.5_vl"  # qwen2.5_vl | qwen3_vl | qwen3_vl_moe | qwen3_5; as config.json
     c.actor.model.precision = "fp32"   # master weights and optimizer state
     c.actor.model.model_path = ""
     c.actor.model.is_lora = False    # train LoRA adapters on a frozen base (vlm_sft/lora.py); RLinf's flag
@@ -137,6 +141,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # new: more frozen params: regexes searched in param names, e.g. "('^model\.visual\.blocks\.[0-3]\.',)"
     c.actor.model.freeze = ()
     c.actor.model.attn_implementation = "sdpa"  # new
+    # new (MoE families): weight of the router's load-balancing loss in the objective (logged as train/aux_loss;
+    # train/loss stays the answer cross-entropy). None: the directory's router_aux_loss_coef when its config sets
+    # output_router_logits (as transformers adds it), else 0.
+    c.actor.model.router_aux_loss_coef = ml_collections.config_dict.placeholder(float)
 
     c.actor.optim = ml_collections.ConfigDict()
     c.actor.optim.lr = 1e-5
@@ -207,6 +215,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         if "demo" in variants:
             c.runner.logger.experiment_name = "demo_qwen3"  # its own run dir: own demo assets and checkpoints
             c.data.min_pixels = 64 * 64  # patch 16, merge 2: a 64x48 demo image -> 4x4 patches -> 4 image tokens
+            c.data.max_pixels = 64 * 64
+
+    if "qwen3_moe" in variants:
+        c.actor.model.model_type = "qwen3_vl_moe"
+        c.runner.logger.experiment_name = "qwen3_vl_moe_sft_robo2vlm"
+        if "demo" in variants:
+            c.runner.logger.experiment_name = "demo_qwen3_moe"
+            c.data.min_pixels = 64 * 64  # as the Qwen3-VL demo: patch 16, merge 2 -> 4 image tokens
             c.data.max_pixels = 64 * 64
 
     if "qwen3_5" in variants:

@@ -37,19 +37,22 @@ class FakeClock:
 
 def test_write_appends_flushed_json_lines_and_tensorboard_scalars(tmp_path):
     run_dir = str(tmp_path / "run")
-    writer = MetricsWriter(run_dir, enabled=True, total_steps=10)
+    clock = FakeClock()
+    writer = MetricsWriter(run_dir, enabled=True, total_steps=10, clock=clock)
+    clock.now += 3.0
     writer.write(1, {"train/loss": torch.tensor(2.5), "train/learning_rate": 1e-5, "time/step": 0.25})
     # Flushed before close: a killed run keeps its lines.
     lines = open(os.path.join(run_dir, "metrics.jsonl")).read().splitlines()
     assert [json.loads(line) for line in lines] == [
-        {"step": 1, "train/loss": 2.5, "train/learning_rate": 1e-5, "time/step": 0.25}
+        {"step": 1, "time/elapsed": 3.0, "train/loss": 2.5, "train/learning_rate": 1e-5, "time/step": 0.25}
     ]
+    clock.now += 1.5
     writer.write(2, {"train/loss": 1.5, "eval/eval_accuracy": 0.75})
     writer.close()
 
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [r["step"] for r in records] == [1, 2]
-    assert records[1] == {"step": 2, "train/loss": 1.5, "eval/eval_accuracy": 0.75}
+    assert records[1] == {"step": 2, "time/elapsed": 4.5, "train/loss": 1.5, "eval/eval_accuracy": 0.75}
     assert all(type(v) in (int, float) for r in records for v in r.values())
 
     scalars = read_tensorboard_scalars(os.path.join(run_dir, "tensorboard"))
@@ -77,8 +80,9 @@ def test_disabled_writer_creates_no_files(tmp_path):
 
 
 def test_bad_values_and_backends_are_rejected(tmp_path):
-    with pytest.raises(ValueError, match="logger_backends.*wandb"):
-        MetricsWriter(str(tmp_path), enabled=False, total_steps=1, backends=("tensorboard", "wandb"))
+    with pytest.raises(ValueError, match=r"logger_backends: unknown backend\(s\) \['mlflow'\]; known: tensorboard, "
+                                         "wandb, swanlab"):
+        MetricsWriter(str(tmp_path), enabled=False, total_steps=1, backends=("tensorboard", "mlflow"))
     writer = MetricsWriter(str(tmp_path), enabled=True, total_steps=1, backends=())
     with pytest.raises(ValueError, match="'train/loss'"):
         writer.write(1, {"train/loss": "low"})
@@ -125,3 +129,21 @@ def test_console_line_shows_progress_and_eta_from_recent_steps(tmp_path):
 )
 def test_format_eta(seconds, text):
     assert format_eta(seconds) == text
+
+
+def test_elapsed_continues_in_a_resumed_run_and_restarts_in_a_fresh_one(tmp_path):
+    clock = FakeClock()
+    with MetricsWriter(str(tmp_path), enabled=True, total_steps=9, backends=(), clock=clock) as writer:
+        clock.now += 5.0
+        writer.write(1, {"train/loss": 1.0})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "time/elap')  # a killed process's half line
+    with MetricsWriter(str(tmp_path), enabled=True, total_steps=9, backends=(), clock=clock, resume=True) as writer:
+        clock.now += 2.0
+        writer.write(2, {"train/loss": 0.5})
+    with MetricsWriter(str(tmp_path), enabled=True, total_steps=9, backends=(), clock=clock, resume=False) as writer:
+        clock.now += 1.0
+        writer.write(1, {"train/loss": 1.0})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[1] == '{"step": 2, "time/elap'  # the cut line stays alone: the resumed run's lines parse
+    assert [json.loads(lines[i])["time/elapsed"] for i in (0, 2, 3)] == [5.0, 7.0, 1.0]  # 5 s + 2 s; fresh: 1 s

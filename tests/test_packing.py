@@ -186,10 +186,11 @@ def test_pack_rows_fits_the_budget_and_keeps_every_row_once():
 
 
 def test_packed_length_takes_a_budget_bucket():
-    buckets = packing.budget_buckets(1000, [128, 256, 512, 1024, 2048])
-    assert buckets == (128, 256, 512, 1000)
-    assert [packing.padded_length(n, 1000, buckets) for n in (1, 128, 129, 600, 1000)] == [128, 128, 256, 1000,
-                                                                                            1000]
+    buckets = packing.budget_buckets(1024, [128, 256, 512, 1024, 2048])
+    assert buckets == tuple(range(64, 1025, 64))
+    assert packing.budget_buckets(16384, [128, 256, 512, 1024, 2048]) == (128, 256, 512, *range(1024, 16385, 1024))
+    assert [packing.padded_length(n, 1024, buckets) for n in (1, 64, 65, 824, 1024)] == [64, 64, 128, 832, 1024]
+    assert packing.budget_buckets(1000, [128])[-2:] == (960, 1000)
     assert packing.padded_length(13, 1000, ()) == 16 and packing.padded_length(999, 1000, ()) == 1000
 
 
@@ -271,3 +272,62 @@ def test_token_normalization_makes_the_step_independent_of_the_packing(rows):
     for name in groupings:
         assert results["tokens", name] == pytest.approx(results["tokens", "packed"], rel=1e-5)
     assert results["micro_batch", "uneven"][1] != pytest.approx(results["tokens", "uneven"][1], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_packed_step_equals_eager(family):
+    """Regional compile over packed micro-batches of one budget bucket: rows of other lengths, images and counts
+    compile nothing after the first step, and the losses equal eager ones."""
+    from torch._dynamo.utils import counters
+
+    from vlm_sft import compile as compile_lib
+
+    model, params, spec = family
+    steps = []
+    for i in range(3):
+        rows = [([(1, 4, 4)] * (1 + (i + j) % 2), 3 + 7 * i + j, ) for j in range(2 + i)]
+        sequences, pixels, grids = make_rows(model, seed=i, rows=rows)
+        steps.append([collate_packed(sequences, pixels, grids, spec, length=256)])
+    assert len({int(b["attention_mask"].sum()) for s in steps for b in s}) == 3
+
+    def run(compile):
+        config = load_config("demo")
+        tx, schedule = step_lib.make_optimizer(config, total_steps=10)
+        block_call = compile_lib.make_block_call(compile=True) if compile else model_lib.plain_block_call
+        step = step_lib.make_train_step(model, tx, schedule, compile=compile, block_call=block_call,
+                                        loss_normalization="tokens")
+        state = init_train_state({k: v.clone() for k, v in params.items()}, tx)
+        losses, graphs = [], []
+        for micro in steps:
+            state, metrics = step(state, micro)
+            losses.append(float(metrics["train/loss"]))
+            graphs.append(counters["stats"]["unique_graphs"])
+        return losses, graphs
+
+    eager, _ = run(False)
+    counters.clear()
+    torch._dynamo.reset()
+    compiled, graphs = run(True)
+    assert graphs[1] == graphs[2] == graphs[0]
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_balance_gives_every_rank_as_many_micro_batches(monkeypatch, family):
+    """A rank that packed fewer micro-batches than another repeats its last one without labels (same work, no
+    gradient, no tokens counted); the global answer-token count is summed over ranks."""
+    from vlm_sft import sharding
+
+    model, params, spec = family
+    sequences, pixels, grids = make_rows(model)
+    mine = [collate_packed(sequences[:2], pixels[:2], grids[:2], spec, length=256)]
+    other = 3.0, 50.0  # the other rank: 3 micro-batches, 50 answer tokens
+    monkeypatch.setattr(sharding, "all_reduce_sum", lambda t: t + torch.tensor([0.0, other[0], other[1]],
+                                                                                  dtype=t.dtype))
+    out, tokens = packing.balance(mine, None, world_size=2, rank=0)
+    assert len(out) == 3 and out[0] is mine[0] and tokens == 50.0 + packing.label_count(mine[0])
+    assert packing.label_count(out[2]) == 0 and int(out[2]["attention_mask"].sum()) == 0
+    assert torch.equal(out[2]["pixel_values"], mine[0]["pixel_values"])
+    with torch.no_grad():
+        assert float(step_lib.token_mean(model_lib.token_nll(model, params, out[2]), out[2])) == 0.0
+    out, _ = packing.balance([], lambda: collate_packed([], [], [], spec, length=64), world_size=2, rank=0)
+    assert len(out) == 3 and all(b["input_ids"].shape == (1, 64) for b in out)

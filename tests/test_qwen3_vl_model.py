@@ -147,7 +147,7 @@ def test_param_groups_cover_every_param(tiny_qwen3_vl_dir):
             "model.language_model.layers.0.", "model.visual.blocks.0."} <= set(model.groups)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_vl_moe", "llava"])
+@pytest.mark.parametrize("model_type", ["qwen3_omni_moe", "llava"])
 def test_unsupported_model_directory_is_one_line_listing_the_families(tmp_path, tiny_qwen3_vl_dir, model_type):
     config = json.loads((tiny_qwen3_vl_dir / "config.json").read_text())
     config["model_type"] = model_type
@@ -156,7 +156,8 @@ def test_unsupported_model_directory_is_one_line_listing_the_families(tmp_path, 
     with pytest.raises(model_lib.ModelLoadError) as e:
         model_lib.check_model_dir(str(tmp_path), "qwen3_vl")
     assert f"model_type is {model_type!r}; vlm-sft supports 'qwen2.5_vl' (config.json model_type 'qwen2_5_vl'), " \
-           "'qwen3_vl' (config.json model_type 'qwen3_vl')" in str(e.value)
+           "'qwen3_vl' (config.json model_type 'qwen3_vl'), 'qwen3_vl_moe' (config.json model_type " \
+           "'qwen3_vl_moe')" in str(e.value)
     assert "\n" not in str(e.value)
     assert model_lib.check_model_dir(str(tiny_qwen3_vl_dir), "qwen3_vl").name == "qwen3_vl"
     with pytest.raises(model_lib.ModelLoadError, match="actor.model.model_type='qwen2.5_vl' but .* 'qwen3_vl'"):

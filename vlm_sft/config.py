@@ -80,6 +80,10 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
     _one_of(d.truncation, TRUNCATION, "data.truncation")
     _one_of(d.bad_rows, BAD_ROWS, "data.bad_rows")
     parse_dtype(a.model.precision, "actor.model.precision")
+    coef = a.model.get("router_aux_loss_coef")
+    if coef is not None and not (isinstance(coef, (int, float)) and coef >= 0):
+        raise ConfigError(f"actor.model.router_aux_loss_coef={coef!r}: expected a number >= 0, or unset for the "
+                          "model directory's own (its router_aux_loss_coef when it sets output_router_logits)")
     for key in ("param_dtype", "reduce_dtype", "buffer_dtype"):
         parse_dtype(a.fsdp_config.mixed_precision[key], f"actor.fsdp_config.mixed_precision.{key}")
     trainable.check_config(config)  # freeze / LoRA / lr-multiplier fields (matched against the model later)
@@ -94,7 +98,7 @@ def validate(config: Any, *, mode: str, world_size: int = 1) -> None:
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers={d.num_workers}: expected >= 0")
     if not d.image_keys:
-        raise ConfigError("data.image_keys is empty: name the image column(s), e.g. ['image']")
+        raise ConfigError("data.image_keys is empty: name the image column(s), e.g. '(\"image\",)'")
     train = split_paths(d.train_data_paths)
     evals = split_paths(d.eval_data_paths)
     if mode == "train" and train and r.max_steps <= 0 and r.max_epochs <= 0:

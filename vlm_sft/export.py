@@ -147,11 +147,13 @@ class _BaseWeights:
         self.base, self.family = base, family
 
     def read(self, name: str) -> torch.Tensor:
-        for key in (hub_name(name, self.family), name):  # the Hub's names, or transformers' in-memory ones
+        hub = hub_name(name, self.family)
+        for key in (hub, name):  # the Hub's names (and layout), or transformers' in-memory ones
             if key in self.files:
                 path, key = self.files[key]
                 with safetensors.safe_open(path, framework="pt") as f:
-                    return f.get_tensor(key)
+                    tensor = f.get_tensor(key)
+                return self.family.from_hub(name, tensor) if key == hub else tensor
         raise ExportError(f"{self.base}: no weight file holds {hub_name(name, self.family)!r} (a frozen leaf the "
                           "checkpoint does not hold): wrong base model directory?")
 
@@ -184,7 +186,7 @@ def _write_weights(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, 
         params = {n: flat[saved[n][0]] if n in saved else base_weights.read(n) for n in shard}
         params.update({n: flat[saved[n][0]] for n in wanted if lora_lib.is_adapter(n)})
         params = lora_lib.merge_params({n: t.float() for n, t in params.items()}, lora_scale)  # merged in fp32
-        tensors = {names[name]: params[name].to(out_dtype).contiguous() for name in shard}
+        tensors = {names[name]: family.to_hub(name, params[name].to(out_dtype)).contiguous() for name in shard}
         bad = checkpoint.nonfinite_leaf(tensors)  # e.g. fp32 weights beyond fp16's range
         if bad:
             raise ExportError(f"--checkpoint {ckpt!r}: {bad} holds non-finite values in {out_dtype}; nothing "

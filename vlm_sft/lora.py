@@ -78,6 +78,12 @@ def target_modules(module: torch.nn.Module, targets: str) -> list[str]:
         pattern = re.compile(targets)
     except re.error as e:
         raise LoraError(f"{field}={targets!r}: not a regular expression ({e})") from None
+    stacked = [name for name, m in module.named_modules()
+               if name and pattern.search(name) and any(p.dim() == 3 for p in m.parameters(recurse=False))]
+    if stacked:
+        raise LoraError(f"{field}={targets!r} matches {stacked[0]!r}, whose experts are stacked 3-D tensors: LoRA "
+                        "adapts linear modules only (PEFT adapts stacked experts through target_parameters, which "
+                        "vlm-sft does not implement); train them fully, or freeze them (actor.model.freeze)")
     found = [name for name in linears if pattern.search(name)]
     if not found:
         excluded = [name for name, _ in module.named_modules() if name and pattern.search(name)]

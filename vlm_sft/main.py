@@ -9,8 +9,10 @@ phase a line; each phase is a function of what it needs, defined below it in the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import os
 import sys
 import threading
@@ -32,7 +34,9 @@ from vlm_sft import integrity
 from vlm_sft import lora as lora_lib
 from vlm_sft import models as model_lib
 from vlm_sft import perf
+from vlm_sft import loggers
 from vlm_sft import preflight
+from vlm_sft import report as report_lib
 from vlm_sft import sharding as sharding_lib
 from vlm_sft import step as step_lib
 from vlm_sft import trainable as trainable_lib
@@ -223,7 +227,7 @@ def run(config: Any, mode: str) -> dict[str, Any]:
     """
     proc = sharding_lib.ProcessInfo.from_env()
     config_lib.validate(config, mode=mode, world_size=proc.world_size)
-    model_lib.check_model_type(config.actor.model.model_type)
+    router_aux_loss_coef(config, model_lib.check_model_type(config.actor.model.model_type))
     if mode == "check":
         if proc.world_size > 1:
             raise config_lib.ConfigError("--mode=check runs as one process (its workers are data.num_workers); "
@@ -242,6 +246,18 @@ def run(config: Any, mode: str) -> dict[str, Any]:
         preemption.restore()
         if created:
             sharding_lib.destroy_process_group()
+
+
+def router_aux_loss_coef(config: Any, family: model_lib.Family, hf_config: Any = None) -> float:
+    """actor.model.router_aux_loss_coef, or (None) the family's default from the directory's config (`hf_config`;
+    without it only the check runs); refused (non-zero) for a family without a router."""
+    coef = config.actor.model.get("router_aux_loss_coef")
+    if coef and family.forward_aux is None:
+        raise config_lib.ConfigError(f"actor.model.router_aux_loss_coef={coef}: {family.name!r} has no router "
+                                     "(only MoE families, e.g. qwen3_vl_moe, have a load-balancing loss)")
+    if coef is None:
+        return family.default_aux_loss_coef(hf_config) if hf_config is not None else 0.0
+    return float(coef)
 
 
 def check_model_files(path: str, model_type: str | None = None) -> None:
@@ -310,31 +326,35 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     """The algorithm, phase by phase: each phase is a function of what it needs, below in this order."""
     checked = run_checks(config, mode, proc)
     config_json = write_config(config, checked.run_dir, proc.rank)
-    torch.manual_seed(config.actor.seed)
-    loaded = load_model_and_plan(config, checked.plan, checked.eval_files, device)
-    log = make_log(config, loaded, checked, proc)
-    if not checked.train_files:
-        eval_only(loaded.params, checked, log)
-        return log.last
+    writer = open_writer(config, checked, config_json, proc.rank)
+    with finishing(writer, checked.run_dir):
+        torch.manual_seed(config.actor.seed)
+        loaded = load_model_and_plan(config, checked.plan, checked.eval_files, device)
+        log = make_log(config, loaded, checked, proc, writer)
+        if not checked.train_files:
+            eval_only(loaded.params, checked, log)
+            return log.last
 
-    loader, compiled = make_train_loader(config, checked, loaded, device, proc)
-    steps = total_steps(config, loader.steps_per_epoch)
-    log.writer.total_steps = steps
-    state, tx, schedule = init_state(config, loaded, checked.plan, steps)
-    state, skipped_rows = resume(state, checked, proc.rank)
-    setup = make_step(config, loaded, checked.plan, tx, schedule, compiled, state, device)
-    log_training(config, steps, loader, loaded, proc)
-    if config.runner.val_before_train and int(state.step) == 0:
-        log.evaluate(0, state.params)
-    state, last_ckpt = train_loop(config, state, loader, setup, steps, checked, log, skipped_rows=skipped_rows,
-                                  config_json=config_json, device=device, proc=proc, preemption=preemption)
-    final_eval_and_export(config, state, steps, last_ckpt, checked, log, proc.rank)
-    return log.last
+        loader, compiled = make_train_loader(config, checked, loaded, device, proc)
+        steps = total_steps(config, loader.steps_per_epoch)
+        log.writer.total_steps = steps
+        state, tx, schedule = init_state(config, loaded, checked.plan, steps)
+        state, skipped_rows = resume(state, checked, proc.rank)
+        setup = make_step(config, loaded, checked.plan, tx, schedule, compiled, state, device)
+        log_training(config, steps, loader, loaded, proc)
+        if config.runner.val_before_train and int(state.step) == 0:
+            log.evaluate(0, state.params)
+        state, last_ckpt = train_loop(config, state, loader, setup, steps, checked, log,
+                                      skipped_rows=skipped_rows, config_json=config_json, device=device, proc=proc,
+                                      preemption=preemption)
+        final_eval_and_export(config, state, steps, last_ckpt, checked, log, proc.rank)
+        return log.last
 
 
 def run_checks(config: Any, mode: str, proc: sharding_lib.ProcessInfo) -> Checked:
     """Everything that can be checked without loading the model, first (the demo's assets built where asked)."""
     rank = proc.rank
+    loggers.check_backends(config.runner.logger.logger_backends)  # known, installed (else the pip command)
     run_dir = config_lib.run_dir(config)
     check_writable(run_dir, "runner.logger.log_path")
     if rank == 0:  # builds the demo assets once; the other ranks wait, then only point the config at them
@@ -409,9 +429,42 @@ def load_model_and_plan(config: Any, plan: trainable_lib.TrainPlan, eval_files: 
     return Loaded(model, step_model, params, encoder, tokenizer, spec, precision, sharding, eval_source)
 
 
-def make_log(config: Any, loaded: Loaded, checked: Checked, proc: sharding_lib.ProcessInfo) -> Log:
-    """The metrics writer (rank 0 writes) and the evaluation of a params dict at a step, logged there."""
-    writer = MetricsWriter(checked.run_dir, enabled=proc.rank == 0, total_steps=0)
+def open_writer(config: Any, checked: Checked, config_json: str, rank: int) -> MetricsWriter:
+    """metrics.jsonl and the logger backends (rank 0), started before any weights load: a backend that cannot
+    start (no login, no network) fails the run now. A training run resumed from a checkpoint continues its
+    backend runs; the resolved config is the backends' run config."""
+    lg = config.runner.logger
+    return MetricsWriter(checked.run_dir, enabled=rank == 0, total_steps=0, backends=lg.logger_backends,
+                         project=lg.project_name, experiment=lg.experiment_name, run_config=json.loads(config_json),
+                         resume=bool(checked.resume_from and checked.train_files))
+
+
+@contextlib.contextmanager
+def finishing(writer: MetricsWriter, run_dir: str):
+    """However the run ends: the backends' runs end (marked failed on an error; a preemption stop is no failure)
+    and rank 0 writes the run report (vlm_sft/report.py) into the run dir. A report that cannot be made is a
+    warning: the run's results are already saved."""
+    failed = False
+    try:
+        yield
+    except faults.Preempted:
+        raise
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        writer.close(failed=failed)
+        metrics = os.path.join(run_dir, report_lib.METRICS)
+        if writer.enabled and os.path.isfile(metrics) and os.path.getsize(metrics) > 0:  # something to report
+            try:
+                logging.info("report: %s", ", ".join(report_lib.write_report(run_dir, require_png=False)))
+            except Exception as e:  # noqa: BLE001
+                logging.warning("report: not written (%s: %s)", type(e).__name__, e)
+
+
+def make_log(config: Any, loaded: Loaded, checked: Checked, proc: sharding_lib.ProcessInfo,
+             writer: MetricsWriter) -> Log:
+    """The evaluation of a params dict at a step, logged to `writer` (rank 0 writes) and kept as the latest."""
     last: dict[str, float] = {}
 
     def evaluate(step: int, params: dict) -> None:
@@ -436,7 +489,6 @@ def eval_only(params: dict, checked: Checked, log: Log) -> None:
         saved = plan.trainable if plan.frozen else None  # a plan with frozen parts saves the trained leaves
         params = checkpoint_lib.restore_params(resume_from, params, names=saved)
     log.evaluate(checkpoint_lib.read_meta(resume_from)["step"] if resume_from else 0, params)
-    log.writer.close()
 
 
 def make_train_loader(config: Any, checked: Checked, loaded: Loaded, device: torch.device,
@@ -499,10 +551,14 @@ def make_step(config: Any, loaded: Loaded, plan: trainable_lib.TrainPlan, tx: An
     if compiled:
         compile_lib.set_cache_dir(a.compile_cache_dir or os.path.join(config.runner.logger.log_path,
                                                                       ".inductor_cache"))
+    aux_loss_coef = router_aux_loss_coef(config, model.family, model.config)
+    if model.family.forward_aux is not None:
+        logging.info("router load-balancing loss: coefficient %g (actor.model.router_aux_loss_coef%s)", aux_loss_coef,
+                     "" if a.model.get("router_aux_loss_coef") is not None else " unset: the directory's")
     train_step = step_lib.make_train_step(loaded.step_model, tx, schedule, compile=compiled, block_call=block_call,
                                           trainable=frozenset(plan.trainable),
                                           loss_normalization=a.loss_normalization,
-                                          world_size=sharding.mesh.size())
+                                          world_size=sharding.mesh.size(), aux_loss_coef=aux_loss_coef)
     flop_model = perf.FlopModel.from_model(
         model.config, {k: v.shape for k, v in state.params.items() if not lora_lib.is_adapter(k)},
         model.lm_head_name, weight_grads=plan.weight_grads, lora_rank=plan.lora_rank)
@@ -591,7 +647,6 @@ def train_loop(config: Any, state: Any, loader: loader_lib.TrainLoader, setup: S
             t_last = time.perf_counter()
         if stop:
             saver.wait()
-            writer.close()
             signalled = preemption.signal_name or "a signal to another rank"
             raise faults.Preempted(f"stopped after step {step} on {signalled}: checkpoint {last_ckpt} saved; run the "
                                    "same command again to continue from it (runner.resume=auto)")
@@ -607,7 +662,6 @@ def final_eval_and_export(config: Any, state: Any, steps: int, last_ckpt: str | 
     """The last checkpoint committed, the final evaluation, and the Hugging Face export (runner.export_hf)."""
     checked.saver.wait()
     log.evaluate(steps, state.params)
-    log.writer.close()
     if config.runner.export_hf and rank == 0 and last_ckpt:  # from the final checkpoint: no gather, one shard
         out = export_lib.export_checkpoint(last_ckpt, os.path.join(checked.run_dir, "hf_export"), overwrite=True)
         logging.info("exported %s to %s", last_ckpt, out)

@@ -13,6 +13,8 @@ skipped and never padding or activation recompute:
         + c * h * (d_qk + d_v) * sum over blocks of sum(segment_len^2)   windows / frames, as attended
         + c' * taps * D * patches         Qwen3-VL's learned position embeddings: `taps` (4) table rows of width D
                                           mixed per patch (forward 2*taps*D; backward 2*taps*D into the table)
+Mixture-of-experts layers: P_text counts the router and, of the stacked experts [E, ...], only the top_k / E share
+a token runs (active params; the experts' work on padding tokens is not counted, like all padding).
 Biases, norms, rotary and elementwise work are left out (a fraction of a percent at 3B). The family's
 architecture numbers come from models/ (FlopShape); the param counts from the params' shapes.
 
@@ -111,17 +113,19 @@ class FlopModel:
         if weight_grads is not None:
             vision_trainable = any(factors[n] > 2 for n in shapes if n.startswith(VISION_BLOCKS))
         vision_factor, patch_factor = (6, 4) if vision_trainable else (2, 2)
+        arch = models.family_for_config(config).flop_shape(config)
 
         def matmul(prefix: str, base: int) -> int:
-            """Weights under prefix, each weighted by f_w / base (plain counts when every factor is the base)."""
+            """Weights under prefix, each weighted by f_w / base (plain counts when every factor is the base);
+            stacked experts by the share of them a token runs (top_k / E: active params only)."""
             total = 0.0
             for name, shape in shapes.items():
                 shape = tuple(shape)
                 if name.startswith(prefix) and len(shape) >= 2:
-                    total += _numel(shape) * factors.get(name, base) / base
+                    active = arch.expert_fraction if name.endswith(arch.expert_suffixes) else 1.0
+                    total += _numel(shape) * factors.get(name, base) / base * active
             return round(total)
 
-        arch = models.family_for_config(config).flop_shape(config)
         adapted = [n for n in (weight_grads or ()) if lora_rank]  # with LoRA, weight_grads = the adapted weights
         return cls(
             text_params=matmul(TEXT_LAYERS, 6),

@@ -339,7 +339,8 @@ def format_report(report: dict[str, Any]) -> str:
                          f"{p['max_tokens_per_micro_batch']} tokens per rank per step (min / median / p99 / max, "
                          f"{p['world_size']} rank(s)): {_fmt_spread(p['micro_batches_per_step'])}; padding "
                          f"{100 * p['padding_fraction']:.1f}% packed vs {100 * p['unpacked_padding_fraction']:.1f}% "
-                         f"in micro-batches of {p['unpacked_micro_batch_size']} rows")
+                         f"in micro-batches of {p['unpacked_micro_batch_size']} rows (compiled shapes: budget "
+                         f"sixteenths, data.length_buckets)")
         if "rows_evaluated" in r:
             lines.append(f"  evaluated: {r['rows_evaluated']:,} rows (data.eval_max_rows)")
     if report["would_stop"]:

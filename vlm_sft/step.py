@@ -23,13 +23,20 @@ from vlm_sft.trainable import TrainPlan
 
 Batch = dict[str, torch.Tensor]
 Metrics = dict[str, torch.Tensor]
+# forward_aux outputs -> their metric names
+AUX_METRICS = {"aux_loss": "train/aux_loss", "max_expert_load": "moe/max_expert_load"}
 LOSS_NORMALIZATIONS = ("tokens", "micro_batch")
 
 
 def make_loss_and_grad(model: model_lib.Model, block_call: model_lib.BlockCall = model_lib.plain_block_call,
-                       trainable: Collection[str] | None = None,
+                       trainable: Collection[str] | None = None, aux_loss_coef: float = 0.0,
+                       aux: dict | None = None,
                        ) -> Callable[[dict, Batch, torch.Tensor], tuple[torch.Tensor, dict]]:
-    """(params, micro_batch, scale) -> (token-mean loss, grads of loss * scale).
+    """(params, micro_batch, scale) -> (token-mean loss, grads of (loss + aux_loss_coef * aux_loss) * scale).
+
+    A family with a router (forward_aux's "aux_loss": the load-balancing loss) adds it with `aux_loss_coef` to the
+    objective; the returned loss stays the answer cross-entropy. `aux`, when given, receives the micro-batch's
+    detached aux outputs (aux loss, routing metrics) for logging.
 
     `trainable` (default: every leaf) names the leaves to differentiate; the grads dict holds only those. The
     others never get requires_grad, so autograd records nothing for a part whose leaves are all frozen (a frozen
@@ -40,9 +47,14 @@ def make_loss_and_grad(model: model_lib.Model, block_call: model_lib.BlockCall =
         names = list(params) if trainable is None else [k for k in params if k in trainable]
         leaves = dict(params)
         leaves.update({k: params[k].detach().requires_grad_() for k in names})
-        loss = token_mean(model_lib.token_nll(model, leaves, batch, block_call), batch)
+        nll, extra = model_lib.token_nll_aux(model, leaves, batch, block_call)
+        loss = token_mean(nll, batch)
+        objective = loss + aux_loss_coef * extra["aux_loss"] if aux_loss_coef and "aux_loss" in extra else loss
+        if aux is not None:
+            aux.clear()
+            aux.update({k: v.detach() for k, v in extra.items()})
         # A leaf the batch does not reach (the vision tower, for a micro-batch without images) gets zeros.
-        grads = torch.autograd.grad(loss * scale, [leaves[k] for k in names], allow_unused=True,
+        grads = torch.autograd.grad(objective * scale, [leaves[k] for k in names], allow_unused=True,
                                     materialize_grads=True)
         return loss.detach(), dict(zip(names, grads))
 
@@ -89,7 +101,7 @@ def make_train_step(model: model_lib.Model, tx: optim.GradientTransformation,
                     schedule: Callable[[torch.Tensor], torch.Tensor], *, compile: bool = False,
                     block_call: model_lib.BlockCall = model_lib.plain_block_call,
                     trainable: Collection[str] | None = None, loss_normalization: str = "micro_batch",
-                    world_size: int = 1,
+                    world_size: int = 1, aux_loss_coef: float = 0.0,
                     ) -> Callable[..., tuple[TrainState, Metrics]]:
     """Build train_step(state, micro_batches, global_label_tokens=None) -> (state, metrics). `trainable`: the
     leaves that train (trainable.TrainPlan; default all); `tx` and the state's optimizer state cover exactly those.
@@ -98,6 +110,11 @@ def make_train_step(model: model_lib.Model, tx: optim.GradientTransformation,
     tokens of the whole global batch (packing.balance counts them across ranks; default: these micro-batches' own, right
     for one rank), times `world_size` because the sharded gathers average the gradients over ranks. "micro_batch":
     each micro-batch's mean over the micro-batches that hold labels.
+
+    `aux_loss_coef`: weight of the router's load-balancing loss (MoE families), added to each micro-batch's loss
+    before its scale above (so the step's aux term is the same weighted mean of the micro-batches' aux losses).
+    Logged as train/aux_loss, with moe/max_expert_load, averaged over the micro-batches that hold tokens;
+    train/loss stays the answer cross-entropy.
 
     compile=False runs eagerly. compile=True compiles by region (vlm_sft/compile.py): the model's regions through
     `block_call`, which must then be a compiling one (compile_lib.make_block_call or sharding.make_block_call with
@@ -116,7 +133,8 @@ def make_train_step(model: model_lib.Model, tx: optim.GradientTransformation,
     if compile and getattr(block_call, "regions", None) is None:
         raise ValueError("make_train_step(compile=True) needs a compiling block_call "
                          "(sharding.make_block_call(..., compile=True) or compile.make_block_call(compile=True))")
-    loss_and_grad = make_loss_and_grad(model, block_call, trainable)
+    aux: dict = {}
+    loss_and_grad = make_loss_and_grad(model, block_call, trainable, aux_loss_coef, aux)
     apply_update = make_apply_update(tx, schedule)
     calls = [0]
 
@@ -143,13 +161,18 @@ def make_train_step(model: model_lib.Model, tx: optim.GradientTransformation,
         else:
             labelled = sum((n > 0).to(torch.float32) for n in counts)
             scales = [1.0 / labelled.clamp(min=1)] * len(present)
-        grads, loss_sum = None, torch.zeros(())
+        grads, loss_sum, aux_sums = None, torch.zeros(()), {}
         with scope():
             for batch, scale in zip(present, scales):
                 loss, g = loss_and_grad(state.params, batch, scale)
                 grads = g if grads is None else {k: grads[k].add_(g[k]) for k in grads}
                 loss_sum = loss_sum + loss * scale
+                has_tokens = (batch["attention_mask"].sum() > 0).to(torch.float32)
+                for k, v in aux.items():
+                    aux_sums[k] = aux_sums.get(k, 0.0) + has_tokens * v
             state, metrics = apply_update(state, grads)
+        with_tokens = sum((b["attention_mask"].sum() > 0).to(torch.float32) for b in present).clamp(min=1)
+        metrics.update({AUX_METRICS.get(k, k): v / with_tokens for k, v in aux_sums.items()})
         tokens = sum(b["attention_mask"].sum() for b in present)
         metrics.update({
             "train/loss": loss_sum,

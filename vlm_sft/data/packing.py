@@ -3,8 +3,8 @@ micro-batch one sequence [1, T] holding several rows (data/collate.py collate_pa
 
 Packing is first-fit decreasing over the rows' lengths (image tokens included), a pure function of the rows, so it
 is deterministic and needs nothing in the resumable data position beyond the rows themselves. Rows are never split;
-a row longer than the budget is a bad row (data.bad_rows). Each micro-batch is padded to the smallest of a few
-budget buckets (the length buckets below the budget, and the budget), so compiled regions see few shapes.
+a row longer than the budget is a bad row (data.bad_rows). Compiled, each micro-batch is padded to the next
+sixteenth of the budget, so compiled regions see at most 16 text lengths.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from vlm_sft.data.collate import bucket_length, collate_encoded_packed
+
+BUDGET_PARTS = 16  # padded lengths of a compiled packed micro-batch: the budget's sixteenths
 
 
 def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -35,12 +37,17 @@ def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-def budget_buckets(max_tokens: int, length_buckets: Sequence[int]) -> tuple[int, ...]:
-    """The padded lengths a packed micro-batch may take: the length buckets below the budget, then the budget.
-    No length buckets: () (each micro-batch padded to a multiple of 8, never past the budget)."""
+def budget_buckets(max_tokens: int, length_buckets: Sequence[int], parts: int = BUDGET_PARTS) -> tuple[int, ...]:
+    """The padded lengths a packed micro-batch may take when shapes must be static (`length_buckets` given, i.e.
+    compiled): the budget's sixteenths (multiples of 8), below the first of them the length buckets, so a full
+    micro-batch pads at most budget/16 and a small one (a short step's only micro-batch) to its length bucket.
+    Coarser buckets pad much more: rows of ~410 tokens fill a 1024 budget to 824, which the length bucket 1024
+    pads by 20%, the sixteenth 832 by 1%. No length buckets: () (each micro-batch padded to a multiple of 8,
+    never past the budget)."""
     if not length_buckets:
         return ()
-    return tuple(b for b in length_buckets if b < max_tokens) + (max_tokens,)
+    step = -(-max_tokens // parts // 8) * 8
+    return tuple(b for b in length_buckets if b < step) + tuple(range(step, max_tokens, step)) + (max_tokens,)
 
 
 def padded_length(tokens: int, max_tokens: int, buckets: Sequence[int], pad_multiple: int = 8) -> int:
@@ -70,13 +77,23 @@ def label_count(batch: dict | None) -> float:
     return float(len(batch["label_ids"]))
 
 
+def without_labels(batch: dict) -> dict:
+    """The same micro-batch with every label weighing 0 and no real token counted: the same work and the same
+    collectives (images included) as `batch`, no gradient, nothing in the token metrics."""
+    out = dict(batch)
+    out["label_weight"] = torch.zeros_like(batch["label_weight"])
+    out["attention_mask"] = torch.zeros_like(batch["attention_mask"])
+    return out
+
+
 def balance(micro_batches: list, empty: Callable[[], dict] | None, *, world_size: int, rank: int
             ) -> tuple[list, float]:
     """(micro-batches, answer tokens of the whole global batch), in one small collective when world_size > 1.
 
     Ranks pack their shares independently, so their micro-batch counts may differ; every rank must run as many
-    (the sharded gathers are collectives), so a rank with fewer gets padding-only micro-batches (`empty()`,
-    no labels, zero gradient). The token count is the denominator of actor.loss_normalization=tokens.
+    (the sharded gathers are collectives), so a rank with fewer repeats its last micro-batch without labels
+    (without_labels: the vision tower runs where the others' may too), or runs `empty()` (padding only) when it
+    has none. The token count is the denominator of actor.loss_normalization=tokens.
     """
     tokens = sum(label_count(b) for b in micro_batches)
     if world_size == 1:
@@ -88,7 +105,9 @@ def balance(micro_batches: list, empty: Callable[[], dict] | None, *, world_size
     total = sharding_lib.all_reduce_sum(counts)
     most = int(total[:-1].max())
     if most > len(micro_batches):
-        if empty is None:
+        last = next((b for b in reversed(micro_batches) if b is not None and "label_weight" in b), None)
+        if last is None and empty is None:
             raise ValueError(f"rank {rank} has {len(micro_batches)} micro-batches, another has {most}")
-        micro_batches = list(micro_batches) + [empty() for _ in range(most - len(micro_batches))]
+        filler = (lambda: without_labels(last)) if last is not None else empty
+        micro_batches = list(micro_batches) + [filler() for _ in range(most - len(micro_batches))]
     return micro_batches, float(total[-1])

@@ -47,6 +47,8 @@ class FlopShape:
     merger_prefixes: tuple[str, ...]  # param prefixes applied once per merged token (merger, DeepStack mergers)
     pos_embed_taps: int = 0   # learned position-embedding rows mixed into each patch (0: none)
     vision_hidden: int = 0    # width of those rows
+    expert_suffixes: tuple[str, ...] = ()  # stacked expert tensors (param name suffixes): each token runs a part
+    expert_fraction: float = 1.0           # ... top_k / num_experts of them
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -63,6 +65,15 @@ class Family:
     flop_shape: Callable[[Any], FlopShape]
     hub_name: Callable[[str], str]                # in-memory param name -> its name in the Hub's safetensors
     check_config: Callable[[dict, str], None] = lambda raw, path: None  # config.json features it does not support
+    # (model, params, batch, block_call) -> (hidden [B, L, H], aux): families with terms beyond the token NLL
+    # (a router's load-balancing loss: "aux_loss", routing metrics); None: forward_hidden and no aux.
+    forward_aux: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
+    # (in-memory name, tensor) -> the tensor as the Hub's files hold it, and back (a layout that differs, such as
+    # transposed stacked experts); identity by default.
+    to_hub: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t
+    from_hub: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t
+    # hf config -> the weight of forward_aux's "aux_loss" when actor.model.router_aux_loss_coef is None
+    default_aux_loss_coef: Callable[[Any], float] = lambda config: 0.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -319,6 +330,14 @@ def forward_hidden(model: Model, params: Params, batch: Batch, block_call: Block
     return model.family.forward_hidden(model, params, batch, block_call)
 
 
+def forward_hidden_aux(model: Model, params: Params, batch: Batch, block_call: BlockCall = plain_block_call
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """forward_hidden and the family's auxiliary outputs (empty for families without any)."""
+    if model.family.forward_aux is None:
+        return forward_hidden(model, params, batch, block_call), {}
+    return model.family.forward_aux(model, params, batch, block_call)
+
+
 def label_logits(model: Model, params: Params, hidden: torch.Tensor, index: torch.Tensor,
                  block_call: BlockCall = plain_block_call) -> torch.Tensor:
     """lm_head applied only at the flat positions `index` of `hidden` [B, L, H] -> [N, vocab]."""
@@ -329,6 +348,12 @@ def label_logits(model: Model, params: Params, hidden: torch.Tensor, index: torc
 def token_nll(model: Model, params: Params, batch: Batch, block_call: BlockCall = plain_block_call
               ) -> torch.Tensor:
     """Negative log-likelihood [N] (fp32) of every label token of the batch."""
-    hidden = forward_hidden(model, params, batch, block_call)
+    return token_nll_aux(model, params, batch, block_call)[0]
+
+
+def token_nll_aux(model: Model, params: Params, batch: Batch, block_call: BlockCall = plain_block_call
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """token_nll and the family's auxiliary outputs (forward_hidden_aux)."""
+    hidden, aux = forward_hidden_aux(model, params, batch, block_call)
     logits = label_logits(model, params, hidden, batch["label_index"], block_call)
-    return F.cross_entropy(logits.float(), batch["label_ids"], reduction="none")
+    return F.cross_entropy(logits.float(), batch["label_ids"], reduction="none"), aux

@@ -9,7 +9,7 @@ M-RoPE (the module's own rotary embedding; position ids from the host). Tied (2B
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,14 +55,13 @@ def image_features(model: Model, params: Params, batch: Batch, block_call: Block
     return merged, deepstack
 
 
-def forward_hidden(model: Model, params: Params, batch: Batch, block_call: BlockCall = plain_block_call
-                   ) -> torch.Tensor:
-    """Final-norm hidden states [B, L, H] of the text model for the batch (images scattered into their tokens,
-    DeepStack features added after the first decoder layers)."""
+def text_inputs(model: Model, params: Params, batch: Batch, block_call: BlockCall = plain_block_call
+                ) -> tuple[torch.Tensor, Callable[[int, torch.Tensor], torch.Tensor] | None]:
+    """The decoder's input embeddings [B, L, H] (images scattered into their tokens) and the hook that adds the
+    DeepStack features after the first decoder layers (None without images). Shared with Qwen3-VL-MoE."""
     h = embed_tokens(model, params, batch["input_ids"], block_call)
     if "pixel_values" not in batch:
-        return decoder_stack(model, params, h, batch["position_ids"], block_call,
-                             layout=text_layout(batch, h))
+        return h, None
     merged, deepstack = image_features(model, params, batch, block_call)
     index = batch["image_index"]
     h = scatter_rows(h, index, merged)
@@ -70,7 +69,15 @@ def forward_hidden(model: Model, params: Params, batch: Batch, block_call: Block
     def add_deepstack(i: int, h: torch.Tensor) -> torch.Tensor:
         return scatter_rows(h, index, deepstack[i], add=True) if i < len(deepstack) else h
 
-    return decoder_stack(model, params, h, batch["position_ids"], block_call, add_deepstack,
+    return h, add_deepstack
+
+
+def forward_hidden(model: Model, params: Params, batch: Batch, block_call: BlockCall = plain_block_call
+                   ) -> torch.Tensor:
+    """Final-norm hidden states [B, L, H] of the text model for the batch (images scattered into their tokens,
+    DeepStack features added after the first decoder layers)."""
+    h, after_layer = text_inputs(model, params, batch, block_call)
+    return decoder_stack(model, params, h, batch["position_ids"], block_call, after_layer,
                          layout=text_layout(batch, h))
 
 
