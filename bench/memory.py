@@ -7,7 +7,7 @@
    own process (peak RSS is per process) and the table gives its peak RSS above the loaded model, the median step
    time, and both as ratios to full fine-tuning measured in the same run.
 2. On paper (`--paper-only` prints just this, in seconds): the planner of --mode=plan (vlm_sft/planner.py) for
-   Qwen2.5-VL-3B/7B/32B/72B and Qwen3-VL-8B/32B at their Hub shapes, full_shard on 8/16/32 GPUs of 80 GB, bf16
+   Qwen2.5-VL-3B/7B/32B/72B, Qwen3-VL-8B/32B, Qwen3-VL-30B-A3B and Qwen3.5-9B at their Hub shapes, full_shard on 8/16/32 GPUs of 80 GB, bf16
    compute, fp32 master weights and Adam, micro-batch 4 of Robo2VLM rows (one 640x480 image, ~100 text tokens),
    global batch 256: full fine-tuning with and without checkpointing, a frozen vision tower, LoRA; per GPU GiB of
    each term, whether it fits, and the planner's advice where it does not.
@@ -148,6 +148,13 @@ def _qwen3_moe(**shape) -> dict:
                                         deepstack_visual_indexes=[8, 16, 24], mlp_only_layers=(), **shape)
 
 
+def _qwen3_5(**shape) -> dict:
+    from vlm_sft.demo import qwen3_5
+    return qwen3_5.hub_config(tie_word_embeddings=False, text_head_dim=256, linear_key_heads=16, linear_value_heads=32,
+                              linear_head_dim=128, vision_hidden=1152, vision_depth=27, vision_heads=16,
+                              vision_intermediate=4304, num_position_embeddings=2304, **shape)
+
+
 # config.json shapes of the Hub's checkpoints (only the sizes differ from the families' tiny builders).
 SIZES = {
     "Qwen2.5-VL-3B": lambda: _qwen2_5(text_hidden=2048, text_layers=36, text_heads=16, text_kv_heads=2,
@@ -165,6 +172,9 @@ SIZES = {
     "Qwen3-VL-30B-A3B": lambda: _qwen3_moe(text_hidden=2048, text_layers=48, text_heads=32, text_kv_heads=4,
                                            text_intermediate=6144, num_experts=128, num_experts_per_tok=8,
                                            moe_intermediate=768),
+    # 24 Gated DeltaNet + 8 gated attention layers (the planner counts each as an attention layer of its widths)
+    "Qwen3.5-9B": lambda: _qwen3_5(text_hidden=4096, text_layers=32, text_heads=16, text_kv_heads=4,
+                                   text_intermediate=12288),
 }
 SETTINGS = {  # name -> config overrides (dotted keys), on top of full_shard, micro-batch 4, global batch 256
     "full": {},

@@ -45,6 +45,7 @@ from vlm_sft import sharding as sharding_lib  # noqa: E402
 from vlm_sft.data import packing  # noqa: E402
 from vlm_sft.data.collate import collate, collate_packed  # noqa: E402
 from vlm_sft.data.vision import Spec  # noqa: E402
+from vlm_sft.demo import qwen3_5 as qwen3_5_hub  # noqa: E402
 from vlm_sft.demo import tiny_hub_config, tiny_qwen3_vl_hub_config, tiny_qwen3_vl_moe_hub_config  # noqa: E402
 
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-5, 0.01, 1.0
@@ -62,13 +63,24 @@ QWEN3_VL_30B_A3B_4_LAYERS = dict(text_hidden=2048, text_layers=4, text_heads=32,
                                  deepstack_visual_indexes=[8, 16, 24], num_experts=128, num_experts_per_tok=8,
                                  moe_intermediate=768, mlp_only_layers=())
 # --family -> (Hub config.json builder, the real shape, its name, the image processor's pixel budget)
+# Qwen3.5-9B's widths (untied, 248k vocabulary, Gated DeltaNet with 16 key / 32 value heads of 128) at 12 of its
+# 32 layers (9 linear, 3 full attention): ~5B params, whose fp32 master weights + AdamW state (16 bytes a param)
+# fit one 141 GB GPU beside the eager HF baseline's; the whole 9B (~144 GB of state) needs full_shard over GPUs.
+QWEN3_5_9B_12_LAYERS = dict(tie_word_embeddings=False, text_hidden=4096, text_layers=12, text_heads=16,
+                            text_kv_heads=4, text_head_dim=256, text_intermediate=12288, linear_key_heads=16,
+                            linear_value_heads=32, linear_head_dim=128, vision_hidden=1152, vision_depth=27,
+                            vision_heads=16, vision_intermediate=4304, num_position_embeddings=2304)
 FAMILIES = {
+    "qwen3_5": (qwen3_5_hub.hub_config, QWEN3_5_9B_12_LAYERS, "Qwen3.5-9B (12 of 32 layers)", (65536, 16777216)),
     "qwen2.5_vl": (tiny_hub_config, QWEN2_5_VL_3B, "Qwen2.5-VL-3B", (3136, 12845056)),
     "qwen3_vl": (tiny_qwen3_vl_hub_config, QWEN3_VL_4B, "Qwen3-VL-4B", (65536, 16777216)),
     "qwen3_vl_moe": (tiny_qwen3_vl_moe_hub_config, QWEN3_VL_30B_A3B_4_LAYERS, "Qwen3-VL-30B-A3B (4 of 48 layers)",
                      (65536, 16777216)),
 }
 IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, PAD = 151644, 151645, 151652, 151653, 151655, 151643
+# Qwen3.5's ids of the same tokens (its 248k vocabulary): --family qwen3_5 uses them
+QWEN3_5_TOKENS = (qwen3_5_hub.SPECIAL_BASE + 1, qwen3_5_hub.SPECIAL_BASE + 2, qwen3_5_hub.VISION_START_ID,
+                  qwen3_5_hub.VISION_END_ID, qwen3_5_hub.IMAGE_TOKEN_ID, qwen3_5_hub.SPECIAL_BASE)
 
 
 def image_grid(width: int, height: int, *, patch: int, min_pixels: int, max_pixels: int) -> tuple[int, int, int]:
@@ -95,13 +107,16 @@ def robo2vlm_like_rows(g: torch.Generator, spec: Spec, *, rows: int, grid: tuple
                        answer: int) -> tuple[list, list, list]:
     """(sequences, pixels, grids): per row one image, prompt +-5 tokens of text, `answer` tokens + <|im_end|>
     labelled."""
+    qwen3_5 = spec.image_token_id == QWEN3_5_TOKENS[4]  # the family's token ids, by its image token
+    im_start, im_end, vision_start, vision_end, image_pad, _ = (
+        QWEN3_5_TOKENS if qwen3_5 else (IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, PAD))
     t, h, w = grid
     sequences, pixels = [], []
     for _ in range(rows):
         text = prompt + int(torch.randint(-5, 6, (), generator=g))
-        ids = [IM_START, VISION_START] + [IMAGE_PAD] * (t * h * w // 4) + [VISION_END]
+        ids = [im_start, vision_start] + [image_pad] * (t * h * w // 4) + [vision_end]
         ids += torch.randint(100, 150000, (text,), generator=g).tolist()
-        target = torch.randint(100, 150000, (answer,), generator=g).tolist() + [IM_END]
+        target = torch.randint(100, 150000, (answer,), generator=g).tolist() + [im_end]
         sequences.append((torch.tensor(ids + target), torch.tensor([-100] * len(ids) + target)))
         pixels.append(torch.randn(t * h * w, 3 * 2 * spec.patch_size ** 2, generator=g))
     return sequences, pixels, [torch.tensor([grid])] * rows
@@ -146,7 +161,8 @@ def free(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen2.5_vl",
-                        help="model family: Qwen2.5-VL-3B, Qwen3-VL-4B or Qwen3-VL-30B-A3B (4 layers) shape")
+                        help="model family: Qwen2.5-VL-3B, Qwen3-VL-4B, Qwen3-VL-30B-A3B (4 layers) or "
+                        "Qwen3.5-9B (12 layers) shape")
     parser.add_argument("--tiny", action="store_true", help="tiny model (CPU is fine): exercises the code path")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--rows-per-step", type=int, default=0,
@@ -185,7 +201,7 @@ def main() -> None:
     hub_config, real_shape, shape_name, (min_pixels, max_pixels) = FAMILIES[args.family]
     family = model_lib.family_named(args.family)
     hf_config = family.hf_class().config_class.from_dict(hub_config(**({} if args.tiny else real_shape)))
-    spec = family.vision_spec(hf_config, PAD)
+    spec = family.vision_spec(hf_config, QWEN3_5_TOKENS[-1] if args.family == "qwen3_5" else PAD)
     grid = image_grid(width, height, patch=spec.patch_size, min_pixels=min_pixels, max_pixels=max_pixels)
     buckets = tuple(config.data.length_buckets)
     g = torch.Generator().manual_seed(0)

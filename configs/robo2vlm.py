@@ -14,9 +14,12 @@ Variants after the colon (comma separated):
   lora   LoRA adapters (actor.model.is_lora) instead of full-parameter training; `:demo,lora` on the demo.
   video  video rows (data.video_keys=("video",), no images); with demo, generated MP4 clips of a light that
          changes colour once (the answer, its last colour, needs the frames in order); needs PyAV (the video extra).
+  qwen3_5  Qwen3.5 dense (actor.model.model_type=qwen3_5: hybrid linear-attention decoder); with demo, a tiny
+         random Qwen3.5 shaped as the Hub ships Qwen3.5-9B.
 
   python -m vlm_sft.main --config configs/robo2vlm.py:demo
   python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3
+  python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3_5
   python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3_moe
   python -m vlm_sft.main --config configs/robo2vlm.py \
       --config.actor.model.model_path=/models/Qwen2.5-VL-3B-Instruct \
@@ -30,10 +33,13 @@ import ml_collections
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
-    unknown = variants - {"demo", "eval", "qwen3", "qwen3_moe", "lora", "video"}
+    unknown = variants - {"demo", "eval", "qwen3", "qwen3_moe", "lora", "video", "qwen3_5"}
     if unknown:
         raise ValueError(f"configs/robo2vlm.py: unknown variant(s) {sorted(unknown)}; known: demo, eval, qwen3, "
-                         "qwen3_moe, lora, video")
+                         "qwen3_moe, lora, video, qwen3_5")
+    if len(variants & {"qwen3", "qwen3_moe", "qwen3_5"}) > 1:
+        raise ValueError("configs/robo2vlm.py: variants qwen3, qwen3_moe and qwen3_5 name different model families; "
+                         "pick one")
 
     c = ml_collections.ConfigDict()
 
@@ -134,7 +140,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.compile_cache_dir = ""
 
     c.actor.model = ml_collections.ConfigDict()
-    c.actor.model.model_type = "qwen2.5_vl"  # qwen2.5_vl | qwen3_vl | qwen3_vl_moe; must agree with the directory's config.json
+    c.actor.model.model_type = "qwen2.5_vl"  # qwen2.5_vl | qwen3_vl | qwen3_vl_moe | qwen3_5; as config.json
     c.actor.model.precision = "fp32"   # master weights and optimizer state
     c.actor.model.model_path = ""
     c.actor.model.is_lora = False    # train LoRA adapters on a frozen base (vlm_sft/lora.py); RLinf's flag
@@ -142,9 +148,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.model.lora_alpha = 16    # new: adapters scaled by lora_alpha / lora_rank (PEFT's convention)
     c.actor.model.lora_dropout = 0.0  # new: only 0.0 (adapters are merged into the weight inside each block)
     # new: regex searched in linear module names, or "all-linear" (every linear but lm_head, vision tower included).
-    # Default: the language model's q/k/v/o and MLP projections (Qwen2.5-VL and Qwen3-VL name them alike).
+    # Default: the language model's q/k/v/o and MLP projections (Qwen2.5-VL and Qwen3-VL name them alike) and
+    # Qwen3.5's linear-attention q/k/v, gate and output projections (vlm_sft/lora.py DEFAULT_TARGETS).
     c.actor.model.lora_target_modules = (
-        r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$")
+        r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj"
+        r"|linear_attn\.(in_proj_qkv|in_proj_z|out_proj))$")
     # new: frozen parts (no gradient computed, no optimizer state; LLaMA-Factory / ms-swift names). vision tower =
     # model.visual.* but the merger(s); merger = model.visual.merger.* (+ Qwen3-VL's deepstack mergers); llm =
     # model.language_model.* and lm_head.
@@ -238,6 +246,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             c.data.min_pixels = 64 * 64  # as the Qwen3-VL demo: patch 16, merge 2 -> 4 image tokens
             c.data.max_pixels = 64 * 64
 
+    if "qwen3_5" in variants:
+        c.actor.model.model_type = "qwen3_5"
+        c.runner.logger.experiment_name = "qwen3_5_sft_robo2vlm"
+        if "demo" in variants:
+            c.runner.logger.experiment_name = "demo_qwen3_5"  # its own run dir: own demo assets and checkpoints
+            c.data.min_pixels = 64 * 64  # patch 16, merge 2, as Qwen3-VL's
+            c.data.max_pixels = 64 * 64
+
     if "video" in variants:
         c.data.video_keys = ("video",)
         c.data.image_keys = ()
@@ -245,7 +261,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             c.runner.logger.experiment_name += "_video"  # its own run dir: own demo clips and checkpoints
             c.data.demo_blank_video = False  # new: the control: the same rows with grey clips (near chance)
             # 64x64 frames at 4 fps, 8 frames -> 4 sampled at 2 fps -> 2 frame groups of 2x2 merged tokens
-            c.data.video_max_pixels = 64 * 64 if variants & {"qwen3", "qwen3_moe"} else 56 * 56
+            c.data.video_max_pixels = 64 * 64 if variants & {"qwen3", "qwen3_moe", "qwen3_5"} else 56 * 56
             c.runner.max_steps = 120
             c.runner.val_check_interval = 40
             c.runner.save_interval = 40

@@ -109,6 +109,23 @@ def test_qwen3_vl_full_shard_on_2_ranks_takes_the_same_steps_as_one_process(qwen
     assert_same_steps(qwen3_runs(1), qwen3_runs(2, "--config.actor.fsdp_config.sharding_strategy=full_shard"))
 
 
+@pytest.fixture(scope="module")
+def qwen3_5_runs(tmp_path_factory, tiny_qwen3_5_dir, robo2vlm_dir):
+    """As `runs`, for the tiny Qwen3.5 (actor.model.model_type=qwen3_5: Gated DeltaNet + gated attention)."""
+    return cached_runs(tmp_path_factory.mktemp("dist_runs_qwen3_5"), tiny_qwen3_5_dir, robo2vlm_dir,
+                       "--config.actor.model.model_type=qwen3_5")
+
+
+@pytest.mark.slow
+def test_qwen3_5_full_shard_on_2_ranks_takes_the_same_steps_as_one_process(qwen3_5_runs):
+    """Losses to 1e-5; params to 1e-5 plus 1e-5 relative: the Gated DeltaNet's A_log (log decay rates up to
+    log 16) ends 1.05e-5 apart after 10 steps (reduction-order rounding that Adam scales up, as for the k_proj
+    biases in `train`), 4e-6 relative."""
+    assert_same_steps(qwen3_5_runs(1), qwen3_5_runs(2, "--config.actor.fsdp_config.sharding_strategy=full_shard",
+                                                    "--config.actor.fsdp_config.gradient_checkpointing=True"),
+                      param_rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_qwen3_vl_moe_full_shard_on_2_ranks_takes_the_same_steps_as_one_process(tmp_path, tiny_qwen3_vl_moe_dir,
                                                                               robo2vlm_dir):
@@ -126,8 +143,9 @@ def test_qwen3_vl_moe_full_shard_on_2_ranks_takes_the_same_steps_as_one_process(
     assert len(aux) == STEPS and all(abs(a - b) <= TOL for a, b in aux), aux
 
 
-def assert_same_steps(one: str, many: str) -> None:
-    """Per-step losses and final params to TOL, token counts and eval counts equal, between two run dirs."""
+def assert_same_steps(one: str, many: str, param_rtol: float = 0.0) -> None:
+    """Per-step losses and final params to TOL (params: + param_rtol * |param|), token counts and eval counts
+    equal, between two run dirs."""
     base, dist = read_metrics(one), read_metrics(many)
     base_train = [m for m in base if "train/loss" in m]
     dist_train = [m for m in dist if "train/loss" in m]
@@ -138,7 +156,7 @@ def assert_same_steps(one: str, many: str) -> None:
     assert base_train[-1]["train/loss"] < base_train[0]["train/loss"] - 0.2  # it trained
     p1, pn = final_params(one), final_params(many)
     assert p1.keys() == pn.keys()
-    worst = max((float((p1[k] - pn[k]).abs().max()), k) for k in p1)
+    worst = max((float(((p1[k] - pn[k]).abs() - param_rtol * p1[k].abs()).max()), k) for k in p1)
     assert worst[0] <= TOL, worst
     # Eval split over the ranks: every one of the 16 test rows counted once, the same accuracies.
     (b_eval,), (d_eval,) = [m for m in base if "eval/rows" in m], [m for m in dist if "eval/rows" in m]

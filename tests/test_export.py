@@ -241,3 +241,34 @@ def _numel(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def test_qwen3_5_export_loads_cleanly_and_gives_the_trainers_logits(tiny_qwen3_5_dir, tmp_path):
+    """Qwen3.5 (Gated DeltaNet layers beside gated attention): the export loads in Qwen3_5ForConditionalGeneration
+    with no missing or unexpected keys, under the Hub's names, and gives the trainer's logits."""
+    from test_qwen3_5_model import PAD, ROWS, make_batch
+
+    ckpt = save_trained_checkpoint(tiny_qwen3_5_dir, tmp_path / "ckpt")
+    out = str(tmp_path / "hf")
+    export.export_checkpoint(ckpt, out, max_shard_bytes=8 * 1024 ** 2)
+    weight_map = json.load(open(os.path.join(out, "model.safetensors.index.json")))["weight_map"]
+    base_map = json.load(open(os.path.join(tiny_qwen3_5_dir, "model.safetensors.index.json")))["weight_map"]
+    assert sorted(weight_map) == sorted(base_map)
+    assert "model.language_model.layers.0.linear_attn.A_log" in weight_map
+    assert json.load(open(os.path.join(out, "config.json")))["model_type"] == "qwen3_5"
+    processor = load_processor(out)
+    assert processor.chat_template == load_processor(str(tiny_qwen3_5_dir)).chat_template
+    assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") == 248056
+
+    transformers.utils.logging.set_verbosity_warning()
+    try:
+        hf, info = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(
+            out, dtype=torch.float32, local_files_only=True, output_loading_info=True)
+    finally:
+        transformers.utils.logging.set_verbosity_error()
+    assert {k: list(v) for k, v in info.items() if v} == {}
+
+    model, params = model_lib.load_model(str(tiny_qwen3_5_dir))
+    params = checkpoint.restore_params(ckpt, params)
+    assert_same_label_logits(model, params, hf, make_batch(torch.Generator().manual_seed(0), model.vision_spec(PAD),
+                                                           ROWS))

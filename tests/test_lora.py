@@ -191,11 +191,16 @@ def test_lora_compiled_step_equals_eager(tmp_path, tiny_model_dir, robo2vlm_dir)
 
 
 @pytest.mark.slow
-def test_qwen3_vl_lora_adapter_loads_with_peft(tmp_path, tiny_qwen3_vl_dir, robo2vlm_dir):
-    """Qwen3-VL: 3 LoRA steps through the entry point, `export --adapter_only`, and peft's PeftModel on
-    transformers' Qwen3VLForConditionalGeneration gives the trainer's logits."""
+@pytest.mark.parametrize("variant,model_fixture,hf_class", [
+    ("qwen3", "tiny_qwen3_vl_dir", "Qwen3VLForConditionalGeneration"),
+    ("qwen3_5", "tiny_qwen3_5_dir", "Qwen3_5ForConditionalGeneration")])
+def test_qwen3_family_lora_adapter_loads_with_peft(tmp_path, request, robo2vlm_dir, variant, model_fixture,
+                                                   hf_class):
+    """Qwen3-VL and Qwen3.5: 3 LoRA steps through the entry point, `export --adapter_only`, and peft's PeftModel
+    on transformers' own class gives the trainer's logits (Qwen3.5: adapters in its Gated DeltaNet layers too)."""
     peft = pytest.importorskip("peft")
-    config = run_config("demo,lora,qwen3", tmp_path, "run", tiny_qwen3_vl_dir, robo2vlm_dir, **{
+    tiny_qwen3_vl_dir = request.getfixturevalue(model_fixture)
+    config = run_config(f"demo,lora,{variant}", tmp_path, "run", tiny_qwen3_vl_dir, robo2vlm_dir, **{
         "runner.val_before_train": False, "actor.optim.lr_warmup_steps": 0, "runner.max_steps": 3,
         "actor.model.lora_target_modules": "all-linear"})
     main_lib.run(config, "train")
@@ -214,7 +219,9 @@ def test_qwen3_vl_lora_adapter_loads_with_peft(tmp_path, tiny_qwen3_vl_dir, robo
     assert export.cli(["--checkpoint", ckpt, "--output_dir", str(out), "--adapter_only"]) == 0
     adapter_config = json.load(open(out / "adapter_config.json"))
     assert any(m.startswith("model.visual.blocks.") for m in adapter_config["target_modules"])
-    base = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
+    if variant == "qwen3_5":
+        assert "model.language_model.layers.0.linear_attn.in_proj_qkv" in adapter_config["target_modules"]
+    base = getattr(transformers, hf_class).from_pretrained(
         str(tiny_qwen3_vl_dir), dtype=torch.float32, local_files_only=True)
     with_adapter = peft.PeftModel.from_pretrained(base, str(out))
     image_token_id = model_config.image_token_id

@@ -17,8 +17,8 @@ from configs_loader import load_config
 from vlm_sft.data.vision import mrope_position_ids
 from vlm_sft.models import common
 
-IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD = 151644, 151645, 151652, 151653, 151655
-FAMILIES = ["tiny_model_dir", "tiny_qwen3_vl_dir"]
+IM_START, IM_END = 151644, 151645  # any ids in every family's vocabulary (the vision ones come from the config)
+FAMILIES = ["tiny_model_dir", "tiny_qwen3_vl_dir", "tiny_qwen3_5_dir"]
 # Rows of very different lengths: several images (non-square grids), one image, text only, a long text row.
 ROWS = [([(1, 4, 6), (1, 6, 4)], 5), ([(1, 2, 8)], 3), ([], 40), ([(1, 8, 2), (1, 4, 4), (1, 2, 6)], 7), ([], 4)]
 
@@ -28,12 +28,14 @@ def make_rows(model: model_lib.Model, seed: int = 0, rows=ROWS):
     v = model.config.vision_config
     channels = getattr(v, "in_channels", None) or v.in_chans
     patch_dim = channels * v.temporal_patch_size * v.patch_size ** 2
+    c = model.config  # the family's vision token ids (Qwen3.5's are not Qwen2.5's)
+    vision_start, image_pad, vision_end = c.vision_start_token_id, c.image_token_id, c.vision_end_token_id
     g = torch.Generator().manual_seed(seed)
     sequences, pixels, grids = [], [], []
     for images, text in rows:
         ids, row_pixels = [IM_START], []
         for t, h, w in images:
-            ids += [VISION_START] + [IMAGE_PAD] * (t * h * w // 4) + [VISION_END]
+            ids += [vision_start] + [image_pad] * (t * h * w // 4) + [vision_end]
             row_pixels.append(torch.randn(t * h * w, patch_dim, generator=g))
         ids += torch.randint(100, 900, (text,), generator=g).tolist()
         target = torch.randint(100, 900, (3,), generator=g).tolist() + [IM_END]
@@ -127,7 +129,7 @@ def test_packed_rows_equal_transformers_forward_of_each_row_alone(fixture, reque
         images = {"pixel_values": pix, "image_grid_thw": grid} if len(grid) else {}
         with torch.no_grad():
             logits = hf(input_ids=ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                        mm_token_type_ids=(ids[None] == IMAGE_PAD).int(), **images).logits[0]
+                        mm_token_type_ids=(ids[None] == model.config.image_token_id).int(), **images).logits[0]
         keep = labels[1:] != -100
         theirs.append(F.cross_entropy(logits[:-1][keep].float(), labels[1:][keep], reduction="none"))
     torch.testing.assert_close(ours, torch.cat(theirs), rtol=1e-5, atol=1e-5)

@@ -155,7 +155,7 @@ def test_bench_data_pipeline_runs(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2.5_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("family", ["qwen2.5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"])
 def test_bench_step_gpu_tiny_runs_on_cpu(tmp_path, family):
     """bench/step_gpu.py's whole code path (compiled step, eager HF loop, table) on a tiny model on CPU."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "step_gpu.py"), "--tiny", "--warmup", "1",

@@ -50,7 +50,9 @@ def cli_args(log_path, model_dir, data_dir, *overrides: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type, model_fixture", [("qwen2.5_vl", "tiny_model_dir"),
                                                        ("qwen3_vl", "tiny_qwen3_vl_dir"),
-                                                       ("qwen3_vl_moe", "tiny_qwen3_vl_moe_dir")])
+                                                       ("qwen3_vl_moe", "tiny_qwen3_vl_moe_dir"),
+
+                                                       ("qwen3_5", "tiny_qwen3_5_dir")])
 def test_sigkill_mid_step_then_auto_resume_is_bitwise_exact(tmp_path, request, robo2vlm_dir, model_type,
                                                             model_fixture):
     """Run A: 12 steps straight. Run B: SIGKILLed during step 8 (after the step-6 checkpoint), restarted with the

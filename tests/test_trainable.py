@@ -68,6 +68,27 @@ def test_presets_and_default_lora_targets_cover_qwen3_vl(qwen3_skeleton):
     assert len(plan.lora_modules) == 2 * 7 and all(".language_model.layers." in m for m in plan.lora_modules)
 
 
+def test_presets_and_default_lora_targets_cover_qwen3_5():
+    """Qwen3.5: freezing presets partition its params (no DeepStack mergers), and the default LoRA targets reach
+    the Gated DeltaNet layers' projections as PEFT names them (linear_attn.in_proj_qkv, ...), not only the one
+    full-attention layer."""
+    from vlm_sft.demo import qwen3_5
+    config = transformers.Qwen3_5Config.from_dict(qwen3_5.hub_config())
+    with torch.device("meta"):
+        skeleton = transformers.Qwen3_5ForConditionalGeneration(config)
+    names = [n for n, _ in skeleton.named_parameters()]
+    plan = trainable.make_plan(config_with(**{"actor.model.freeze_vision_tower": True}), skeleton)
+    assert set(plan.frozen) == {n for n in names if n.startswith("model.visual.") and ".merger." not in n}
+    plan = trainable.make_plan(config_with(**{"actor.model.is_lora": True}), skeleton)
+    layer0 = {m.split("layers.0.")[1] for m in plan.lora_modules if ".layers.0." in m}
+    assert layer0 == {"linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj", "mlp.gate_proj",
+                      "mlp.up_proj", "mlp.down_proj"}
+    layer3 = {m.split("layers.3.")[1] for m in plan.lora_modules if ".layers.3." in m}  # the full-attention layer
+    assert layer3 == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert load_config("").actor.model.lora_target_modules == lora.DEFAULT_TARGETS
+
+
 def test_lora_trainable_count_is_analytic(skeleton):
     plan = trainable.make_plan(config_with(**{"actor.model.is_lora": True, "actor.model.lora_rank": 4}), skeleton)
     text = skeleton.config.text_config

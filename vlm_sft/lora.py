@@ -36,8 +36,11 @@ Params = dict[str, torch.Tensor]
 A_SUFFIX = ".lora_A"
 B_SUFFIX = ".lora_B"
 ALL_LINEAR = "all-linear"
-# The language model's attention and MLP projections (the same module names in Qwen2.5-VL and Qwen3-VL).
-DEFAULT_TARGETS = r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+# The language model's attention and MLP projections (the same module names in Qwen2.5-VL and Qwen3-VL), and in
+# Qwen3.5's Gated DeltaNet layers their q/k/v, output-gate and output projections (the per-head decay and rate
+# projections in_proj_a / in_proj_b, hidden -> heads, stay as they are).
+DEFAULT_TARGETS = (r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj"
+                   r"|linear_attn\.(in_proj_qkv|in_proj_z|out_proj))$")
 # Modules never adapted: PEFT's all-linear leaves the output layer out too (and tied, it is the embedding).
 _EXCLUDED = ("lm_head",)
 

@@ -6,6 +6,9 @@ system turn first, Qwen3-VL's adds none); the target is the assistant's "B. Yes"
 the target and its closing <|im_end|> (RLinf also trains on a stray trailing "<|im_start|>assistant\n": we don't).
 The real Hub chat template has no {% generation %} markers, so the label boundary is the length of the prompt
 rendered with add_generation_prompt=True, checked to be a prefix of the rendered full conversation.
+Thinking templates (Qwen3.5's) are rendered with enable_thinking=False (templates without it ignore it): the
+generation prompt then ends with the empty think block "<think>\n\n</think>\n\n" that the template also renders
+before a direct answer, so the answer is labelled alone and evaluation prompts the model to answer directly.
 """
 from __future__ import annotations
 
@@ -114,7 +117,8 @@ class Encoder:
         content = ([{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
                    + [{"type": "text", "text": user_text(question, choices)}])
         return self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True,
+            enable_thinking=False)
 
     def _check_prefix(self, question: str, choices: list[str], n_images: int, target: str, source: str,
                       n_videos: int = 0) -> None:
@@ -123,7 +127,8 @@ class Encoder:
         content = ([{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
                    + [{"type": "text", "text": user_text(question, choices)}])
         full = self.processor.apply_chat_template(
-            [{"role": "user", "content": content}, {"role": "assistant", "content": target}], tokenize=False)
+            [{"role": "user", "content": content}, {"role": "assistant", "content": target}], tokenize=False,
+            enable_thinking=False)
         if not full.startswith(prompt + target + TURN_END):
             raise ValueError(f"{source}: the chat template does not render the assistant turn as generation prompt "
                              f"+ answer + {TURN_END}; cannot place answer-only labels")

@@ -9,6 +9,7 @@ like the Robo2VLM-1 download, not like anything our own code writes. The `:demo`
   hub.py          what every family's directory shares (shards + index)
   qwen2_5_vl.py   one module per family: its Hub config.json, processor configs, chat template, builder
   qwen3_vl.py
+  qwen3_5.py      (Qwen's BPE with Qwen3.5's 248k special-token ids: no package ships Qwen3.5's vocabulary)
   qwen3_vl_moe.py
   families.py     actor.model.model_type -> builder (a new family: one module, one entry)
   data.py         Robo2VLM parquet and JSONL/JSON writers (real image bytes)

@@ -39,7 +39,8 @@ def image_features(model: Model, params: Params, batch: Batch, block_call: Block
     x = x + pos.to(x.dtype)
     cos, sin = vision_rotary(visual.rotary_pos_emb.inv_freq, batch["vision_rotary_ids"])
     layout = [batch[f"full_{key}"] for key in ("gather", "mask", "scatter", "cu_seqlens")]
-    deepstack_at = {layer: j for j, layer in enumerate(visual.deepstack_visual_indexes)}
+    # Qwen3.5's tower is this one without DeepStack (no deepstack_visual_indexes): then no DeepStack features.
+    deepstack_at = {layer: j for j, layer in enumerate(getattr(visual, "deepstack_visual_indexes", ()))}
     block = visual.blocks[0]  # templates: structure only (params come from `params`)
     deepstack_merger = visual.deepstack_merger_list[0] if deepstack_at else None
     deepstack = []
