@@ -16,11 +16,14 @@ Variants after the colon (comma separated):
          changes colour once (the answer, its last colour, needs the frames in order); needs PyAV (the video extra).
   qwen3_5  Qwen3.5 dense (actor.model.model_type=qwen3_5: hybrid linear-attention decoder); with demo, a tiny
          random Qwen3.5 shaped as the Hub ships Qwen3.5-9B.
+  qwen3_5_moe  Qwen3.5-MoE (actor.model.model_type=qwen3_5_moe, e.g. Qwen3.5-35B-A3B: the hybrid decoder with
+         routed experts and a gated shared expert); with demo, a tiny random one shaped as the 35B-A3B.
 
   python -m vlm_sft.main --config configs/robo2vlm.py:demo
   python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3
   python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3_5
   python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3_moe
+  python -m vlm_sft.main --config configs/robo2vlm.py:demo,qwen3_5_moe
   python -m vlm_sft.main --config configs/robo2vlm.py \
       --config.actor.model.model_path=/models/Qwen2.5-VL-3B-Instruct \
       --config.data.train_data_paths=/data/Robo2VLM-1/data --config.data.eval_data_paths=/data/Robo2VLM-1/data
@@ -30,16 +33,18 @@ Variants after the colon (comma separated):
 """
 import ml_collections
 
+FAMILY_VARIANTS = {"qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe"}  # one model family each: at most one of them
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
-    unknown = variants - {"demo", "eval", "qwen3", "qwen3_moe", "lora", "video", "qwen3_5"}
+    unknown = variants - {"demo", "eval", "qwen3", "qwen3_moe", "lora", "video", "qwen3_5", "qwen3_5_moe"}
     if unknown:
         raise ValueError(f"configs/robo2vlm.py: unknown variant(s) {sorted(unknown)}; known: demo, eval, qwen3, "
-                         "qwen3_moe, lora, video, qwen3_5")
-    if len(variants & {"qwen3", "qwen3_moe", "qwen3_5"}) > 1:
-        raise ValueError("configs/robo2vlm.py: variants qwen3, qwen3_moe and qwen3_5 name different model families; "
-                         "pick one")
+                         "qwen3_moe, lora, video, qwen3_5, qwen3_5_moe")
+    if len(variants & FAMILY_VARIANTS) > 1:
+        raise ValueError("configs/robo2vlm.py: variants qwen3, qwen3_moe, qwen3_5 and qwen3_5_moe name different "
+                         "model families; pick one")
 
     c = ml_collections.ConfigDict()
 
@@ -140,7 +145,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.compile_cache_dir = ""
 
     c.actor.model = ml_collections.ConfigDict()
-    c.actor.model.model_type = "qwen2.5_vl"  # qwen2.5_vl | qwen3_vl | qwen3_vl_moe | qwen3_5; as config.json
+    c.actor.model.model_type = "qwen2.5_vl"  # qwen2.5_vl | qwen3_vl | qwen3_vl_moe | qwen3_5 | qwen3_5_moe; as config.json
     c.actor.model.precision = "fp32"   # master weights and optimizer state
     c.actor.model.model_path = ""
     c.actor.model.is_lora = False    # train LoRA adapters on a frozen base (vlm_sft/lora.py); RLinf's flag
@@ -254,6 +259,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             c.data.min_pixels = 64 * 64  # patch 16, merge 2, as Qwen3-VL's
             c.data.max_pixels = 64 * 64
 
+    if "qwen3_5_moe" in variants:
+        c.actor.model.model_type = "qwen3_5_moe"
+        c.runner.logger.experiment_name = "qwen3_5_moe_sft_robo2vlm"
+        if "demo" in variants:
+            c.runner.logger.experiment_name = "demo_qwen3_5_moe"  # its own run dir: own demo assets and checkpoints
+            c.data.min_pixels = 64 * 64  # patch 16, merge 2, as Qwen3.5's
+            c.data.max_pixels = 64 * 64
+
     if "video" in variants:
         c.data.video_keys = ("video",)
         c.data.image_keys = ()
@@ -261,7 +274,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             c.runner.logger.experiment_name += "_video"  # its own run dir: own demo clips and checkpoints
             c.data.demo_blank_video = False  # new: the control: the same rows with grey clips (near chance)
             # 64x64 frames at 4 fps, 8 frames -> 4 sampled at 2 fps -> 2 frame groups of 2x2 merged tokens
-            c.data.video_max_pixels = 64 * 64 if variants & {"qwen3", "qwen3_moe", "qwen3_5"} else 56 * 56
+            c.data.video_max_pixels = 64 * 64 if variants & FAMILY_VARIANTS else 56 * 56
             c.runner.max_steps = 120
             c.runner.val_check_interval = 40
             c.runner.save_interval = 40

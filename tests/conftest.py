@@ -39,6 +39,14 @@ def tiny_qwen3_5_dir(tmp_path_factory):
     token ids (248k vocabulary), tied embeddings, bf16 shards."""
     from vlm_sft.demo import qwen3_5
     return pathlib.Path(qwen3_5.make_tiny_qwen3_5_dir(tmp_path_factory.mktemp("tiny_qwen3_5")))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_5_moe_dir(tmp_path_factory):
+    """Tiny random Qwen3.5-MoE shaped as Qwen3.5-35B-A3B: Qwen3.5's hybrid decoder (3 Gated DeltaNet layers + 1
+    gated attention layer), every MLP sparse (8 experts, 2 per token) with a gated shared expert, untied."""
+    from vlm_sft.demo import qwen3_5_moe
+    return pathlib.Path(qwen3_5_moe.make_tiny_qwen3_5_moe_dir(tmp_path_factory.mktemp("tiny_qwen3_5_moe")))
 def tiny_qwen3_vl_moe_dir(tmp_path_factory):
     """Tiny random Qwen3-VL-MoE as the Hub ships Qwen3-VL-30B-A3B-Instruct (transposed stacked experts, untied),
     with one dense layer beside the sparse ones."""

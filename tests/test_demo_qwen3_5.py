@@ -38,7 +38,7 @@ def test_demo_qwen3_5_builds_a_hub_shaped_qwen3_5(tmp_path):
     assert stored.keys() == weight_map.keys() and set(stored.values()) == {"BF16"}
     assert "model.language_model.layers.0.linear_attn.conv1d.weight" in stored
     assert "lm_head.weight" not in stored  # tied
-    with pytest.raises(ValueError, match="variants qwen3, qwen3_moe and qwen3_5 name different model families"):
+    with pytest.raises(ValueError, match="variants qwen3, qwen3_moe, qwen3_5 and qwen3_5_moe name different model families"):
         load_config("demo,qwen3,qwen3_5")
 
 

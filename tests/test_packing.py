@@ -18,7 +18,7 @@ from vlm_sft.data.vision import mrope_position_ids
 from vlm_sft.models import common
 
 IM_START, IM_END = 151644, 151645  # any ids in every family's vocabulary (the vision ones come from the config)
-FAMILIES = ["tiny_model_dir", "tiny_qwen3_vl_dir", "tiny_qwen3_5_dir"]
+FAMILIES = ["tiny_model_dir", "tiny_qwen3_vl_dir", "tiny_qwen3_5_dir", "tiny_qwen3_5_moe_dir"]
 # Rows of very different lengths: several images (non-square grids), one image, text only, a long text row.
 ROWS = [([(1, 4, 6), (1, 6, 4)], 5), ([(1, 2, 8)], 3), ([], 40), ([(1, 8, 2), (1, 4, 4), (1, 2, 6)], 7), ([], 4)]
 

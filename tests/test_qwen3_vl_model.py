@@ -157,7 +157,8 @@ def test_unsupported_model_directory_is_one_line_listing_the_families(tmp_path, 
         model_lib.check_model_dir(str(tmp_path), "qwen3_vl")
     assert f"model_type is {model_type!r}; vlm-sft supports 'qwen2.5_vl' (config.json model_type 'qwen2_5_vl'), " \
            "'qwen3_vl' (config.json model_type 'qwen3_vl'), 'qwen3_vl_moe' (config.json model_type " \
-           "'qwen3_vl_moe')" in str(e.value)
+           "'qwen3_vl_moe'), 'qwen3_5' (config.json model_type 'qwen3_5'), 'qwen3_5_moe' (config.json model_type " \
+           "'qwen3_5_moe')" in str(e.value)
     assert "\n" not in str(e.value)
     assert model_lib.check_model_dir(str(tiny_qwen3_vl_dir), "qwen3_vl").name == "qwen3_vl"
     with pytest.raises(model_lib.ModelLoadError, match="actor.model.model_type='qwen2.5_vl' but .* 'qwen3_vl'"):

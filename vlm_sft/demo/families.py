@@ -3,10 +3,10 @@ vlm_sft/models/ registers its families): a new family adds its module here and o
 import os
 from typing import Callable
 
-from vlm_sft.demo import qwen2_5_vl, qwen3_5, qwen3_vl, qwen3_vl_moe
+from vlm_sft.demo import qwen2_5_vl, qwen3_5, qwen3_5_moe, qwen3_vl, qwen3_vl_moe
 
 TINY_MODEL_BUILDERS: dict[str, Callable[..., str | os.PathLike]] = {
-    m.MODEL_TYPE: m.BUILD for m in (qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5)
+    m.MODEL_TYPE: m.BUILD for m in (qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe)
 }
 
 

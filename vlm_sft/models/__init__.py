@@ -4,6 +4,7 @@
   qwen3_vl.py     Qwen3-VL dense ("qwen3_vl")
   qwen3_5.py      Qwen3.5 dense ("qwen3_5"): hybrid Gated DeltaNet / gated attention decoder (linear_attention.py)
   qwen3_vl_moe.py Qwen3-VL-MoE ("qwen3_vl_moe"; experts: moe.py)
+  qwen3_5_moe.py  Qwen3.5-MoE ("qwen3_5_moe"): Qwen3.5's hybrid decoder with sparse MLPs and a gated shared expert
 
 A family gives: the HF class to load a Hub directory into a skeleton + fp32 params, the functional forward to final
 hidden states through the block_call hook, the param groups, the host-side vision precompute collate calls, the
@@ -20,12 +21,13 @@ from typing import Any
 import torch
 
 from vlm_sft.errors import ModelLoadError
-from vlm_sft.models import qwen2_5_vl, qwen3_5, qwen3_vl, qwen3_vl_moe
+from vlm_sft.models import qwen2_5_vl, qwen3_5, qwen3_5_moe, qwen3_vl, qwen3_vl_moe
 from vlm_sft.models.common import (Batch, BlockCall, Family, FlopShape, Model, Params, forward_hidden,
                                    forward_hidden_aux, label_logits, model_from_module, plain_block_call, token_nll,
                                    token_nll_aux)
 
-FAMILIES: tuple[Family, ...] = (qwen2_5_vl.FAMILY, qwen3_vl.FAMILY, qwen3_vl_moe.FAMILY, qwen3_5.FAMILY)
+FAMILIES: tuple[Family, ...] = (qwen2_5_vl.FAMILY, qwen3_vl.FAMILY, qwen3_vl_moe.FAMILY, qwen3_5.FAMILY,
+                                qwen3_5_moe.FAMILY)
 
 __all__ = ["Batch", "BlockCall", "FAMILIES", "Family", "FlopShape", "Model", "ModelLoadError", "Params",
            "check_model_dir", "check_model_type", "family_for_config", "family_for_model_type", "family_named",
