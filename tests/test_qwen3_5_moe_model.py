@@ -205,3 +205,15 @@ def test_export_loads_in_hf_with_no_missing_keys_and_the_trainers_logits(tiny_qw
     torch.testing.assert_close(hf.state_dict()[name], params[name].float())
     assert_same_label_logits(model, params, hf, make_batch(torch.Generator().manual_seed(0), model.vision_spec(PAD),
                                                            ROWS))
+
+
+def test_the_sharded_loaders_module_stops_generating_at_the_directorys_eos_ids(tiny_qwen3_5_moe_dir):
+    """The skeleton evaluation generates with reads generation_config.json as from_pretrained does: Qwen3.5's
+    config.json names only <|endoftext|>, and without <|im_end|> a trained model's answer runs on."""
+    from vlm_sft import loading
+    from vlm_sft.demo import qwen3_5
+
+    module = loading.skeleton(str(tiny_qwen3_5_moe_dir), model_lib.family_named("qwen3_5_moe"),
+                              attn_implementation="sdpa")
+    assert module.generation_config.eos_token_id == qwen3_5.GENERATION_CONFIG["eos_token_id"]
+    assert module.config.text_config.eos_token_id == qwen3_5.SPECIAL_BASE

@@ -75,6 +75,11 @@ def skeleton(path: str, family: model_lib.Family, *, attn_implementation: str) -
     config._attn_implementation = attn_implementation
     with params_on_meta():
         module = cls._from_config(config, dtype=torch.float32)
+    if os.path.isfile(os.path.join(path, "generation_config.json")):
+        # as from_pretrained reads it: evaluation's generate stops at its eos ids (Qwen3.5's config.json names
+        # only <|endoftext|>; generation_config.json adds <|im_end|>, where an answer ends)
+        from transformers import GenerationConfig
+        module.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
     return module
 
 
