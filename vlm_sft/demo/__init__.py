@@ -11,6 +11,7 @@ like the Robo2VLM-1 download, not like anything our own code writes. The `:demo`
   qwen3_vl.py
   qwen3_5.py      (Qwen's BPE with Qwen3.5's 248k special-token ids: no package ships Qwen3.5's vocabulary)
   qwen3_vl_moe.py
+  qwen3_5_moe.py  (Qwen3.5's fixture tokenizer and template; the MoE fields in text_config)
   families.py     actor.model.model_type -> builder (a new family: one module, one entry)
   data.py         Robo2VLM parquet and JSONL/JSON writers (real image bytes)
   assets.py       prepare_demo: the `:demo` placeholders -> assets under the run directory
