@@ -39,6 +39,9 @@ def tiny_qwen3_5_dir(tmp_path_factory):
     token ids (248k vocabulary), tied embeddings, bf16 shards."""
     from vlm_sft.demo import qwen3_5
     return pathlib.Path(qwen3_5.make_tiny_qwen3_5_dir(tmp_path_factory.mktemp("tiny_qwen3_5")))
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3_vl_moe_dir(tmp_path_factory):
     """Tiny random Qwen3-VL-MoE as the Hub ships Qwen3-VL-30B-A3B-Instruct (transposed stacked experts, untied),
     with one dense layer beside the sparse ones."""
