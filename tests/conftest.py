@@ -47,6 +47,9 @@ def tiny_qwen3_5_moe_dir(tmp_path_factory):
     gated attention layer), every MLP sparse (8 experts, 2 per token) with a gated shared expert, untied."""
     from vlm_sft.demo import qwen3_5_moe
     return pathlib.Path(qwen3_5_moe.make_tiny_qwen3_5_moe_dir(tmp_path_factory.mktemp("tiny_qwen3_5_moe")))
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3_vl_moe_dir(tmp_path_factory):
     """Tiny random Qwen3-VL-MoE as the Hub ships Qwen3-VL-30B-A3B-Instruct (transposed stacked experts, untied),
     with one dense layer beside the sparse ones."""
