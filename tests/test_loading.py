@@ -22,7 +22,8 @@ from vlm_sft.demo.hub import write_hub_shards
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen3_vl_dir_untied"])
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen3_vl_dir_untied", "tiny_qwen3_vl_moe_dir",
+                                     "tiny_qwen3_5_dir"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_same_params_as_from_pretrained_then_sharded(fixture, lora, request, device):
     """Bitwise: trained leaves in fp32, frozen ones (the vision tower, or every base leaf under LoRA) in bf16, as

@@ -127,11 +127,18 @@ def load_sharded(path: str, sharding: Any, dtypes: dict[str, torch.dtype], *, at
                     continue
                 piece = handle.get_slice(key)
                 shape = tuple(piece.get_shape())
-                if shape != tuple(meta[name].shape):
+                # The family's Hub layout (e.g. Qwen3-VL-MoE's transposed experts: family.from_hub) changes only
+                # trailing dims, so this rank's rows of dim 0 are the same rows in either layout.
+                convert = key == family.hub_name(name)
+                expected = tuple(family.to_hub(name, meta[name]).shape) if convert else tuple(meta[name].shape)
+                if shape != expected:
                     raise ModelLoadError(f"actor.model.model_path={path!r}: {key} has shape {list(shape)} in the "
-                                         f"files, the model expects {list(meta[name].shape)}")
+                                         f"files, the model expects {list(expected)}")
                 start, end = local_rows(shape[0], sharding) if shape else (0, 0)
                 local = (piece[start:end] if shape else piece[...]).to(dtypes.get(name, torch.float32))
+                if convert:
+                    local = family.from_hub(name, local)
+                shape = tuple(meta[name].shape)
                 read += local.numel() * local.element_size()
                 local = local.to(sharding.device).contiguous()
                 if getattr(sharding, "plain", False):  # one rank, plain tensors (sharding.Sharding.plain)
