@@ -111,7 +111,7 @@ CASES = [
     ("eval_without_data", lambda i: ["--mode=eval", "--config.data.eval_data_paths="],
      "--mode=eval needs data.eval_data_paths", True),
     # batch arithmetic
-    ("indivisible_batch", lambda i: ["--config.actor.global_batch_size=12"],
+    ("indivisible_batch", lambda i: ["--config.actor.global_batch_size=12", "--config.data.packing=False"],
      "actor.global_batch_size=12 is not divisible by actor.micro_batch_size=8", True),
     # mesh and precision
     ("unknown_strategy", lambda i: ["--config.actor.fsdp_config.sharding_strategy=zero3"],
