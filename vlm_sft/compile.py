@@ -23,6 +23,8 @@ them), so images of any size and number share one graph.
 """
 from __future__ import annotations
 
+import functools
+
 import contextlib
 import dataclasses
 import os
@@ -57,6 +59,18 @@ def _mark_dynamic(args: tuple) -> None:
                 torch._dynamo.maybe_mark_dynamic(a, dim)
 
 
+def eager_region(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`fn` marked to run eagerly inside a compiled step (a block whose ops dynamo's fullgraph tracing cannot take:
+    host-side row bounds, third-party kernels). torch.compiler.disable is not enough: compiling the function
+    itself traces through it."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return fn(*args, **kwargs)
+
+    run.eager_region = True
+    return run
+
+
 def make_block_call(prepare: Callable[[Params], Params] = lambda p: p, *, compile: bool = False,
                     checkpointing: bool = False) -> BlockCall:
     """A `block_call` hook (model.py): `fn(module, prepare(p), *args)` per call.
@@ -71,7 +85,7 @@ def make_block_call(prepare: Callable[[Params], Params] = lambda p: p, *, compil
     def block_call(fn: Callable[..., torch.Tensor], module: Any, p: Params, *args: Any, remat: bool = False,
                    dynamic: bool = False) -> torch.Tensor:
         run = fn
-        if compile:
+        if compile and not getattr(fn, "eager_region", False):
             run = compiled.get((fn, module))
             if run is None:
                 run = compiled[(fn, module)] = torch.compile(fn, fullgraph=True, dynamic=False)

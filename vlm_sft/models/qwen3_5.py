@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vlm_sft import compile as compile_lib
+
 from vlm_sft.data.vision import Qwen3VLVisionSpec
 from vlm_sft.models import linear_attention, qwen3_vl
 from vlm_sft.errors import ModelLoadError
@@ -121,22 +123,23 @@ def packed_linear_decoder_block(layer: torch.nn.Module, p: Params, h: torch.Tens
 
 BLOCK_FNS = {"linear_attention": linear_decoder_block, "full_attention": decoder_block}
 PACKED_BLOCK_FNS = {"linear_attention": packed_linear_decoder_block, "full_attention": packed_full_decoder_block}
-# With the CUDA kernels the linear-attention blocks run eagerly even in a compiled step: fla's ops are triton
+# With the CUDA kernels the linear-attention blocks run eagerly even in a compiled step (compile.eager_region): fla's ops are triton
 # autograd Functions behind Python-level guards (inspect.signature, device contexts) that dynamo's fullgraph
 # tracing is not known to take (untested without a GPU); eager, they still run the kernels and cuBLAS matmuls, and
-# the full-attention blocks and the vision tower stay compiled. torch.compiler.disable keeps the region's call
-# sites as they are (compile.py compiles it; dynamo skips its frame).
-KERNEL_BLOCK_FNS = {"linear_attention": torch.compiler.disable(linear_decoder_block),
+# the full-attention blocks and the vision tower stay compiled. compile.eager_region keeps the region's call
+# sites as they are (compile.py's block_call runs it uncompiled).
+KERNEL_BLOCK_FNS = {"linear_attention": compile_lib.eager_region(linear_decoder_block),
                     "full_attention": decoder_block}
-KERNEL_PACKED_BLOCK_FNS = {"linear_attention": torch.compiler.disable(packed_linear_decoder_block),
+KERNEL_PACKED_BLOCK_FNS = {"linear_attention": compile_lib.eager_region(packed_linear_decoder_block),
                            "full_attention": packed_full_decoder_block}
 
 
 def block_fns(device: torch.device, packed: bool) -> dict[str, Any]:
     """The function each layer kind is applied with on `device` (module docstring; KERNEL_BLOCK_FNS)."""
     kernels = any(linear_attention.kernel_path(device).values())
-    if packed:
-        return KERNEL_PACKED_BLOCK_FNS if kernels else PACKED_BLOCK_FNS
+    if packed:  # the torch reference restarts the recurrence per row from host-side row bounds, which a
+        # compiled region cannot trace: packed linear-attention blocks run eagerly on every device
+        return KERNEL_PACKED_BLOCK_FNS
     return KERNEL_BLOCK_FNS if kernels else BLOCK_FNS
 
 

@@ -23,6 +23,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from vlm_sft import compile as compile_lib
+
 from vlm_sft.data.vision import Qwen3VLVisionSpec
 from vlm_sft.models import linear_attention, moe, qwen3_5, qwen3_vl, qwen3_vl_moe
 from vlm_sft.models.common import (TEXT, Batch, BlockCall, Family, FlopShape, Model, Params, _call, _sub,
@@ -89,15 +91,16 @@ BLOCK_FNS = {"linear_attention": linear_block, "full_attention": full_block}
 PACKED_BLOCK_FNS = {"linear_attention": packed_linear_block, "full_attention": packed_full_block}
 # With the CUDA kernels the linear-attention blocks run eagerly in a compiled step, as Qwen3.5 dense's
 # (models/qwen3_5.py KERNEL_BLOCK_FNS says why).
-KERNEL_BLOCK_FNS = {"linear_attention": torch.compiler.disable(linear_block), "full_attention": full_block}
-KERNEL_PACKED_BLOCK_FNS = {"linear_attention": torch.compiler.disable(packed_linear_block),
+KERNEL_BLOCK_FNS = {"linear_attention": compile_lib.eager_region(linear_block), "full_attention": full_block}
+KERNEL_PACKED_BLOCK_FNS = {"linear_attention": compile_lib.eager_region(packed_linear_block),
                            "full_attention": packed_full_block}
 
 
 def block_fns(device: torch.device, packed: bool) -> dict[str, Any]:
     kernels = any(linear_attention.kernel_path(device).values())
-    if packed:
-        return KERNEL_PACKED_BLOCK_FNS if kernels else PACKED_BLOCK_FNS
+    if packed:  # the torch reference restarts the recurrence per row from host-side row bounds, which a
+        # compiled region cannot trace: packed linear-attention blocks run eagerly on every device
+        return KERNEL_PACKED_BLOCK_FNS
     return KERNEL_BLOCK_FNS if kernels else BLOCK_FNS
 
 
