@@ -462,7 +462,8 @@ def _fusable(p: list[torch.Tensor], mu: list[torch.Tensor], nu: list[torch.Tenso
         return False
     device = p[0].device
     return device.type in ("cpu", "cuda") and all(
-        x.dtype == torch.float32 and x.device == device and not isinstance(x, DTensor) for x in (*p, *mu, *nu))
+        x.dtype == torch.float32 and x.device == device and not isinstance(x, DTensor) and x.is_contiguous()
+        for x in (*p, *mu, *nu))
 
 
 def _adamw_fused(learning_rate, b1, b2, eps, weight_decay, mask, max_grad_norm, skip_nonfinite, lr_multipliers,
@@ -505,7 +506,9 @@ def _adamw_fused(learning_rate, b1, b2, eps, weight_decay, mask, max_grad_norm, 
         lr = _scheduled_lr(learning_rate, sched_state.count)
         lr = lr.to(device) if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=torch.float32, device=device)
         step = (adam_state.count + 1).to(device, torch.float32)  # the kernel reads t, computes 1 - b^t itself
-        lg = [x if x.dtype == torch.float32 else x.float() for x in lg]
+        # The kernel pairs the elements of a param and its grad by memory order: a grad laid out otherwise (a
+        # reduce-scattered shard's view, a transposed expert gradient) must be made contiguous first.
+        lg = [(x if x.dtype == torch.float32 else x.float()).contiguous() for x in lg]
 
         if weight_decay == 0:
             decay = [False] * len(g)
