@@ -13,7 +13,10 @@ import time
 
 import torch
 
-from configs.robo2vlm import get_config
+# torchrun runs this file as a script: the repository root (where configs/ lives) is not on sys.path by itself.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs.robo2vlm import get_config  # noqa: E402
 from vlm_sft import loading
 from vlm_sft import models as model_lib
 from vlm_sft import sharding as sharding_lib
