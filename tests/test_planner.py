@@ -166,8 +166,13 @@ SETTINGS = {
 @pytest.mark.slow
 def test_cpu_peak_rss_within_15_percent_of_plan(tmp_path):
     """One training step through the CLI on CPU (fp32, 53M params: a 152k x 256 tied embedding, 4 decoder layers,
-    8 vision blocks, 224x224 images) per setting: the process's peak RSS, measured from outside, is within 15% of
-    the --mode=plan of the same config (whose runtime term is that planning process's own resident set)."""
+    8 vision blocks, 224x224 images) per setting: the process's peak resident set after step 1 (the kernel's
+    high-water mark, which the trainer logs as perf/max_memory_gib) is within 15% of the --mode=plan of the same
+    config (whose runtime term is that planning process's own resident set).
+
+    The plan is per device, of training; the end-of-run checkpoint save (host staging, which on a GPU is not device
+    memory) is not part of it, so the peak is read at step 1, not at exit. The whole-process peak, read from outside,
+    rides along in the failure message."""
     model, data = tmp_path / "model", tmp_path / "data"
     testing.make_tiny_model_dir(model, text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2,
                                 text_intermediate=1024, vision_hidden=256, vision_depth=8, vision_heads=4,
@@ -185,6 +190,9 @@ def test_cpu_peak_rss_within_15_percent_of_plan(tmp_path):
                              timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         planned = json.loads((tmp_path / name / "demo" / "plan.json").read_text())["per_device"]["peak_gib"]
-        results[name] = (_peak_rss_gib(base + flags + [log_path]), planned)
-    for name, (measured, planned) in results.items():
-        assert abs(planned - measured) / measured < 0.15, (name, results)
+        whole_process = _peak_rss_gib(base + flags + [log_path])
+        lines = (tmp_path / name / "demo" / "metrics.jsonl").read_text().splitlines()
+        step1 = next(r for r in map(json.loads, lines) if r.get("step") == 1 and "perf/max_memory_gib" in r)
+        results[name] = {"step1": step1["perf/max_memory_gib"], "planned": planned, "whole_process": whole_process}
+    for name, r in results.items():
+        assert abs(r["planned"] - r["step1"]) / r["step1"] < 0.15, (name, results)
