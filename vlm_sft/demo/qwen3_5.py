@@ -26,7 +26,8 @@ import torch
 import transformers
 
 from vlm_sft.demo import hub, qwen3_vl
-from vlm_sft.demo.tokenizer import QWEN3_ADDED_TOKENS, _qwen_vocab_and_merges
+from vlm_sft.demo.tokenizer import (QWEN3_ADDED_TOKENS, _qwen_backend_tokenizer, _qwen_tokenizer_config,
+                                     _qwen_vocab_and_merges, hub_tokenizer_files)
 
 MODEL_TYPE = "qwen3_5"  # actor.model.model_type
 SPECIAL_BASE = 248044  # <|endoftext|>: Qwen3.5's first special token (Qwen3's 151643, shifted)
@@ -297,63 +298,19 @@ def hub_config(*, tie_word_embeddings: bool = True, text_hidden: int = 64, text_
     }
 
 
-def _tokenizer_config() -> dict:
-    return {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": {
-            str(token_id): {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                            "single_word": False, "special": special}
-            for token_id, content, special in ADDED_TOKENS
-        },
-        "additional_special_tokens": [content for _, content, _ in ADDED_TOKENS[1:14]],
-        "bos_token": None,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>",
-        "errors": "replace",
-        "model_max_length": 262144,
-        "pad_token": "<|endoftext|>",
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    }
-
-
 @functools.cache
 def _tokenizer_files() -> dict[str, bytes]:
-    """tokenizer.json, tokenizer_config.json, vocab.json, merges.txt (built once per process)."""
-    import tokenizers
-    from tokenizers import decoders, normalizers, pre_tokenizers, processors
-
+    """tokenizer.json, tokenizer_config.json, vocab.json, merges.txt (built once per process): Qwen's BPE ranks
+    padded with inert fillers up to Qwen3.5's special-token base, its added tokens and pre-tokenizer split."""
     vocab, merges = _qwen_vocab_and_merges()
     vocab = dict(vocab)
     for i in range(len(vocab), SPECIAL_BASE):  # inert fillers: no merge ever produces them
         vocab[f"<|fixture_filler_{i}|>"] = i
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE(
-        vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
-        end_of_word_suffix="", fuse_unk=False, byte_fallback=False, ignore_merges=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(tokenizers.Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
-    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    for token_id, content, special in ADDED_TOKENS:
-        added = tokenizers.AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False,
-                                      special=special)
-        tok.add_special_tokens([added]) if special else tok.add_tokens([added])
-        if tok.token_to_id(content) != token_id:
-            raise RuntimeError(f"{content} got id {tok.token_to_id(content)}, expected {token_id}")
+    tok = _qwen_backend_tokenizer(ADDED_TOKENS, vocab=vocab, merges=merges, pretokenize_regex=PRETOKENIZE_REGEX)
     with tempfile.TemporaryDirectory() as tmp:
         tok.save(os.path.join(tmp, "tokenizer.json"))
         tokenizer_json = pathlib.Path(tmp, "tokenizer.json").read_bytes()
-    return {
-        "tokenizer.json": tokenizer_json,
-        "tokenizer_config.json": json.dumps(_tokenizer_config(), indent=2, ensure_ascii=False).encode(),
-        "vocab.json": json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode(),
-        "merges.txt": ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)).encode(),
-    }
+    return hub_tokenizer_files(tokenizer_json, _qwen_tokenizer_config(ADDED_TOKENS, None, 262144), vocab, merges)
 
 
 def make_tiny_qwen3_5_dir(path: str | os.PathLike, *, seed: int = 0, tie_word_embeddings: bool = True,

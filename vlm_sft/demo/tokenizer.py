@@ -70,12 +70,16 @@ def _qwen_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def _qwen_backend_tokenizer(added_tokens: tuple[tuple[int, str, bool], ...] = QWEN_ADDED_TOKENS):
-    """The `tokenizers` pipeline of the Hub's Qwen2.5 / Qwen3 tokenizer.json (NFC, regex split, byte-level)."""
+def _qwen_backend_tokenizer(added_tokens: tuple[tuple[int, str, bool], ...] = QWEN_ADDED_TOKENS, *,
+                            vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None,
+                            pretokenize_regex: str = QWEN_PRETOKENIZE_REGEX):
+    """The `tokenizers` pipeline of the Hub's Qwen tokenizer.json (NFC, regex split, byte-level); Qwen's BPE unless
+    `vocab`/`merges` are given (Qwen3.5's: the same ranks padded to its larger special-token base)."""
     import tokenizers
     from tokenizers import decoders, normalizers, pre_tokenizers, processors
 
-    vocab, merges = _qwen_vocab_and_merges()
+    if vocab is None:
+        vocab, merges = _qwen_vocab_and_merges()
     tok = tokenizers.Tokenizer(
         tokenizers.models.BPE(
             vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
@@ -84,7 +88,7 @@ def _qwen_backend_tokenizer(added_tokens: tuple[tuple[int, str, bool], ...] = QW
     )
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(tokenizers.Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.Split(tokenizers.Regex(pretokenize_regex), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
     ])
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
@@ -96,15 +100,16 @@ def _qwen_backend_tokenizer(added_tokens: tuple[tuple[int, str, bool], ...] = QW
             tok.add_special_tokens([added])
         else:
             tok.add_tokens([added])
-        if tok.token_to_id(content) != token_id:  # ids are assigned in order after the 151643 BPE tokens
+        if tok.token_to_id(content) != token_id:  # ids are assigned in order after the vocabulary's last token
             raise RuntimeError(f"{content} got id {tok.token_to_id(content)}, expected {token_id}")
     return tok
 
 
-def _qwen_tokenizer_config(added_tokens: tuple[tuple[int, str, bool], ...], chat_template: str,
+def _qwen_tokenizer_config(added_tokens: tuple[tuple[int, str, bool], ...], chat_template: str | None,
                            model_max_length: int) -> dict:
-    """tokenizer_config.json as the Hub serves it for Qwen2.5-VL / Qwen3-VL (the pre-v5 format)."""
-    return {
+    """tokenizer_config.json as the Hub serves it for Qwen2.5-VL / Qwen3-VL (the pre-v5 format) and Qwen3.5 (whose
+    chat template is a file of its own: `chat_template` None)."""
+    config = {
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": {
@@ -112,7 +117,7 @@ def _qwen_tokenizer_config(added_tokens: tuple[tuple[int, str, bool], ...], chat
                             "single_word": False, "special": special}
             for token_id, content, special in added_tokens
         },
-        "additional_special_tokens": [content for token_id, content, special in QWEN_ADDED_TOKENS[1:14]],
+        "additional_special_tokens": [content for _, content, _ in added_tokens[1:14]],
         "bos_token": None,
         "chat_template": chat_template,
         "clean_up_tokenization_spaces": False,
@@ -124,6 +129,9 @@ def _qwen_tokenizer_config(added_tokens: tuple[tuple[int, str, bool], ...], chat
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
     }
+    if chat_template is None:
+        del config["chat_template"]
+    return config
 
 
 @functools.cache
@@ -135,6 +143,12 @@ def _qwen_tokenizer_files(added_tokens: tuple[tuple[int, str, bool], ...], chat_
         _qwen_backend_tokenizer(added_tokens).save(os.path.join(tmp, "tokenizer.json"))
         tokenizer_json = pathlib.Path(tmp, "tokenizer.json").read_bytes()
     config = _qwen_tokenizer_config(added_tokens, chat_template, model_max_length)
+    return hub_tokenizer_files(tokenizer_json, config, vocab, merges)
+
+
+def hub_tokenizer_files(tokenizer_json: bytes, config: dict, vocab: dict[str, int],
+                        merges: list[tuple[str, str]]) -> dict[str, bytes]:
+    """The four tokenizer files of a Hub directory, serialized as the Hub serves them."""
     return {
         "tokenizer.json": tokenizer_json,
         "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False).encode(),
