@@ -10,7 +10,8 @@
    Qwen2.5-VL-3B/7B/32B/72B, Qwen3-VL-8B/32B, Qwen3-VL-30B-A3B and Qwen3.5-9B at their Hub shapes, full_shard on 8/16/32 GPUs of 80 GB, bf16
    compute, fp32 master weights and Adam, micro-batch 4 of Robo2VLM rows (one 640x480 image, ~100 text tokens),
    global batch 256: full fine-tuning with and without checkpointing, a frozen vision tower, LoRA; per GPU GiB of
-   each term, whether it fits, and the planner's advice where it does not.
+   each term, whether it fits, and the planner's advice where it does not; then Qwen3-VL-30B-A3B on 8 and 16
+   GPUs with and without expert parallelism (EP 8, 16), each row's peak as a ratio to no EP on the same GPUs.
 """
 from __future__ import annotations
 
@@ -225,6 +226,33 @@ def on_paper(gpus: tuple[int, ...] = (8, 16, 32), device_gib: float = 80.0, mode
     return rows
 
 
+EP_MODEL = "Qwen3-VL-30B-A3B"
+EP_ROWS = ((8, 1), (8, 8), (16, 1), (16, 8), (16, 16))  # (GPUs, actor.fsdp_config.expert_parallel_size)
+
+
+def on_paper_ep(device_gib: float = 80.0) -> list[dict]:
+    """The planner's rows for the MoE model with and without expert parallelism (EP_ROWS), full_shard otherwise,
+    with and without checkpointing: each rank keeps E/e experts whole instead of 1/world of every expert."""
+    from vlm_sft import planner
+
+    module = skeleton_of(SIZES[EP_MODEL]())
+    stats = robo2vlm_rows(300)
+    rows = []
+    for setting in ("full", "full+ckpt"):
+        for world, ep in EP_ROWS:
+            c = _config("full")
+            c.actor.micro_batch_size, c.actor.global_batch_size = 4, 256
+            c.data.packing = False
+            c.actor.fsdp_config.sharding_strategy = "full_shard"
+            c.actor.fsdp_config.mixed_precision.param_dtype = "bf16"
+            c.runner.device_memory_gib = device_gib
+            c = planner.apply_overrides(c, {**SETTINGS[setting], "actor.fsdp_config.expert_parallel_size": ep})
+            report = planner.plan(c, module, stats, launched_world_size=world, device_type="cuda")
+            rows.append({"model": EP_MODEL, "setting": setting, "gpus": world, "ep": ep, **report["per_device"],
+                         "fits": report["fits"]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/bench_memory")
@@ -255,6 +283,18 @@ def main() -> None:
         print(f"| {r['model']} | {r['setting']} | {r['gpus']} | {r['params_gib']:.1f} | {r['grads_gib']:.1f} | "
               f"{r['optimizer_gib']:.1f} | {r['gathered_gib']:.1f} | {r['activations_gib']:.1f} | {r['peak_gib']:.1f} | "
               f"{'yes' if r['fits'] else 'no'} | {r['advice']} |")
+    print(f"\n{EP_MODEL} with expert parallelism (actor.fsdp_config.expert_parallel_size; ratio: peak over the same "
+          "GPUs without EP)")
+    print("\n| setting | GPUs | EP | params | grads | Adam | gathered | activations | peak (GiB/GPU) | x no EP | fits "
+          "80 GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    ep_rows = on_paper_ep()
+    base = {(r["setting"], r["gpus"]): r["peak_gib"] for r in ep_rows if r["ep"] == 1}
+    for r in ep_rows:
+        print(f"| {r['setting']} | {r['gpus']} | {r['ep']} | {r['params_gib']:.1f} | {r['grads_gib']:.1f} | "
+              f"{r['optimizer_gib']:.1f} | {r['gathered_gib']:.1f} | {r['activations_gib']:.1f} | "
+              f"{r['peak_gib']:.1f} | {r['peak_gib'] / base[(r['setting'], r['gpus'])]:.2f} | "
+              f"{'yes' if r['fits'] else 'no'} |")
 
 
 if __name__ == "__main__":

@@ -194,6 +194,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # new: hybrid_shard's shard group size (ranks sharing one copy of the model); 0 = ranks per node
     # (world size / cluster.num_nodes). The mesh is (world / size) replicas x size shards.
     c.actor.fsdp_config.hybrid_shard_size = 0
+    # new: expert parallelism for MoE models (qwen3_vl_moe, qwen3_5_moe): groups of this many data-parallel ranks
+    # split the experts, each rank keeping num_experts / size of them whole, tokens moved to them by all-to-all;
+    # 1 = off (experts sharded like every other param). Must divide the world size and num_experts.
+    c.actor.fsdp_config.expert_parallel_size = 1
     c.actor.fsdp_config.use_orig_params = False
     c.actor.fsdp_config.gradient_checkpointing = False
     # RLinf's FSDP mixed precision: compute (gathered weights) in bf16, gradients reduced in fp32; master weights

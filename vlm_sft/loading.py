@@ -83,13 +83,18 @@ def skeleton(path: str, family: model_lib.Family, *, attn_implementation: str) -
     return module
 
 
-def local_rows(rows: int, sharding: Any) -> tuple[int, int]:
-    """[start, end) of dim 0 this rank keeps under the sharding's placements (DTensor's Shard(0) chunking:
-    ceil(rows / n) per rank, the last ones shorter or empty)."""
+def placement(sharding: Any, name: str) -> tuple[Any, tuple]:
+    """The mesh and placements of param `name` (expert leaves have their own under expert parallelism)."""
+    return sharding.placement(name) if hasattr(sharding, "placement") else (sharding.mesh, sharding.placements)
+
+
+def local_rows(rows: int, sharding: Any, name: str = "") -> tuple[int, int]:
+    """[start, end) of dim 0 this rank keeps of param `name` under the sharding's placements (DTensor's Shard(0)
+    chunking: ceil(rows / n) per rank, the last ones shorter or empty)."""
     start, end = 0, rows
-    mesh = sharding.mesh
-    for dim, placement in enumerate(sharding.placements):
-        if isinstance(placement, Shard):
+    mesh, placements = placement(sharding, name)
+    for dim, placement_ in enumerate(placements):
+        if isinstance(placement_, Shard):
             n, k = mesh.size(dim), mesh.get_local_rank(dim)
             size = end - start
             chunk = -(-size // n)
@@ -134,7 +139,7 @@ def load_sharded(path: str, sharding: Any, dtypes: dict[str, torch.dtype], *, at
                 if shape != expected:
                     raise ModelLoadError(f"actor.model.model_path={path!r}: {key} has shape {list(shape)} in the "
                                          f"files, the model expects {list(expected)}")
-                start, end = local_rows(shape[0], sharding) if shape else (0, 0)
+                start, end = local_rows(shape[0], sharding, name) if shape else (0, 0)
                 local = (piece[start:end] if shape else piece[...]).to(dtypes.get(name, torch.float32))
                 if convert:
                     local = family.from_hub(name, local)
@@ -144,7 +149,7 @@ def load_sharded(path: str, sharding: Any, dtypes: dict[str, torch.dtype], *, at
                 if getattr(sharding, "plain", False):  # one rank, plain tensors (sharding.Sharding.plain)
                     params[name] = local
                 else:
-                    params[name] = DTensor.from_local(local, sharding.mesh, sharding.placements, run_check=False,
+                    params[name] = DTensor.from_local(local, *placement(sharding, name), run_check=False,
                                                       shape=torch.Size(shape), stride=_contiguous_stride(shape))
     params = {name: params[name] for name in meta}  # the module's order
     for sub in module.modules():  # as shard_model leaves it: buffers on the device, in their dtype

@@ -434,6 +434,7 @@ def run_checks(config: Any, mode: str, proc: sharding_lib.ProcessInfo) -> Checke
     check_model_files(config.actor.model.model_path, config.actor.model.model_type)
     # What trains (freezing, LoRA, lr groups), matched against a meta-device skeleton: no weights read yet.
     plan = trainable_lib.make_plan(config, trainable_lib.skeleton(config.actor.model.model_path))
+    sharding_lib.check_expert_parallel(config, plan.shapes, proc.world_size)  # experts the EP size divides
     try:
         check_length_buckets(config.data.length_buckets)
     except ValueError as e:
@@ -573,7 +574,8 @@ def make_train_loader(config: Any, checked: Checked, loaded: Loaded, device: tor
     a, d, resume_from = config.actor, config.data, checked.resume_from
     # Compiled by region (default on CUDA; vlm_sft/compile.py): static text shapes, i.e. length buckets and a padded
     # label count.
-    compiled = a.compile if a.compile is not None else device.type == "cuda"
+    # Not under expert parallelism (its all-to-all takes host-side split sizes; sharding.expert_parallel_size).
+    compiled = a.compile if a.compile is not None else (device.type == "cuda" and loaded.sharding.expert_mesh is None)
     buckets = tuple(d.length_buckets) if compiled else ()
     source = make_source(checked.train_files, config)
     budget = a.max_tokens_per_micro_batch if d.packing else 0
@@ -651,9 +653,11 @@ def log_training(config: Any, steps: int, loader: loader_lib.TrainLoader, loaded
     per_rank = (f"packed into micro-batches of <= {loader.max_tokens} tokens" if loader.max_tokens else
                 f"{config_lib.accumulation_steps(config, world_size)} micro-batches of {a.micro_batch_size}")
     logging.info("training %d steps: %d train rows (%d steps/epoch), global batch %d = %d ranks x %s; loss "
-                 "normalized by %s; %s on mesh %s", steps, len(loader.source), loader.steps_per_epoch,
+                 "normalized by %s; %s on mesh %s%s", steps, len(loader.source), loader.steps_per_epoch,
                  a.global_batch_size, world_size, per_rank, a.loss_normalization, a.fsdp_config.sharding_strategy,
-                 tuple(loaded.sharding.mesh.shape))
+                 tuple(loaded.sharding.mesh.shape),
+                 f"; experts expert-parallel on mesh {tuple(loaded.sharding.expert_mesh.shape)} (edp, ep)"
+                 if loaded.sharding.expert_mesh is not None else "")
 
 
 def train_loop(config: Any, state: Any, loader: loader_lib.TrainLoader, setup: StepSetup, steps: int,

@@ -120,6 +120,12 @@ def global_norm(tree: Any) -> torch.Tensor:
     if not leaves:
         return torch.zeros((), dtype=torch.float32)
     first = leaves[0]
+    if isinstance(first, DTensor) and all(isinstance(x, DTensor) for x in leaves):
+        groups: dict[tuple, list] = {}
+        for x in leaves:
+            groups.setdefault((x.device_mesh, tuple(x.placements)), []).append(x)
+        if len(groups) > 1:  # leaves on several meshes (expert parallelism): each group's norm, then theirs
+            return torch.linalg.vector_norm(torch.stack([global_norm(g) for g in groups.values()]), 2)
     if isinstance(first, DTensor) and all(isinstance(x, DTensor) and x.device_mesh == first.device_mesh
                                           and x.placements == first.placements for x in leaves):
         # Sharded alike (as the trainer's grads): the shards' norms, without DTensor dispatch per leaf, reduced

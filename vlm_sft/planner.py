@@ -7,6 +7,9 @@ trainer holds, phase by phase (vlm_sft/sharding.py, step.py, optim.py):
   params      trained leaves in actor.model.precision (master weights, LoRA adapters included), frozen leaves in
               the compute dtype (param_dtype); divided by the shard group size (full_shard: the world size,
               hybrid_shard: the shard group, no_shard: 1)
+              expert parallelism (actor.fsdp_config.expert_parallel_size = e > 1): the stacked expert leaves
+              divided by e instead (each rank keeps E/e experts whole), never gathered (only cast to param_dtype
+              where the dtypes differ), plus the all-to-all's received and regrouped token rows per MoE layer
   optimizer   two Adam moments per trained leaf, in the master precision, sharded like the params
   grads       one gradient per trained leaf, in the master precision, sharded like the params; a second set
               exists for a moment when micro-batch gradients are summed (accumulation > 1)
@@ -133,6 +136,7 @@ class Settings:
     checkpointing: bool
     accumulation: int                 # micro-batches per rank (0 with packing: the data decides, DataShape) per step
     compiled: bool
+    expert_parallel: int = 1          # ranks splitting the experts (1: experts sharded like every leaf)
 
 
 def _bytes(dtype: torch.dtype) -> int:
@@ -160,7 +164,8 @@ def settings_of(config: Any, world_size: int, *, device_type: str = "cuda") -> S
         param_bytes=dtype("param_dtype"), reduce_bytes=dtype("reduce_dtype"),
         checkpointing=bool(a.fsdp_config.gradient_checkpointing),
         accumulation=0 if packing_budget(config) else config_lib.accumulation_steps(config, world_size),
-        compiled=a.compile if a.compile is not None else device_type == "cuda")
+        compiled=a.compile if a.compile is not None else device_type == "cuda",
+        expert_parallel=a.fsdp_config.get("expert_parallel_size", 1))
 
 
 def decoder_bytes_per_token(s: Shapes, b: int, compiled: bool = False) -> int:
@@ -199,9 +204,10 @@ def estimate(shapes: Shapes, plan: Any, data: DataShape, st: Settings, *, runtim
     backward, and backward end."""
     S, p, b, r = st.shard_size, st.precision_bytes, st.param_bytes, st.reduce_bytes
     trained, frozen = plan.numel(plan.trainable), plan.numel(plan.frozen)
-    params = (trained * p + frozen * b) / S
-    optimizer = 2 * trained * p / S
-    grads = trained * p / S
+    ep = _expert_parallel_terms(shapes, plan, data, st)
+    params = (trained * p + frozen * b) / S + ep["params"]
+    optimizer = 2 * trained * p / S + 2 * ep["trained"]
+    grads = trained * p / S + ep["trained"]
     held = grads if (data.micro_batches or st.accumulation) > 1 else 0.0
 
     trained_names = set(plan.trainable)
@@ -210,14 +216,16 @@ def estimate(shapes: Shapes, plan: Any, data: DataShape, st: Settings, *, runtim
     vision_graph = any(tower(n) for n in trained_names)  # else the tower's outputs carry no autograd graph
 
     def copies(name: str) -> bool:  # the compute tensor is a new one (gathered, cast, or merged)
+        if name in ep["names"]:  # this rank's experts, never gathered: a copy only when cast
+            return (p if name in trained_names else b) != b
         return S > 1 or (p if name in trained_names else b) != b or name in adapted
 
     base = {n: k for n, k in shapes.names.items() if not lora_lib.is_adapter(n)}
     copied = {"vision": 0, "text": 0}
     for n, k in base.items():
         if copies(n) and (vision_graph or not tower(n)):
-            copied["vision" if tower(n) else "text"] += k * b
-    largest = max(shapes.blocks.values()) if shapes.blocks else 0
+            copied["vision" if tower(n) else "text"] += k * b / (st.expert_parallel if n in ep["names"] else 1)
+    largest = max(ep["blocks"].values()) if ep["blocks"] else 0
     # Sharded: a block's reduce_dtype gather before its cast, and its full gradient before the reduce-scatter.
     transient = 2 * largest * r if S > 1 else 0
     per_token = decoder_bytes_per_token(shapes, b, st.compiled)
@@ -232,6 +240,7 @@ def estimate(shapes: Shapes, plan: Any, data: DataShape, st: Settings, *, runtim
         saved = {"vision": shapes.vision_depth * per_patch * data.patches + copied["vision"],
                  "text": shapes.text_layers * per_token * data.tokens + copied["text"]}
         gathered = sum(copied.values())
+    saved["text"] += ep["tokens"]
     embeddings = data.tokens * shapes.text_hidden * b * 2    # the embedding output and the image-scattered copy
     logits = data.label_tokens * shapes.vocab * (b + 4 + 4)  # lm_head output, fp32 logits, their gradient
     saved["text"] += embeddings + logits
@@ -269,6 +278,33 @@ def estimate(shapes: Shapes, plan: Any, data: DataShape, st: Settings, *, runtim
                        "backward_end": g(params + optimizer + transient + backward_end), "loading_host": g(loading)},
         "trainable_params": trained, "frozen_params": frozen,
     }
+
+
+def _expert_parallel_terms(shapes: Shapes, plan: Any, data: DataShape, st: Settings) -> dict[str, Any]:
+    """Expert parallelism's terms (bytes, and the expert leaves; empty when e = 1): "params" and "trained" (one
+    state set of the trained experts) held at 1/e in place of 1/shard_size, the per-block gather unit without
+    the experts' (E - E/e)/E that stay remote ("blocks"), and "tokens": the all-to-all's received rows and their
+    regrouped copy per MoE layer, top-k rows of the hidden width per token (all layers' without checkpointing;
+    with it, the recomputed block's)."""
+    from vlm_sft.models import moe
+
+    e, S = st.expert_parallel, st.shard_size
+    names = {n for n in shapes.names if moe.is_expert(n)} if e > 1 else set()
+    if not names:
+        return {"names": set(), "params": 0.0, "trained": 0.0, "blocks": shapes.blocks, "tokens": 0}
+    trained = set(plan.trainable)
+    numel = lambda ns: sum(shapes.names[n] for n in ns)
+    t, f = numel(names & trained), numel(names - trained)
+    p, b = st.precision_bytes, st.param_bytes
+    blocks = dict(shapes.blocks)
+    for n in names:
+        prefix = max((k for k in blocks if n.startswith(k)), key=len, default=None)
+        if prefix is not None:
+            blocks[prefix] -= shapes.names[n] * (1 - 1 / e)
+    moe_layers = len({n.rsplit(".mlp.", 1)[0] for n in names})
+    rows = 2 * shapes.mlp_copies * shapes.text_hidden * data.tokens * b
+    return {"names": names, "params": (t * p + f * b) * (1 / e - 1 / S), "trained": t * p * (1 / e - 1 / S),
+            "blocks": blocks, "tokens": rows * (1 if st.checkpointing else moe_layers)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

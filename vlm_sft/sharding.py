@@ -28,6 +28,16 @@ elementwise, so casting before the gather equals casting after it, and moves par
 bit on 2 ranks). It runs eagerly, outside the compiled regions (a custom Function inside a compiled region
 split its graph: 1.3 s/step against 0.3, tiny model, CPU).
 
+Expert parallelism (`actor.fsdp_config.expert_parallel_size` = e > 1, MoE families): the stacked expert tensors
+([E, ...], models/moe.py EXPERT_SUFFIXES) live on their own mesh (world / e, e) named ("edp", "ep"), placed
+(Replicate, Shard(0)): each rank of an EP group holds its E/e experts whole, replicated across the world / e
+groups; every other leaf is placed by the strategy as above. A block's expert leaves are not gathered: they reach
+models/moe.py as DTensors of the local experts cast to param_dtype (`_ExpertLocal`), and moe.py moves the tokens
+to them by all-to-all. Backward: each rank's expert gradients already sum the tokens of its whole EP group (the
+all-to-all's backward), so they are all-reduced over "edp" and divided by the world size, the mean over ranks the
+other leaves' gradients are. The placements are ordinary DTensor ones, so DCP reshards checkpoints between EP
+and non-EP runs (and across world sizes). Not with actor.compile (the all-to-all's host-side split sizes).
+
 Single process: an in-process gloo/nccl group of one (no torchrun needed). The trainer then holds its params as
 plain tensors (`Sharding.plain`, make_sharding(plain_single_rank=True)): a mesh of one issues no collective, and
 DTensor's per-op Python was most of a step's host time. The DTensor path on a mesh of one stays available (the
@@ -52,6 +62,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from vlm_sft import compile as compile_lib
 from vlm_sft import lora as lora_lib
 from vlm_sft import models as model_lib
+from vlm_sft.models import moe as moe_lib
 from vlm_sft.config import parse_dtype
 from vlm_sft.errors import ConfigError
 
@@ -126,11 +137,48 @@ def param_placements(strategy: str) -> tuple[Placement, ...]:
             "hybrid_shard": (Replicate(), Shard(0))}[strategy]
 
 
+EXPERT_MESH_DIMS = ("edp", "ep")
+EXPERT_PLACEMENTS = (Replicate(), Shard(0))
+
+
+def expert_parallel_size(config: Any, world_size: int) -> int:
+    """actor.fsdp_config.expert_parallel_size (1: off), checked against the world size (pure)."""
+    e = config.actor.fsdp_config.get("expert_parallel_size", 1)
+    if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+        raise ConfigError(f"{_FIELD}.expert_parallel_size={e!r}: expected a positive integer (1: no expert "
+                          "parallelism)")
+    if world_size % e:
+        raise ConfigError(f"{_FIELD}.expert_parallel_size={e}: does not divide the world size {world_size}; "
+                          "experts are split over groups of that many data-parallel ranks")
+    if e > 1 and config.actor.get("compile"):
+        raise ConfigError(f"{_FIELD}.expert_parallel_size={e} with actor.compile=True: not supported (the "
+                          "all-to-all's split sizes are host values a compiled region cannot take); set "
+                          "actor.compile=False or expert_parallel_size=1")
+    return e
+
+
+def check_expert_parallel(config: Any, shapes: Mapping[str, Any], world_size: int) -> None:
+    """expert_parallel_size against the model (param name -> shape, from the meta skeleton): an MoE family
+    whose expert count it divides. Before any weights load."""
+    e = expert_parallel_size(config, world_size)
+    if e == 1:
+        return
+    experts = {k: tuple(v) for k, v in shapes.items() if moe_lib.is_expert(k)}
+    if not experts:
+        raise ConfigError(f"{_FIELD}.expert_parallel_size={e}: the model has no experts (expert parallelism is for "
+                          "the MoE families qwen3_vl_moe and qwen3_5_moe); set it to 1")
+    num = sorted({v[0] for v in experts.values()})
+    if any(n % e for n in num):
+        raise ConfigError(f"{_FIELD}.expert_parallel_size={e}: does not divide the model's {num[0]} experts per "
+                          "layer; each rank of an EP group keeps num_experts / expert_parallel_size of them whole")
+
+
 def check_config(config: Any, world_size: int) -> None:
     """Every sharding/precision mistake, before any process group or heavy work (same result on every rank)."""
     f = config.actor.fsdp_config
     mesh_layout(f.sharding_strategy, world_size, num_nodes=config.cluster.num_nodes,
                 hybrid_shard_size=f.hybrid_shard_size)
+    expert_parallel_size(config, world_size)
     mp = f.mixed_precision
     param = parse_dtype(mp.param_dtype, f"{_FIELD}.mixed_precision.param_dtype")
     reduce = parse_dtype(mp.reduce_dtype, f"{_FIELD}.mixed_precision.reduce_dtype")
@@ -224,10 +272,21 @@ class Sharding:
     # DTensor would only add its Python per param and op (0.3 s of a 3B-depth step's host time, CPU). The step,
     # checkpoints (DCP reshards plain <-> DTensor) and the update take plain tensors as they take DTensors.
     plain: bool = False
+    # Expert parallelism: the mesh (world / e, e) of the expert leaves (models.moe.is_expert), placed
+    # EXPERT_PLACEMENTS; None: experts are placed like every leaf.
+    expert_mesh: DeviceMesh | None = None
 
     def __post_init__(self) -> None:
         if self.plain and self.mesh.size() != 1:
             raise ValueError(f"Sharding(plain=True) needs a mesh of one rank, got {tuple(self.mesh.shape)}")
+        if self.plain and self.expert_mesh is not None:
+            raise ValueError("Sharding(plain=True) takes no expert mesh")
+
+    def placement(self, name: str) -> tuple[DeviceMesh, tuple[Placement, ...]]:
+        """The mesh and placements of the param `name` (and of its optimizer state)."""
+        if self.expert_mesh is not None and moe_lib.is_expert(name):
+            return self.expert_mesh, EXPERT_PLACEMENTS
+        return self.mesh, self.placements
 
     @property
     def device(self) -> torch.device:
@@ -244,13 +303,16 @@ def make_sharding(config: Any, device: torch.device, *, plain_single_rank: bool 
     shape, names = mesh_layout(f.sharding_strategy, world_size, num_nodes=config.cluster.num_nodes,
                                hybrid_shard_size=f.hybrid_shard_size)
     mp = f.mixed_precision
+    ep = expert_parallel_size(config, world_size)
     return Sharding(
         mesh=init_device_mesh(device.type, shape, mesh_dim_names=names),
         placements=param_placements(f.sharding_strategy),
         param_dtype=parse_dtype(mp.param_dtype, f"{_FIELD}.mixed_precision.param_dtype"),
         reduce_dtype=parse_dtype(mp.reduce_dtype, f"{_FIELD}.mixed_precision.reduce_dtype"),
         buffer_dtype=parse_dtype(mp.buffer_dtype, f"{_FIELD}.mixed_precision.buffer_dtype"),
-        plain=plain_single_rank and world_size == 1)
+        plain=plain_single_rank and world_size == 1,
+        expert_mesh=init_device_mesh(device.type, (world_size // ep, ep), mesh_dim_names=EXPERT_MESH_DIMS)
+        if ep > 1 else None)
 
 
 def shard_params(params: Params, sharding: Sharding) -> Params:
@@ -261,8 +323,7 @@ def shard_params(params: Params, sharding: Sharding) -> Params:
     """
     if sharding.plain:
         return {k: v.detach().to(sharding.device, copy=True) for k, v in params.items()}
-    return {k: distribute_tensor(v.detach(), sharding.mesh, sharding.placements, src_data_rank=None)
-            for k, v in params.items()}
+    return {k: distribute_tensor(v.detach(), *sharding.placement(k), src_data_rank=None) for k, v in params.items()}
 
 
 def shard_model(model: model_lib.Model, params: Params, sharding: Sharding) -> Params:
@@ -574,7 +635,11 @@ def gather_flat(p: Params, sharding: Sharding) -> Params:
 
 def gather(p: Params, sharding: Sharding, stats: GatherStats | None = None) -> Params:
     """Full compute copies of a param group: gathered in reduce_dtype, cast to param_dtype. Differentiable: the
-    gradient w.r.t. each DTensor comes back in its placement, averaged over ranks (reduced in reduce_dtype)."""
+    gradient w.r.t. each DTensor comes back in its placement, averaged over ranks (reduced in reduce_dtype).
+    Expert leaves under expert parallelism stay this rank's experts (`expert_local`)."""
+    if sharding.expert_mesh is not None and any(moe_lib.is_expert(k) for k in p):
+        rest = gather({k: v for k, v in p.items() if not moe_lib.is_expert(k)}, sharding, stats)
+        return {k: expert_local(v, sharding) if moe_lib.is_expert(k) else rest[k] for k, v in p.items()}
     leaves = list(p.values())
     if (FLAT_GATHER and sharding.plain and leaves and leaves[0].dtype != sharding.param_dtype
             and all(not isinstance(v, DTensor) and v.dtype == leaves[0].dtype for v in leaves)):
@@ -605,6 +670,38 @@ def gather(p: Params, sharding: Sharding, stats: GatherStats | None = None) -> P
             stats.track(full, local)
             stats.track(out[k], local)
     return out
+
+
+class _ExpertLocal(torch.autograd.Function):
+    """This rank's experts (the local shard of an expert-parallel leaf) cast to param_dtype; backward: the local
+    gradient (already summed over the EP group's tokens) cast to reduce_dtype, all-reduced over the mesh dims the
+    leaf is replicated on, divided by the world size (the mean over ranks), back in the leaf's placement."""
+
+    @staticmethod
+    def forward(ctx, param: DTensor, sharding: Sharding) -> torch.Tensor:
+        ctx.spec, ctx.sharding, ctx.master = param._spec, sharding, param._local_tensor.dtype
+        return param._local_tensor.to(sharding.param_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[Any, ...]:
+        mesh = ctx.spec.mesh
+        grad = grad.to(ctx.sharding.reduce_dtype, copy=True)
+        for dim, placement in enumerate(ctx.spec.placements):
+            if placement.is_replicate() and mesh.size(dim) > 1:
+                dist.all_reduce(grad, group=mesh.get_group(dim))
+        grad = grad.div_(mesh.size()).to(ctx.master)
+        return DTensor(grad.contiguous(), ctx.spec, requires_grad=False), None
+
+
+def expert_local(param: DTensor, sharding: Sharding) -> DTensor:
+    """An expert-parallel leaf as models/moe.py takes it: a DTensor over the expert mesh whose local tensor is
+    this rank's experts in param_dtype (differentiable to the leaf when it trains; never gathered)."""
+    if param.requires_grad:
+        local = _ExpertLocal.apply(param, sharding)
+    else:
+        local = param._local_tensor.to(sharding.param_dtype)
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
 
 
 def make_block_call(sharding: Sharding, *, checkpointing: bool = False, compile: bool = False,

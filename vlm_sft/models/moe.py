@@ -11,15 +11,34 @@ Grouped GEMM (`grouped_mm`): bf16 inputs go to `torch._grouped_mm` itself (the C
 have it; inductor traces it). Its meta function accepts bf16 only, so any other dtype (the fp32 CPU tests and
 demo) goes through a custom op whose kernel is the same `torch._grouped_mm` called eagerly (its fallback computes
 each group with a plain matmul: exact), opaque to the compiler, with the grouped products of its backward.
+
+Expert parallelism (`expert_parallel`): when the expert tensors arrive as DTensors sharded on dim 0 over a mesh dim
+(actor.fsdp_config.expert_parallel_size > 1; sharding.py places them so), this rank holds its E/e experts whole and
+the tokens travel instead of the weights: the assignments, already sorted by expert and so by owning rank, go to
+their expert's rank by one all-to-all, are regrouped there by local expert for the grouped GEMMs, and come back by
+the reverse all-to-all. Both all-to-alls are differentiable (the backward is the all-to-all with the splits
+swapped). The per-rank counts are exchanged on the device (one all-to-all of E counts); the split sizes
+all_to_all_single takes are host ints, so they cost one host sync per MoE layer (as torchtitan's EP).
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
-__all__ = ["grouped_mm", "route", "experts", "sparse_moe", "load_balancing_loss", "max_expert_load"]
+__all__ = ["grouped_mm", "route", "experts", "sparse_moe", "load_balancing_loss", "max_expert_load",
+           "EXPERT_SUFFIXES", "is_expert"]
+
+# The stacked expert tensors of every MoE family here (transformers 5's names): what expert parallelism places
+# whole per rank (sharding.py) and what the planner counts apart.
+EXPERT_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def is_expert(name: str) -> bool:
+    return name.endswith(EXPERT_SUFFIXES)
 
 
 @torch.library.custom_op("vlm_sft::grouped_mm", mutates_args=())
@@ -79,17 +98,83 @@ def expert_counts(ids: torch.Tensor, num_experts: int, weight: torch.Tensor | No
 def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
             act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for every token x [T, H]: the T * k assignments sorted by
-    expert, two grouped GEMMs, and the weighted results added back to their tokens."""
+    expert, two grouped GEMMs, and the weighted results added back to their tokens. Expert tensors given as
+    DTensors sharded on dim 0 run expert-parallel (module docstring)."""
     top_k = ids.shape[-1]
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)                         # assignments grouped by expert
     token = order // top_k
-    offs = torch.cumsum(expert_counts(flat, gate_up.shape[0]), 0).to(torch.int32)
-    h = grouped_mm(x[token], gate_up.transpose(1, 2), offs)          # [T*k, 2I]
-    gate, up = h.chunk(2, dim=-1)
-    y = grouped_mm(act(gate) * up, down.transpose(1, 2), offs)        # [T*k, H]
+    counts = expert_counts(flat, gate_up.shape[0])
+    if isinstance(gate_up, DTensor):
+        y = expert_parallel(x[token], counts, gate_up, down, act)
+    else:
+        y = _local_experts(x[token], torch.cumsum(counts, 0).to(torch.int32), gate_up, down, act)
     y = y * weights.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add(0, token, y.to(x.dtype))
+
+
+def _local_experts(rows: torch.Tensor, offs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                   act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The experts' MLP on rows grouped by expert (group boundaries `offs`): two grouped GEMMs."""
+    h = grouped_mm(rows, gate_up.transpose(1, 2), offs)               # [N, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    return grouped_mm(act(gate) * up, down.transpose(1, 2), offs)      # [N, H]
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; its backward is the same exchange with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup
+                ) -> torch.Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out = grad.new_empty(sum(ctx.in_splits), *grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return out, None, None, None
+
+
+def _sharded_dim(t: DTensor) -> int:
+    dims = [i for i, p in enumerate(t.placements) if p.is_shard()]
+    if len(dims) != 1 or t.placements[dims[0]].dim != 0:
+        raise ValueError(f"expert parallelism needs the expert tensors sharded on dim 0 over one mesh dim, got "
+                         f"placements {t.placements}")
+    return dims[0]
+
+
+def expert_parallel(rows: torch.Tensor, counts: torch.Tensor, gate_up: DTensor, down: DTensor,
+                    act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The experts' MLP on `rows` [N, H] (sorted by expert; `counts` [E] per expert, on the device) when this
+    rank holds only experts [r * E/e, (r + 1) * E/e) of an EP group of e ranks: rows go to their owner and back.
+
+    Returned in `rows`' order. The experts' gradients are this rank's experts' over every rank of the group's
+    tokens (the all-to-all's backward brings them here); sharding.py reduces them over the EP groups.
+    """
+    mesh_dim = _sharded_dim(gate_up)
+    mesh = gate_up.device_mesh
+    group, ep = mesh.get_group(mesh_dim), mesh.size(mesh_dim)
+    num_experts = counts.shape[0]
+    local = num_experts // ep
+    gate_up_local, down_local = gate_up.to_local(), down.to_local()
+    # recv[s, j]: rows rank s sends for this rank's local expert j (the counts travel on the device).
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts.contiguous(), group=group)
+    splits = torch.stack([counts.view(ep, local).sum(1), recv.view(ep, local).sum(1)]).tolist()  # one host sync
+    send_splits, recv_splits = [int(n) for n in splits[0]], [int(n) for n in splits[1]]
+    received = _AllToAll.apply(rows, recv_splits, send_splits, group)  # by source rank, then local expert
+    # Regroup by local expert (a stable sort keeps each source's rows in order) for the grouped GEMMs.
+    expert_of = torch.repeat_interleave(torch.arange(local, device=rows.device).repeat(ep), recv.to(torch.long),
+                                        output_size=sum(recv_splits))
+    regroup = torch.argsort(expert_of, stable=True)
+    offs = torch.cumsum(recv.view(ep, local).sum(0), 0).to(torch.int32)
+    y = _local_experts(received[regroup], offs, gate_up_local, down_local, act)
+    y = torch.empty_like(y).index_copy(0, regroup, y)                  # back to the received order
+    return _AllToAll.apply(y, send_splits, recv_splits, group)        # back to this rank, in rows' order
 
 
 def sparse_moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,

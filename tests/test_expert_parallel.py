@@ -1,0 +1,154 @@
+"""Expert parallelism (actor.fsdp_config.expert_parallel_size) through the real entry point on gloo ranks: each rank
+keeps its experts whole and tokens travel by all-to-all, yet the run takes the same steps as one process without
+EP (losses, aux losses and updated params to 1e-5); checkpoints reshard between EP and non-EP runs. The config
+checks run in the default suite, in-process."""
+import os
+
+import ml_collections
+import pytest
+import torch
+
+from test_distributed import CONFIG, TOL, final_params, read_metrics, torchrun
+from vlm_sft import sharding
+from vlm_sft.errors import ConfigError
+
+STEPS = 3  # saved at step 2: a resumed run's "next step" is step 3
+
+
+def run(root, name: str, nproc: int, *overrides: str, model_dir, data_dir) -> str:
+    """STEPS steps of the demo config on the tiny Qwen3-VL-MoE (8 experts, top-2, one dense layer), with the
+    load-balancing loss on, padded micro-batches of 4 (packing would group the rows differently per world size:
+    test_distributed.py's MoE test says why), checkpoints at step 2 and the last."""
+    log_path = str(root / name)
+    proc = torchrun(
+        nproc, "-m", "vlm_sft.main", f"--config={CONFIG}:demo,qwen3_moe",
+        f"--config.actor.model.model_path={model_dir}", f"--config.data.train_data_paths={data_dir}",
+        f"--config.data.eval_data_paths={data_dir}", f"--config.runner.logger.log_path={log_path}",
+        "--config.runner.logger.experiment_name=run", f"--config.runner.max_steps={STEPS}",
+        "--config.runner.log_interval=1", "--config.runner.val_check_interval=0",
+        "--config.runner.val_before_train=False", "--config.runner.save_interval=2", "--config.data.eval_max_rows=2",
+        "--config.eval.max_new_tokens=2", "--config.actor.global_batch_size=16", "--config.actor.micro_batch_size=4",
+        "--config.data.packing=False", "--config.actor.optim.lr=1e-3", "--config.actor.model.router_aux_loss_coef=0.01",
+        "--config.actor.fsdp_config.sharding_strategy=full_shard", *overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    with open(os.path.join(log_path, "output.txt"), "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    return os.path.join(log_path, "run")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_qwen3_vl_moe_dir, robo2vlm_dir):
+    """runs(name, nproc, *overrides) -> run dir, each trained once per module (the 1-rank baseline is shared)."""
+    root, cache = tmp_path_factory.mktemp("ep_runs"), {}
+
+    def get(name: str, nproc: int, *overrides: str) -> str:
+        if name not in cache:
+            cache[name] = run(root, name, nproc, *overrides, model_dir=tiny_qwen3_vl_moe_dir, data_dir=robo2vlm_dir)
+        return cache[name]
+
+    return get
+
+
+def ep(size: int) -> str:
+    return f"--config.actor.fsdp_config.expert_parallel_size={size}"
+
+
+def train_metrics(run_dir: str) -> dict[int, dict]:
+    return {m["step"]: m for m in read_metrics(run_dir) if "train/loss" in m}
+
+
+def assert_same(base: str, other: str, steps) -> None:
+    """train/loss and train/aux_loss at `steps`, and the final params, to TOL."""
+    a, b = train_metrics(base), train_metrics(other)
+    assert sorted(b) == list(steps), sorted(b)
+    for s in steps:
+        for key in ("train/loss", "train/aux_loss"):
+            assert abs(a[s][key] - b[s][key]) <= TOL, (s, key, a[s][key], b[s][key])
+    p1, p2 = final_params(base), final_params(other)
+    assert p1.keys() == p2.keys()
+    worst = max((float((p1[k] - p2[k]).abs().max()), k) for k in p1)
+    assert worst[0] <= TOL, worst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2, 4], ids=["ep2_on_2_ranks", "ep2x2_on_4_ranks"])
+def test_expert_parallel_takes_the_same_steps_as_one_process(runs, nproc):
+    """2 ranks: one EP group (4 experts each). 4 ranks: mesh (edp 2, ep 2), so the expert gradients are also
+    all-reduced across the two EP groups. Against one process without EP."""
+    base, many = runs("one", 1), runs(f"ep_{nproc}", nproc, ep(2))
+    assert_same(base, many, range(1, STEPS + 1))
+    assert train_metrics(base)[STEPS]["train/loss"] < train_metrics(base)[1]["train/loss"]  # it trained
+    with open(os.path.join(os.path.dirname(many), "output.txt")) as f:
+        assert f"experts expert-parallel on mesh ({nproc // 2}, 2)" in f.read()
+
+
+@pytest.mark.slow
+def test_checkpoints_reshard_between_expert_parallel_and_not(runs):
+    """step_2 of the 2-rank EP run resumed on one process without EP, and step_2 of the one-process run resumed
+    with EP on 2 ranks: both take the same step 3 as the straight runs."""
+    base, with_ep = runs("one", 1), runs("ep_2", 2, ep(2))
+    from_ep = runs("one_from_ep", 1, f"--config.runner.resume={with_ep}/checkpoints/step_2")
+    to_ep = runs("ep_from_one", 2, ep(2), f"--config.runner.resume={base}/checkpoints/step_2")
+    assert_same(base, from_ep, [STEPS])
+    assert_same(base, to_ep, [STEPS])
+
+
+def config(world_ep: int, *, compile: bool = False) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.actor = ml_collections.ConfigDict({"compile": compile})
+    c.actor.fsdp_config = ml_collections.ConfigDict({"expert_parallel_size": world_ep})
+    return c
+
+
+MOE_SHAPES = {"model.language_model.layers.0.mlp.gate.weight": (8, 16),
+              "model.language_model.layers.0.mlp.experts.gate_up_proj": (8, 96, 16),
+              "model.language_model.layers.0.mlp.experts.down_proj": (8, 16, 48)}
+DENSE_SHAPES = {"model.language_model.layers.0.mlp.up_proj.weight": (48, 16)}
+
+
+@pytest.mark.parametrize("size, world, shapes, compile, message", [
+    (0, 2, MOE_SHAPES, False, r"expert_parallel_size=0: expected a positive integer"),
+    (True, 2, MOE_SHAPES, False, r"expert_parallel_size=True: expected a positive integer"),
+    (4, 6, MOE_SHAPES, False, r"expert_parallel_size=4: does not divide the world size 6"),
+    (3, 6, MOE_SHAPES, False, r"expert_parallel_size=3: does not divide the model's 8 experts"),
+    (2, 2, DENSE_SHAPES, False, r"expert_parallel_size=2: the model has no experts .*qwen3_vl_moe"),
+    (2, 2, MOE_SHAPES, True, r"expert_parallel_size=2 with actor.compile=True: not supported"),
+], ids=["zero", "bool", "world", "experts", "dense_model", "compile"])
+def test_bad_expert_parallel_size_is_refused_naming_the_field(size, world, shapes, compile, message):
+    with pytest.raises(ConfigError, match=r"actor\.fsdp_config\." + message):
+        sharding.check_expert_parallel(config(size, compile=compile), shapes, world)
+
+
+def test_expert_parallel_size_that_fits_passes_and_one_is_off():
+    sharding.check_expert_parallel(config(4), MOE_SHAPES, 8)
+    sharding.check_expert_parallel(config(1), DENSE_SHAPES, 3)
+    assert sharding.expert_parallel_size(config(1), 3) == 1
+
+
+def test_planner_holds_whole_experts_per_rank_and_gathers_none():
+    """--mode=plan's EP term: with e = world the state per rank is full_shard's (E/world experts whole = 1/world of
+    each), with e < world the experts' Adam moments are 1/e (world/e copies), and the experts are never gathered."""
+    from test_planner import _config, _rows
+    import transformers
+    from vlm_sft import demo, planner
+    from vlm_sft.models import moe
+
+    hub = demo.tiny_qwen3_vl_moe_hub_config(num_experts=16, num_experts_per_tok=4, moe_intermediate=192,
+                                            mlp_only_layers=(), text_hidden=512, text_layers=4)
+    with torch.device("meta"):
+        module = transformers.AutoModelForImageTextToText.from_config(transformers.AutoConfig.for_model(**hub))
+    experts = sum(p.numel() for n, p in module.named_parameters() if moe.is_expert(n))
+
+    def plan(ep_size):
+        c = _config(actor__micro_batch_size=4, actor__global_batch_size=32, actor__fsdp_config__sharding_strategy=
+                    "full_shard", actor__fsdp_config__expert_parallel_size=ep_size)
+        return planner.plan(c, module, _rows(image=300), launched_world_size=8, device_type="cuda",
+                            runtime_gib=1.0)["per_device"]
+
+    none, whole, half = plan(1), plan(8), plan(4)
+    assert whole["optimizer_gib"] == none["optimizer_gib"] and whole["params_gib"] == none["params_gib"]
+    assert half["optimizer_gib"] - none["optimizer_gib"] == pytest.approx(
+        2 * experts * 4 * (1 / 4 - 1 / 8) / 2 ** 30, abs=2e-3)
+    # No EP gathers every expert in bf16 (no checkpointing: kept for backward); EP casts only its E/e.
+    assert none["gathered_gib"] - whole["gathered_gib"] == pytest.approx(experts * 2 * (1 - 1 / 8) / 2 ** 30,
+                                                                         abs=0.02)
