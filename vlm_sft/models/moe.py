@@ -167,6 +167,11 @@ def expert_parallel(rows: torch.Tensor, counts: torch.Tensor, gate_up: DTensor, 
     splits = torch.stack([counts.view(ep, local).sum(1), recv.view(ep, local).sum(1)]).tolist()  # one host sync
     send_splits, recv_splits = [int(n) for n in splits[0]], [int(n) for n in splits[1]]
     received = _AllToAll.apply(rows, recv_splits, send_splits, group)  # by source rank, then local expert
+    if not sum(recv_splits):  # no token chose this rank's experts: an empty result still on the graph of the
+        # received rows and the experts, so that every rank runs the same collectives in backward (the all-to-all's,
+        # and sharding's reduction of the (zero) expert gradients over the EP groups)
+        y = received * 0 + 0 * (gate_up_local.sum() + down_local.sum()).to(received.dtype)
+        return _AllToAll.apply(y, send_splits, recv_splits, group)
     # Regroup by local expert (a stable sort keeps each source's rows in order) for the grouped GEMMs.
     expert_of = torch.repeat_interleave(torch.arange(local, device=rows.device).repeat(ep), recv.to(torch.long),
                                         output_size=sum(recv_splits))
