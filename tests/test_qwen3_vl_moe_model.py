@@ -392,3 +392,30 @@ def test_router_aux_loss_coef_defaults_to_the_directorys_and_is_refused_for_dens
     with pytest.raises(ConfigError, match=r"router_aux_loss_coef=-1.0: expected a number >= 0"):
         from vlm_sft import config as config_lib
         config_lib.validate(config, mode="train")
+
+
+def test_a_directory_saved_by_transformers_5_loads_as_the_hubs(tiny_moe_dir, tmp_path, device):
+    """transformers 5's save_pretrained writes the experts in the in-memory layout [E, 2I, H] (its reversed
+    Transpose keeps the matching shape), the Hub's 4.57 files hold them transposed: the sharded loader reads
+    either by shape, as from_pretrained does, into the same params, bitwise."""
+    import safetensors
+    import transformers
+
+    from configs.robo2vlm import get_config
+    from vlm_sft import loading
+    from vlm_sft import sharding as sharding_lib
+
+    loaded = Qwen3VLMoeForConditionalGeneration.from_pretrained(tiny_moe_dir, dtype=torch.bfloat16)
+    hf = Qwen3VLMoeForConditionalGeneration(loaded.config).to(torch.bfloat16)
+    hf.load_state_dict(loaded.state_dict())
+    hf.save_pretrained(str(tmp_path))
+    with safetensors.safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert list(f.get_slice(MOE + "experts.gate_up_proj").get_shape()) == [8, 96, 64]  # [E, 2I, H]
+    sharding = sharding_lib.make_sharding(get_config("demo"), device)
+    _, hub = loading.load_sharded(tiny_moe_dir, sharding, {})
+    _, saved = loading.load_sharded(str(tmp_path), sharding, {})
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    assert saved.keys() == hub.keys()
+    for name, t in saved.items():
+        assert torch.equal(local(t), local(hub[name])), name
+    assert torch.equal(local(saved[MOE + "experts.gate_up_proj"]), loaded.state_dict()[MOE + "experts.gate_up_proj"])

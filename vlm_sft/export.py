@@ -29,12 +29,11 @@ import sys
 import uuid
 from typing import Any
 
-import safetensors
 import safetensors.torch
 import torch
 from absl import app, flags
 
-from vlm_sft import checkpoint
+from vlm_sft import checkpoint, loading
 from vlm_sft import lora as lora_lib
 from vlm_sft import models
 from vlm_sft.errors import ExportError
@@ -155,27 +154,22 @@ def _write_config(base: str, config: Any, out: str, dtype: torch.dtype) -> None:
 
 
 class _BaseWeights:
-    """Reads single tensors of the base model directory's safetensors files by in-memory param name."""
+    """Reads single params of the base model directory's safetensors files by in-memory name, in any layout the
+    sharded loader reads (loading.read_params: the Hub's names and layout, the in-memory ones, one tensor per
+    expert)."""
 
     def __init__(self, base: str, family: models.Family):
-        self.files: dict[str, tuple[str, str]] = {}
-        for file in sorted(os.listdir(base)):
-            if file.endswith(".safetensors"):
-                with safetensors.safe_open(os.path.join(base, file), framework="pt") as f:
-                    for key in f.keys():
-                        self.files[key] = (os.path.join(base, file), key)
+        self.files = loading.weight_files(base)
         self.base, self.family = base, family
 
-    def read(self, name: str) -> torch.Tensor:
-        hub = hub_name(name, self.family)
-        for key in (hub, name):  # the Hub's names (and layout), or transformers' in-memory ones
-            if key in self.files:
-                path, key = self.files[key]
-                with safetensors.safe_open(path, framework="pt") as f:
-                    tensor = f.get_tensor(key)
-                return self.family.from_hub(name, tensor) if key == hub else tensor
-        raise ExportError(f"{self.base}: no weight file holds {hub_name(name, self.family)!r} (a frozen leaf the "
-                          "checkpoint does not hold): wrong base model directory?")
+    def read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        shape = tuple(shape)
+        try:
+            return dict(loading.read_params(self.base, self.family, {name: (shape, 0, shape[0] if shape else 0,
+                                                                          None)}, self.files))[name]
+        except models.ModelLoadError as e:
+            raise ExportError(f"{self.base}: {e} (a frozen leaf the checkpoint does not hold): wrong base model "
+                              "directory?") from None
 
 
 def _write_weights(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, max_shard_bytes: int, *,
@@ -203,7 +197,7 @@ def _write_weights(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, 
         wanted += [a for n in shard if n in adapted for a in lora_lib.adapter_names(n[: -len(".weight")])]
         flat = {saved[n][0]: torch.empty(saved[n][1].size, dtype=saved[n][1].properties.dtype) for n in wanted}
         checkpoint.load_flat(ckpt, flat, partial=True, no_dist=True)  # reads only this shard's tensors
-        params = {n: flat[saved[n][0]] if n in saved else base_weights.read(n) for n in shard}
+        params = {n: flat[saved[n][0]] if n in saved else base_weights.read(n, expected[n]) for n in shard}
         params.update({n: flat[saved[n][0]] for n in wanted if lora_lib.is_adapter(n)})
         params = lora_lib.merge_params({n: t.float() for n, t in params.items()}, lora_scale)  # merged in fp32
         tensors = {names[name]: family.to_hub(name, params[name].to(out_dtype)).contiguous() for name in shard}
