@@ -242,9 +242,8 @@ A3B_SHAPE = dict(text_hidden=2048, text_layers=48, text_heads=32, text_kv_heads=
 # --------------------------------------------------------------------------------------------------------------
 # What trains, and the export.
 
-def test_lora_targets_attention_and_dense_mlps_by_default_and_refuses_stacked_experts(tiny_moe_dir):
+def test_lora_targets_attention_and_dense_mlps_by_default_and_the_stacked_experts_when_named(tiny_moe_dir):
     from vlm_sft import trainable
-    from vlm_sft.lora import LoraError
     from configs_loader import load_config
 
     config = load_config("demo,qwen3_moe,lora")
@@ -254,10 +253,14 @@ def test_lora_targets_attention_and_dense_mlps_by_default_and_refuses_stacked_ex
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}  # the dense layer's MLP; no router, no experts
     assert {m.split(".")[3] for m in plan.lora_modules if ".mlp." in m} == {"1"}
-    config.actor.model.lora_target_modules = r"mlp\.experts"
-    with pytest.raises(LoraError, match=r"matches 'model.language_model.layers.0.mlp.experts', whose experts are "
-                                        r"stacked 3-D tensors.*freeze them"):
-        trainable.make_plan(config, trainable.skeleton(tiny_moe_dir))
+    config.actor.model.lora_target_modules = r"mlp\.experts"  # the module's name: both of its expert tensors
+    plan = trainable.make_plan(config, trainable.skeleton(tiny_moe_dir))
+    assert plan.lora_modules == tuple(f"{layer}{i}.mlp.experts.{p}" for i in (0, 2)
+                                      for p in ("gate_up_proj", "down_proj"))  # layer 1 is dense
+    assert plan.shapes[MOE + "experts.gate_up_proj.lora_A"] == (8, 8, 64)   # [E, r, H]
+    assert plan.shapes[MOE + "experts.gate_up_proj.lora_B"] == (8, 96, 8)   # [E, 2I, r]
+    assert plan.weight_grads == list(plan.lora_modules)
+    assert "on 0 linear modules and 4 stacked expert tensors" in plan.describe(1e-4, 0)[0]
 
 
 def test_frozen_router_and_experts_get_no_gradient_and_the_router_still_routes(tiny_moe_dir):
