@@ -337,3 +337,28 @@ def test_expert_lora_trains_and_its_adapter_and_merged_export_load_in_peft_and_t
         transformers.utils.logging.set_verbosity_error()
     assert {k: list(v) for k, v in info.items() if v} == {}
     torch.testing.assert_close(hf_logits(merged, batch, image_token_id), ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_expert_lora_full_shard_on_two_ranks_equals_one_process(tmp_path, tiny_qwen3_5_moe_per_expert_dir,
+                                                                robo2vlm_dir):
+    """Expert adapters sharded on the expert dim like the experts (each rank: 4 of 8 experts' A and B, and only
+    those experts' tensors read from the per-expert directory), merged after the per-block gather: the same
+    losses and adapters as one process (padded micro-batches, as the MoE sharding test, to isolate the
+    sharding)."""
+    from test_distributed import final_params, read_metrics as dist_metrics, train
+    flags = ("--config.actor.model.model_type=qwen3_5_moe", "--config.data.min_pixels=4096",
+             "--config.data.max_pixels=4096", "--config.data.packing=False", "--config.actor.model.is_lora=True",
+             f"--config.actor.model.lora_target_modules={EXPERT_TARGETS}", "--config.actor.optim.lr=1e-2")
+    one = train(tmp_path, 1, *flags, model_dir=tiny_qwen3_5_moe_per_expert_dir, data_dir=robo2vlm_dir)
+    two = train(tmp_path, 2, *flags, "--config.actor.fsdp_config.sharding_strategy=full_shard",
+                model_dir=tiny_qwen3_5_moe_per_expert_dir, data_dir=robo2vlm_dir)
+    l1 = [m["train/loss"] for m in dist_metrics(one) if "train/loss" in m]
+    l2 = [m["train/loss"] for m in dist_metrics(two) if "train/loss" in m]
+    assert len(l1) == len(l2) == 10 and l1[-1] < l1[0]
+    for a, b in zip(l1, l2):
+        assert abs(a - b) <= 1e-5, (l1, l2)
+    p1, p2 = final_params(one), final_params(two)
+    assert p1.keys() == p2.keys() and any(".mlp.experts.down_proj.lora_B" in k for k in p1)
+    worst = max((float((p1[k] - p2[k]).abs().max()), k) for k in p1)
+    assert worst[0] <= 1e-5, worst

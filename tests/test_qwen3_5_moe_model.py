@@ -176,6 +176,10 @@ def test_lora_defaults_target_the_mixers_projections_and_no_experts(tiny_qwen3_5
     assert {m[len(LAYER):].split(".", 1)[1] for m in plan.lora_modules} == {
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj"}
+    config.actor.model.lora_target_modules = r"layers\.0\.(linear_attn|mlp\.experts)"
+    plan = trainable.make_plan(config, trainable.skeleton(str(tiny_qwen3_5_moe_dir)))
+    assert plan.lora_modules[-2:] == (LAYER + "0.mlp.experts.gate_up_proj", LAYER + "0.mlp.experts.down_proj")
+    assert not any("conv1d" in m for m in plan.lora_modules)  # the depthwise conv's 3-D weight is no expert stack
 
 
 def test_export_loads_in_hf_with_no_missing_keys_and_the_trainers_logits(tiny_qwen3_5_moe_dir, tmp_path):

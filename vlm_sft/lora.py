@@ -73,8 +73,7 @@ def target_of(adapter: str) -> str:
 def base_weight(adapter: str, names: Container[str]) -> str:
     """The param an adapter adapts: `<module>.weight` of a linear module, or the stacked expert param `<target>`
     itself (`names`: the params there are; a module and a param never share a name)."""
-    target = target_of(adapter)
-    return target + ".weight" if target + ".weight" in names else target
+    return target_weight(target_of(adapter), names)
 
 
 def target_weight(target: str, names: Container[str]) -> str:
@@ -94,8 +93,11 @@ def linear_modules(module: torch.nn.Module) -> list[str]:
 
 
 def stacked_params(module: torch.nn.Module) -> list[str]:
-    """Names of the stacked expert params ([E, out, in]) LoRA may adapt when named."""
-    return [name for name, p in module.named_parameters() if p.dim() == 3]
+    """Names of the stacked expert params ([E, out, in]) LoRA may adapt when named: the 3-D params outside
+    convolutions (Qwen3.5's depthwise conv1d weight [C, 1, K] is 3-D too, and no matmul)."""
+    return [f"{name}.{pname}" for name, m in module.named_modules()
+            if not isinstance(m, torch.nn.modules.conv._ConvNd)
+            for pname, p in m.named_parameters(recurse=False) if p.dim() == 3]
 
 
 def target_modules(module: torch.nn.Module, targets: str) -> list[str]:
