@@ -152,7 +152,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.actor.model.lora_rank = 8      # RLinf's name: r of each adapter (A [r, in], B [out, r])
     c.actor.model.lora_alpha = 16    # new: adapters scaled by lora_alpha / lora_rank (PEFT's convention)
     c.actor.model.lora_dropout = 0.0  # new: only 0.0 (adapters are merged into the weight inside each block)
-    # new: regex searched in linear module names, or "all-linear" (every linear but lm_head, vision tower included).
+    # new: regex searched in linear module names, or "all-linear" (every linear but lm_head, vision tower included);
+    # a regex matching a MoE's stacked expert tensor or its module (e.g. r"...|mlp\.experts") adapts it per expert.
     # Default: the language model's q/k/v/o and MLP projections (Qwen2.5-VL and Qwen3-VL name them alike) and
     # Qwen3.5's linear-attention q/k/v, gate and output projections (vlm_sft/lora.py DEFAULT_TARGETS).
     c.actor.model.lora_target_modules = (

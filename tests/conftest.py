@@ -50,6 +50,30 @@ def tiny_qwen3_5_moe_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_5_moe_per_expert_dir(tmp_path_factory, tiny_qwen3_5_moe_dir):
+    """tiny_qwen3_5_moe_dir as transformers' own save_pretrained writes it (bf16): its conversion mapping reversed,
+    so the stacked experts become one tensor per expert (`mlp.experts.{e}.gate_proj.weight`, ...), spread over
+    several shards; the tokenizer and processor files copied beside them."""
+    import shutil
+
+    import torch
+    import transformers
+
+    out = tmp_path_factory.mktemp("tiny_qwen3_5_moe_per_expert")
+    loaded = transformers.Qwen3_5MoeForConditionalGeneration.from_pretrained(
+        str(tiny_qwen3_5_moe_dir), dtype=torch.bfloat16, local_files_only=True)
+    # A model loaded from stacked files saves them stacked again (it keeps the conversions its loading applied);
+    # one built from its config saves in the layout of transformers' default mapping: per expert.
+    hf = transformers.Qwen3_5MoeForConditionalGeneration(loaded.config).to(torch.bfloat16)
+    hf.load_state_dict(loaded.state_dict())
+    hf.save_pretrained(str(out), max_shard_size="400KB")
+    for f in tiny_qwen3_5_moe_dir.iterdir():
+        if not (out / f.name).exists() and not f.name.startswith("model"):
+            shutil.copyfile(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3_vl_moe_dir(tmp_path_factory):
     """Tiny random Qwen3-VL-MoE as the Hub ships Qwen3-VL-30B-A3B-Instruct (transposed stacked experts, untied),
     with one dense layer beside the sparse ones."""

@@ -228,3 +228,137 @@ def test_qwen3_family_lora_adapter_loads_with_peft(tmp_path, request, robo2vlm_d
     torch.testing.assert_close(hf_logits(with_adapter, batch, image_token_id), ours, rtol=1e-5, atol=1e-5)
     with with_adapter.disable_adapter():  # the adapter matters: the base alone is far from the trainer's logits
         assert (hf_logits(with_adapter, batch, image_token_id) - ours).abs().max() > 1e-4
+
+
+EXPERT_TARGETS = r"self_attn\.q_proj$|mlp\.experts"  # a linear module and every stacked expert tensor
+
+
+def moe_batch(model_dir, model, robo2vlm_dir):
+    processor = load_processor(str(model_dir))
+    encoder = Encoder(processor, max_prompt_length=512)
+    source = robo2vlm.Robo2VLMSource(robo2vlm.find_parquet_files(str(robo2vlm_dir), "train"))
+    return collate_encoded([encoder(source[i]) for i in range(3)],
+                           model.vision_spec(pad_token_id=processor.tokenizer.pad_token_id))
+
+
+@pytest.mark.parametrize("variant,model_fixture,hf_class", [
+    ("qwen3_5_moe", "tiny_qwen3_5_moe_dir", "Qwen3_5MoeForConditionalGeneration"),
+    ("qwen3_moe", "tiny_qwen3_vl_moe_dir", "Qwen3VLMoeForConditionalGeneration")])
+def test_expert_adapters_in_peft_layout_give_peft_the_trainers_logits(tmp_path, request, robo2vlm_dir, variant,
+                                                                      model_fixture, hf_class):
+    """Adapters on stacked experts (random, B != 0) written by peft_tensors / adapter_config: the tensor names
+    and shapes peft's own save_pretrained gives for the same targets, and PeftModel.from_pretrained on
+    transformers' class computes the trainer's logits."""
+    peft = pytest.importorskip("peft")
+    from configs_loader import load_config
+
+    model_dir = request.getfixturevalue(model_fixture)
+    config = load_config(f"demo,lora,{variant}")
+    config.actor.model.lora_target_modules = EXPERT_TARGETS
+    plan = trainable.make_plan(config, trainable.skeleton(str(model_dir)))
+    model, params = model_lib.load_model(str(model_dir))
+    step_model, params = main_lib.apply_plan(model, params, plan, precision=torch.float32,
+                                             compute_dtype=torch.float32, seed=0)
+    g = torch.Generator().manual_seed(0)
+    adapters = {n: torch.randn(params[n].shape, generator=g) * 0.05 for n in params if lora.is_adapter(n)}
+    params.update(adapters)
+    batch = moe_batch(model_dir, model, robo2vlm_dir)
+    call = lora.plain_block_call(plan.lora_scale)
+    with torch.no_grad():
+        ours = model_lib.label_logits(step_model, params, model_lib.forward_hidden(step_model, params, batch, call),
+                                      batch["label_index"], call)
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    names = [n for n, _ in model.module.named_parameters()]
+    tensors = lora.peft_tensors(adapters, names)
+    safetensors.torch.save_file(tensors, str(out / "adapter_model.safetensors"))
+    targets = sorted({lora.target_of(n) for n in adapters})
+    parameters = [t for t in targets if t in names]
+    assert parameters and len(parameters) < len(targets)
+    config_json = lora.adapter_config(rank=8, alpha=16, dropout=0.0, modules=[t for t in targets if t not in names],
+                                      parameters=parameters, base_model=str(model_dir), base_model_class=hf_class)
+    (out / "adapter_config.json").write_text(json.dumps(config_json))
+
+    hf_cls = getattr(transformers, hf_class)
+    reference = peft.get_peft_model(hf_cls._from_config(model.config), peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=config_json["target_modules"], target_parameters=parameters))
+    theirs = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(reference).items()}
+    assert theirs == {k: tuple(v.shape) for k, v in tensors.items()}
+
+    base = hf_cls.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+    with_adapter = peft.PeftModel.from_pretrained(base, str(out))
+    image_token_id = model.config.image_token_id
+    torch.testing.assert_close(hf_logits(with_adapter, batch, image_token_id), ours, rtol=1e-5, atol=1e-5)
+    with with_adapter.disable_adapter():  # the adapters matter
+        assert (hf_logits(with_adapter, batch, image_token_id) - ours).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,model_fixture,hf_class", [
+    ("qwen3_5_moe", "tiny_qwen3_5_moe_per_expert_dir", "Qwen3_5MoeForConditionalGeneration"),
+    ("qwen3_moe", "tiny_qwen3_vl_moe_dir", "Qwen3VLMoeForConditionalGeneration")])
+def test_expert_lora_trains_and_its_adapter_and_merged_export_load_in_peft_and_transformers(
+        tmp_path, request, robo2vlm_dir, variant, model_fixture, hf_class):
+    """3 steps through the entry point with LoRA on the stacked experts too (Qwen3.5-MoE from a directory written
+    one tensor per expert, as transformers saves it), `export --adapter_only` loaded by peft on transformers'
+    class, and the merged export (its frozen experts read per expert from the base) loaded by transformers with
+    no missing or unexpected keys: both give the trainer's logits."""
+    peft = pytest.importorskip("peft")
+    model_dir = request.getfixturevalue(model_fixture)
+    config = run_config(f"demo,lora,{variant}", tmp_path, "run", model_dir, robo2vlm_dir, **{
+        "runner.val_before_train": False, "actor.optim.lr_warmup_steps": 0, "runner.max_steps": 3,
+        "runner.export_hf": True, "actor.model.lora_target_modules": EXPERT_TARGETS})
+    main_lib.run(config, "train")
+    ckpt = str(tmp_path / "run" / "checkpoints" / "step_3")
+    flat = read_checkpoint(ckpt)
+    expert_b = [v for k, v in flat.items() if k.startswith("params[") and "experts.gate_up_proj.lora_B" in k]
+    assert expert_b and all(v.abs().max() > 0 for v in expert_b)  # the expert adapters trained
+
+    model, _ = model_lib.load_model(str(model_dir))
+    batch = moe_batch(model_dir, model, robo2vlm_dir)
+    ours = trainer_logits(ckpt, model_dir, config, batch)
+    image_token_id = model.config.image_token_id
+    hf_cls = getattr(transformers, hf_class)
+
+    out = tmp_path / "adapter"
+    assert export.cli(["--checkpoint", ckpt, "--output_dir", str(out), "--adapter_only"]) == 0
+    adapter_config = json.load(open(out / "adapter_config.json"))
+    assert "model.language_model.layers.0.mlp.experts.down_proj" in adapter_config["target_parameters"]
+    base = hf_cls.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+    with_adapter = peft.PeftModel.from_pretrained(base, str(out))
+    torch.testing.assert_close(hf_logits(with_adapter, batch, image_token_id), ours, rtol=1e-5, atol=1e-5)
+
+    transformers.utils.logging.set_verbosity_warning()
+    try:
+        merged, info = hf_cls.from_pretrained(str(tmp_path / "run" / "hf_export"), dtype=torch.float32,
+                                              local_files_only=True, output_loading_info=True)
+    finally:
+        transformers.utils.logging.set_verbosity_error()
+    assert {k: list(v) for k, v in info.items() if v} == {}
+    torch.testing.assert_close(hf_logits(merged, batch, image_token_id), ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_expert_lora_full_shard_on_two_ranks_equals_one_process(tmp_path, tiny_qwen3_5_moe_per_expert_dir,
+                                                                robo2vlm_dir):
+    """Expert adapters sharded on the expert dim like the experts (each rank: 4 of 8 experts' A and B, and only
+    those experts' tensors read from the per-expert directory), merged after the per-block gather: the same
+    losses and adapters as one process (padded micro-batches, as the MoE sharding test, to isolate the
+    sharding)."""
+    from test_distributed import final_params, read_metrics as dist_metrics, train
+    flags = ("--config.actor.model.model_type=qwen3_5_moe", "--config.data.min_pixels=4096",
+             "--config.data.max_pixels=4096", "--config.data.packing=False", "--config.actor.model.is_lora=True",
+             f"--config.actor.model.lora_target_modules={EXPERT_TARGETS}", "--config.actor.optim.lr=1e-2")
+    one = train(tmp_path, 1, *flags, model_dir=tiny_qwen3_5_moe_per_expert_dir, data_dir=robo2vlm_dir)
+    two = train(tmp_path, 2, *flags, "--config.actor.fsdp_config.sharding_strategy=full_shard",
+                model_dir=tiny_qwen3_5_moe_per_expert_dir, data_dir=robo2vlm_dir)
+    l1 = [m["train/loss"] for m in dist_metrics(one) if "train/loss" in m]
+    l2 = [m["train/loss"] for m in dist_metrics(two) if "train/loss" in m]
+    assert len(l1) == len(l2) == 10 and l1[-1] < l1[0]
+    for a, b in zip(l1, l2):
+        assert abs(a - b) <= 1e-5, (l1, l2)
+    p1, p2 = final_params(one), final_params(two)
+    assert p1.keys() == p2.keys() and any(".mlp.experts.down_proj.lora_B" in k for k in p1)
+    worst = max((float((p1[k] - p2[k]).abs().max()), k) for k in p1)
+    assert worst[0] <= 1e-5, worst

@@ -176,6 +176,10 @@ def test_lora_defaults_target_the_mixers_projections_and_no_experts(tiny_qwen3_5
     assert {m[len(LAYER):].split(".", 1)[1] for m in plan.lora_modules} == {
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj"}
+    config.actor.model.lora_target_modules = r"layers\.0\.(linear_attn|mlp\.experts)"
+    plan = trainable.make_plan(config, trainable.skeleton(str(tiny_qwen3_5_moe_dir)))
+    assert plan.lora_modules[-2:] == (LAYER + "0.mlp.experts.gate_up_proj", LAYER + "0.mlp.experts.down_proj")
+    assert not any("conv1d" in m for m in plan.lora_modules)  # the depthwise conv's 3-D weight is no expert stack
 
 
 def test_export_loads_in_hf_with_no_missing_keys_and_the_trainers_logits(tiny_qwen3_5_moe_dir, tmp_path):
@@ -217,3 +221,52 @@ def test_the_sharded_loaders_module_stops_generating_at_the_directorys_eos_ids(t
                               attn_implementation="sdpa")
     assert module.generation_config.eos_token_id == qwen3_5.GENERATION_CONFIG["eos_token_id"]
     assert module.config.text_config.eos_token_id == qwen3_5.SPECIAL_BASE
+
+
+def test_a_per_expert_directory_loads_as_the_stacked_one_and_runs_as_transformers(
+        tiny_qwen3_5_moe_dir, tiny_qwen3_5_moe_per_expert_dir, device):
+    """The directory transformers' save_pretrained writes (one tensor per expert, conversion_mapping reversed):
+    the sharded loader stacks it into the same params as the stacked (Hub) layout, bitwise; a rank's rows read
+    only its experts' tensors; our forward on it equals transformers' from_pretrained of it."""
+    from configs.robo2vlm import get_config
+    from vlm_sft import loading
+    from vlm_sft import sharding as sharding_lib
+    from test_export import assert_same_label_logits
+
+    per_expert = str(tiny_qwen3_5_moe_per_expert_dir)
+    files = loading.weight_files(per_expert)
+    assert LAYER + "0.mlp.experts.7.up_proj.weight" in files
+    assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in files)
+    assert len({files[k] for k in files if ".mlp.experts." in k}) > 1  # the experts span several shards
+    sharding = sharding_lib.make_sharding(get_config("demo"), device)
+    _, stacked = loading.load_sharded(str(tiny_qwen3_5_moe_dir), sharding, {})
+    model, params = loading.load_sharded(per_expert, sharding, {})
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    assert params.keys() == stacked.keys()
+    for name, t in params.items():
+        assert torch.equal(local(t), local(stacked[name])), name
+
+    family = model.family
+    name = LAYER + "3.mlp.experts.gate_up_proj"
+    shape = tuple(stacked[name].shape)
+    pieces = loading._pieces(name, shape, 3, 6, family, files, per_expert)
+    assert {p.key for p in pieces} == {f"{LAYER}3.mlp.experts.{e}.{part}.weight" for e in (3, 4, 5)
+                                       for part in ("gate_proj", "up_proj")}
+    rows = dict(loading.read_params(per_expert, family, {name: (shape, 3, 6, torch.float32)}, files))[name]
+    assert torch.equal(rows, local(stacked[name])[3:6])
+
+    hf = Qwen3_5MoeForConditionalGeneration.from_pretrained(per_expert, dtype=torch.float32, local_files_only=True)
+    params = {k: local(v) for k, v in params.items()}
+    assert_same_label_logits(model, params, hf, make_batch(torch.Generator().manual_seed(3), model.vision_spec(PAD),
+                                                           ROWS))
+    bad = tiny_qwen3_5_moe_per_expert_dir.parent / "missing_expert"
+    bad.mkdir(exist_ok=True)
+    (bad / "config.json").write_text((tiny_qwen3_5_moe_per_expert_dir / "config.json").read_text())
+    index = json.load(open(tiny_qwen3_5_moe_per_expert_dir / "model.safetensors.index.json"))
+    del index["weight_map"][LAYER + "2.mlp.experts.5.down_proj.weight"]
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    for f in tiny_qwen3_5_moe_per_expert_dir.glob("model-*.safetensors"):
+        (bad / f.name).symlink_to(f)
+    with pytest.raises(model_lib.ModelLoadError, match=r"layers.2.mlp.experts.down_proj' is written one tensor per "
+                                                       r"expert, but '.*experts.5.down_proj.weight' is missing"):
+        loading.load_sharded(str(bad), sharding, {})

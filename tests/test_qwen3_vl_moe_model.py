@@ -242,9 +242,8 @@ A3B_SHAPE = dict(text_hidden=2048, text_layers=48, text_heads=32, text_kv_heads=
 # --------------------------------------------------------------------------------------------------------------
 # What trains, and the export.
 
-def test_lora_targets_attention_and_dense_mlps_by_default_and_refuses_stacked_experts(tiny_moe_dir):
+def test_lora_targets_attention_and_dense_mlps_by_default_and_the_stacked_experts_when_named(tiny_moe_dir):
     from vlm_sft import trainable
-    from vlm_sft.lora import LoraError
     from configs_loader import load_config
 
     config = load_config("demo,qwen3_moe,lora")
@@ -254,10 +253,14 @@ def test_lora_targets_attention_and_dense_mlps_by_default_and_refuses_stacked_ex
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}  # the dense layer's MLP; no router, no experts
     assert {m.split(".")[3] for m in plan.lora_modules if ".mlp." in m} == {"1"}
-    config.actor.model.lora_target_modules = r"mlp\.experts"
-    with pytest.raises(LoraError, match=r"matches 'model.language_model.layers.0.mlp.experts', whose experts are "
-                                        r"stacked 3-D tensors.*freeze them"):
-        trainable.make_plan(config, trainable.skeleton(tiny_moe_dir))
+    config.actor.model.lora_target_modules = r"mlp\.experts"  # the module's name: both of its expert tensors
+    plan = trainable.make_plan(config, trainable.skeleton(tiny_moe_dir))
+    assert plan.lora_modules == tuple(f"{layer}{i}.mlp.experts.{p}" for i in (0, 2)
+                                      for p in ("gate_up_proj", "down_proj"))  # layer 1 is dense
+    assert plan.shapes[MOE + "experts.gate_up_proj.lora_A"] == (8, 8, 64)   # [E, r, H]
+    assert plan.shapes[MOE + "experts.gate_up_proj.lora_B"] == (8, 96, 8)   # [E, 2I, r]
+    assert plan.weight_grads == list(plan.lora_modules)
+    assert "on 0 linear modules and 4 stacked expert tensors" in plan.describe(1e-4, 0)[0]
 
 
 def test_frozen_router_and_experts_get_no_gradient_and_the_router_still_routes(tiny_moe_dir):
@@ -392,3 +395,30 @@ def test_router_aux_loss_coef_defaults_to_the_directorys_and_is_refused_for_dens
     with pytest.raises(ConfigError, match=r"router_aux_loss_coef=-1.0: expected a number >= 0"):
         from vlm_sft import config as config_lib
         config_lib.validate(config, mode="train")
+
+
+def test_a_directory_saved_by_transformers_5_loads_as_the_hubs(tiny_moe_dir, tmp_path, device):
+    """transformers 5's save_pretrained writes the experts in the in-memory layout [E, 2I, H] (its reversed
+    Transpose keeps the matching shape), the Hub's 4.57 files hold them transposed: the sharded loader reads
+    either by shape, as from_pretrained does, into the same params, bitwise."""
+    import safetensors
+    import transformers
+
+    from configs.robo2vlm import get_config
+    from vlm_sft import loading
+    from vlm_sft import sharding as sharding_lib
+
+    loaded = Qwen3VLMoeForConditionalGeneration.from_pretrained(tiny_moe_dir, dtype=torch.bfloat16)
+    hf = Qwen3VLMoeForConditionalGeneration(loaded.config).to(torch.bfloat16)
+    hf.load_state_dict(loaded.state_dict())
+    hf.save_pretrained(str(tmp_path))
+    with safetensors.safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert list(f.get_slice(MOE + "experts.gate_up_proj").get_shape()) == [8, 96, 64]  # [E, 2I, H]
+    sharding = sharding_lib.make_sharding(get_config("demo"), device)
+    _, hub = loading.load_sharded(tiny_moe_dir, sharding, {})
+    _, saved = loading.load_sharded(str(tmp_path), sharding, {})
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    assert saved.keys() == hub.keys()
+    for name, t in saved.items():
+        assert torch.equal(local(t), local(hub[name])), name
+    assert torch.equal(local(saved[MOE + "experts.gate_up_proj"]), loaded.state_dict()[MOE + "experts.gate_up_proj"])

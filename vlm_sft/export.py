@@ -29,12 +29,11 @@ import sys
 import uuid
 from typing import Any
 
-import safetensors
 import safetensors.torch
 import torch
 from absl import app, flags
 
-from vlm_sft import checkpoint
+from vlm_sft import checkpoint, loading
 from vlm_sft import lora as lora_lib
 from vlm_sft import models
 from vlm_sft.errors import ExportError
@@ -155,27 +154,22 @@ def _write_config(base: str, config: Any, out: str, dtype: torch.dtype) -> None:
 
 
 class _BaseWeights:
-    """Reads single tensors of the base model directory's safetensors files by in-memory param name."""
+    """Reads single params of the base model directory's safetensors files by in-memory name, in any layout the
+    sharded loader reads (loading.read_params: the Hub's names and layout, the in-memory ones, one tensor per
+    expert)."""
 
     def __init__(self, base: str, family: models.Family):
-        self.files: dict[str, tuple[str, str]] = {}
-        for file in sorted(os.listdir(base)):
-            if file.endswith(".safetensors"):
-                with safetensors.safe_open(os.path.join(base, file), framework="pt") as f:
-                    for key in f.keys():
-                        self.files[key] = (os.path.join(base, file), key)
+        self.files = loading.weight_files(base)
         self.base, self.family = base, family
 
-    def read(self, name: str) -> torch.Tensor:
-        hub = hub_name(name, self.family)
-        for key in (hub, name):  # the Hub's names (and layout), or transformers' in-memory ones
-            if key in self.files:
-                path, key = self.files[key]
-                with safetensors.safe_open(path, framework="pt") as f:
-                    tensor = f.get_tensor(key)
-                return self.family.from_hub(name, tensor) if key == hub else tensor
-        raise ExportError(f"{self.base}: no weight file holds {hub_name(name, self.family)!r} (a frozen leaf the "
-                          "checkpoint does not hold): wrong base model directory?")
+    def read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        shape = tuple(shape)
+        try:
+            return dict(loading.read_params(self.base, self.family, {name: (shape, 0, shape[0] if shape else 0,
+                                                                          None)}, self.files))[name]
+        except models.ModelLoadError as e:
+            raise ExportError(f"{self.base}: {e} (a frozen leaf the checkpoint does not hold): wrong base model "
+                              "directory?") from None
 
 
 def _write_weights(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, max_shard_bytes: int, *,
@@ -192,7 +186,10 @@ def _write_weights(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, 
         raise ExportError(f"--checkpoint {ckpt!r}: params are saved in several dtypes {sorted(map(str, dtypes))}; "
                           "pass --dtype")
     out_dtype = dtypes.pop()
-    adapted = {lora_lib.base_weight(n) for n in saved if lora_lib.is_adapter(n)}
+    adapters_of: dict[str, list[str]] = {}  # base param -> its adapter leaves
+    for n in saved:
+        if lora_lib.is_adapter(n):
+            adapters_of.setdefault(lora_lib.base_weight(n, expected), []).append(n)
     base_weights = _BaseWeights(base, family) if any(n not in saved for n in expected) else None
     sizes = [(name, _numel(shape) * out_dtype.itemsize) for name, shape in expected.items()]
     shards = plan_shards(sizes, max_shard_bytes)
@@ -200,10 +197,10 @@ def _write_weights(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, 
     for i, shard in enumerate(shards):
         file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         wanted = [n for n in shard if n in saved]
-        wanted += [a for n in shard if n in adapted for a in lora_lib.adapter_names(n[: -len(".weight")])]
+        wanted += [a for n in shard for a in adapters_of.get(n, ())]
         flat = {saved[n][0]: torch.empty(saved[n][1].size, dtype=saved[n][1].properties.dtype) for n in wanted}
         checkpoint.load_flat(ckpt, flat, partial=True, no_dist=True)  # reads only this shard's tensors
-        params = {n: flat[saved[n][0]] if n in saved else base_weights.read(n) for n in shard}
+        params = {n: flat[saved[n][0]] if n in saved else base_weights.read(n, expected[n]) for n in shard}
         params.update({n: flat[saved[n][0]] for n in wanted if lora_lib.is_adapter(n)})
         params = lora_lib.merge_params({n: t.float() for n, t in params.items()}, lora_scale)  # merged in fp32
         tensors = {names[name]: family.to_hub(name, params[name].to(out_dtype)).contiguous() for name in shard}
@@ -229,23 +226,25 @@ def _numel(shape: tuple) -> int:
     return n
 
 
-def _write_adapter(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, *, base: str, run_config: dict
-                   ) -> None:
-    """PEFT's adapter directory: adapter_model.safetensors (peft's tensor names) and adapter_config.json."""
+def _write_adapter(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, *, base: str, run_config: dict,
+                   expected: dict[str, tuple]) -> None:
+    """PEFT's adapter directory: adapter_model.safetensors (peft's tensor names and layout) and
+    adapter_config.json (linear modules as target_modules, stacked experts as target_parameters)."""
     adapters = [n for n in saved if lora_lib.is_adapter(n)]
     flat = {saved[n][0]: torch.empty(saved[n][1].size, dtype=saved[n][1].properties.dtype) for n in adapters}
     checkpoint.load_flat(ckpt, flat, partial=True, no_dist=True)
-    tensors = {lora_lib.peft_tensor_name(n): flat[saved[n][0]].to(dtype or flat[saved[n][0]].dtype).contiguous()
-               for n in adapters}
+    ours = {n: flat[saved[n][0]].to(dtype or flat[saved[n][0]].dtype) for n in adapters}
+    tensors = lora_lib.peft_tensors(ours, list(expected))
     safetensors.torch.save_file(tensors, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
     m = run_config.get("actor", {}).get("model", {})
-    modules = sorted({n.rsplit(".", 1)[0] for n in adapters})
-    rank = int(saved[lora_lib.adapter_names(modules[0])[0]][1].size[0])
+    targets = sorted({lora_lib.target_of(n) for n in adapters})
+    parameters = [t for t in targets if t in expected]  # stacked expert params; the rest are linear modules
+    rank = int(saved[lora_lib.adapter_names(targets[0])[0]][1].size[-2])  # A: [r, in] or [E, r, in]
     with open(os.path.join(base, "config.json")) as f:
         architectures = json.load(f).get("architectures") or ["Qwen2_5_VLForConditionalGeneration"]
     config = lora_lib.adapter_config(rank=rank, alpha=m.get("lora_alpha", 16), dropout=m.get("lora_dropout", 0.0),
-                                     modules=modules, base_model=os.path.abspath(base),
-                                     base_model_class=architectures[0])
+                                     modules=[t for t in targets if t not in expected], parameters=parameters,
+                                     base_model=os.path.abspath(base), base_model_class=architectures[0])
     with open(os.path.join(out, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -287,10 +286,10 @@ def export_checkpoint(ckpt: str, output_dir: str, *, dtype: torch.dtype | None =
     os.makedirs(tmp)
     try:
         if adapter_only:
-            _write_adapter(ckpt, saved, tmp, dtype, base=base, run_config=run_config)
+            _write_adapter(ckpt, saved, tmp, dtype, base=base, run_config=run_config, expected=expected)
         else:
             alpha = run_config.get("actor", {}).get("model", {}).get("lora_alpha")
-            rank = next((int(e.size[0]) for n, (_, e) in saved.items() if n.endswith(lora_lib.A_SUFFIX)), 0)
+            rank = next((int(e.size[-2]) for n, (_, e) in saved.items() if n.endswith(lora_lib.A_SUFFIX)), 0)
             scale = lora_lib.scale_of(alpha, rank) if has_adapters else None
             written = _write_weights(ckpt, saved, tmp, dtype, max_shard_bytes, expected=expected, base=base,
                                      family=family, lora_scale=scale)

@@ -211,8 +211,8 @@ def estimate(shapes: Shapes, plan: Any, data: DataShape, st: Settings, *, runtim
     held = grads if (data.micro_batches or st.accumulation) > 1 else 0.0
 
     trained_names = set(plan.trainable)
-    adapted = {m + ".weight" for m in plan.lora_modules}
-    tower = lambda n: bool(VISION_TOWER.match(lora_lib.base_weight(n) if lora_lib.is_adapter(n) else n))
+    adapted = set(plan.lora_weights)
+    tower = lambda n: bool(VISION_TOWER.match(lora_lib.base_weight(n, plan.shapes) if lora_lib.is_adapter(n) else n))
     vision_graph = any(tower(n) for n in trained_names)  # else the tower's outputs carry no autograd graph
 
     def copies(name: str) -> bool:  # the compute tensor is a new one (gathered, cast, or merged)

@@ -44,7 +44,7 @@ class TrainPlan:
     shapes: dict[str, tuple[int, ...]]   # every leaf, adapters included
     lr_multipliers: dict[str, float]     # trainable name -> factor of the scheduled lr
     decay: dict[str, bool]               # trainable name -> weight decay applies
-    lora_modules: tuple[str, ...] = ()   # adapted linear modules; empty without LoRA
+    lora_modules: tuple[str, ...] = ()   # adapted linear modules, then stacked expert params; empty without LoRA
     lora_rank: int = 0
     lora_scale: float | None = None      # lora_alpha / lora_rank; None without LoRA
 
@@ -53,12 +53,22 @@ class TrainPlan:
         return bool(self.lora_modules)
 
     @property
+    def lora_weights(self) -> list[str]:
+        """The base params LoRA adapts (linear modules' weights, stacked expert params)."""
+        return [lora_lib.target_weight(m, self.shapes) for m in self.lora_modules]
+
+    @property
     def weight_grads(self) -> list[str] | None:
         """Base weights that get a weight gradient (perf's MFU): the trained ones, or with LoRA the adapted ones
         (merged inside the block, W' gets the full gradient). None when nothing is frozen (every weight)."""
         if not self.frozen:
             return None
-        return [m + ".weight" for m in self.lora_modules] if self.is_lora else list(self.trainable)
+        return self.lora_weights if self.is_lora else list(self.trainable)
+
+    def _lora_targets(self) -> str:
+        stacked = sum(len(self.shapes[w]) == 3 for w in self.lora_weights)
+        linear = f"{len(self.lora_modules) - stacked} linear modules"
+        return linear + (f" and {stacked} stacked expert tensors (one adapter per expert)" if stacked else "")
 
     def numel(self, names: tuple[str, ...] | list[str]) -> int:
         return sum(_numel(self.shapes[n]) for n in names)
@@ -77,8 +87,8 @@ class TrainPlan:
         """The run-start summary: counts, optimizer state, groups and their learning rates."""
         lines = [f"trainable: {self.numel(self.trainable):,} params in {len(self.trainable)} tensors; frozen: "
                  f"{self.numel(self.frozen):,} params in {len(self.frozen)} tensors"
-                 + (f"; LoRA r={self.lora_rank} scale={self.lora_scale:g} on {len(self.lora_modules)} linear "
-                    "modules" if self.is_lora else ""),
+                 + (f"; LoRA r={self.lora_rank} scale={self.lora_scale:g} on {self._lora_targets()}"
+                    if self.is_lora else ""),
                  f"optimizer state: {optimizer_state_bytes / 2 ** 20:,.1f} MiB on this rank"]
         for mult, decay, tensors, elements in self.groups():
             lines.append(f"  group: lr {lr * mult:.3g} (x{mult:g}), weight decay {'on' if decay else 'off'}: "
@@ -168,14 +178,13 @@ def make_plan(config: Any, module: torch.nn.Module) -> TrainPlan:
     lora_modules: tuple[str, ...] = ()
     if m.is_lora:
         lora_modules = tuple(lora_lib.target_modules(module, m.lora_target_modules))
-        inside = [mod for mod in lora_modules if mod + ".weight" in frozen]
+        inside = [mod for mod in lora_modules if lora_lib.target_weight(mod, shapes) in frozen]
         if inside:
             raise PlanError(f"actor.model.lora_target_modules={m.lora_target_modules!r} matches {inside[0]!r}, "
                             f"inside a frozen part ({len(inside)} such modules): unfreeze it or narrow the targets")
         for mod in lora_modules:
             a, b = lora_lib.adapter_names(mod)
-            out_features, in_features = shapes[mod + ".weight"]
-            shapes[a], shapes[b] = (m.lora_rank, in_features), (out_features, m.lora_rank)
+            shapes[a], shapes[b] = lora_lib.adapter_shapes(shapes[lora_lib.target_weight(mod, shapes)], m.lora_rank)
         trainable = [n for n in shapes if lora_lib.is_adapter(n)]
         frozen = set(names)
     else:

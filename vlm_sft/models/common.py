@@ -72,6 +72,9 @@ class Family:
     # transposed stacked experts); identity by default.
     to_hub: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t
     from_hub: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t
+    # stacked expert param name -> the per-expert tensor names (with "{e}" for the expert) whose rows it
+    # concatenates, for directories written one tensor per expert (loading.py reads both layouts); () when none.
+    expert_parts: Callable[[str], tuple[str, ...]] = lambda name: ()
     # hf config -> the weight of forward_aux's "aux_loss" when actor.model.router_aux_loss_coef is None
     default_aux_loss_coef: Callable[[Any], float] = lambda config: 0.0
 

@@ -11,9 +11,11 @@ Each (mixer kind) is applied with one template layer, so each compiles as one re
 router statistics; forward_aux gives the load-balancing loss over the real tokens (transformers'
 load_balancing_loss_func) and the busiest expert's load, as Qwen3-VL-MoE's.
 
-Hub layout: the in-memory (transformers 5) names, experts stacked [E, 2I, H] / [E, H, I] (transformers also reads
-per-expert `mlp.experts.{e}.gate_proj.weight` files, conversion_mapping "qwen2_moe"; this trainer's sharded reader
-and export take the stacked names).
+Hub layout: the Hub ships Qwen3.5-MoE (35B-A3B, 397B-A17B) under the in-memory (transformers 5) names, experts
+stacked [E, 2I, H] / [E, H, I]; the export writes that. transformers 5.24's save_pretrained writes them one tensor
+per expert instead (its conversion_mapping "qwen3_5_moe_text" = "qwen2_moe": `mlp.experts.{e}.gate_proj.weight`
+[I, H], `up_proj` [I, H], `down_proj` [H, I], reversed on save), so a directory fine-tuned with HF's own tools comes
+that way: `expert_parts` names those tensors and loading.py stacks them as it reads (each rank only its experts).
 """
 from __future__ import annotations
 
@@ -149,6 +151,17 @@ def hub_name(name: str) -> str:
                          "model.visual.* or lm_head.weight)") from None
 
 
+def expert_parts(name: str) -> tuple[str, ...]:
+    """The per-expert tensors a stacked expert param concatenates (rows, in order; "{e}": the expert), as
+    transformers' "qwen2_moe" conversion fuses them: gate_up_proj[e] = cat(gate_proj[e], up_proj[e]),
+    down_proj[e] = down_proj[e]. () for any other param."""
+    prefix, _, leaf = name.rpartition(".")
+    if not prefix.endswith("mlp.experts"):
+        return ()
+    parts = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}.get(leaf, ())
+    return tuple(f"{prefix}.{{e}}.{part}.weight" for part in parts)
+
+
 def check_config(raw: dict, path: str) -> None:
     """Both mixer kinds only (Qwen3.5's check) and a consistent expert count (Qwen3-VL-MoE's)."""
     qwen3_5.check_config(raw, path)
@@ -172,5 +185,5 @@ FAMILY = Family(
     name="qwen3_5_moe", model_type="qwen3_5_moe", hf_class=_hf_class,
     block_pattern=qwen3_5.FAMILY.block_pattern, top_prefixes=qwen3_5.FAMILY.top_prefixes,
     forward_hidden=forward_hidden, vision_spec=Qwen3VLVisionSpec.from_config, flop_shape=flop_shape,
-    hub_name=hub_name, check_config=check_config, forward_aux=forward_aux,
+    hub_name=hub_name, check_config=check_config, forward_aux=forward_aux, expert_parts=expert_parts,
     default_aux_loss_coef=qwen3_vl_moe.default_aux_loss_coef)

@@ -9,8 +9,12 @@ template layer, so each compiles as one region. The MoE blocks also return their
 returns the load-balancing loss (transformers' load_balancing_loss_func over the real tokens) and the busiest
 expert's load as aux outputs (common.forward_hidden_aux).
 
-Hub layout: transformers 4.57 wrote the experts transposed, `gate_up_proj` [E, H, 2I] and `down_proj` [E, I, H]
-(5.x transposes them on load: conversion_mapping.py "qwen3_vl_moe"), under the in-memory names otherwise.
+Hub layout: the Hub's Qwen3-VL-30B-A3B-Instruct holds the experts as transformers 4.57 wrote them, transposed,
+`gate_up_proj` [E, H, 2I] and `down_proj` [E, I, H], under the in-memory names otherwise; the export writes that.
+transformers 5 transposes a stored tensor only when its shape is not the in-memory one (conversion_mapping.py
+"qwen3_vl_moe": Transpose(check_dims=True)), and its save_pretrained writes the in-memory [E, 2I, H] / [E, H, I]
+(the reversed Transpose keeps the matching shape); loading.py reads both by the same shape rule. It ships no
+per-expert tensors, and transformers has no per-expert mapping for this model type.
 """
 from __future__ import annotations
 
@@ -131,9 +135,11 @@ def check_config(raw: dict, path: str) -> None:
     if text.get("norm_topk_prob") is False:
         raise ModelLoadError(f"actor.model.model_path={path!r}: config.json sets text_config.norm_topk_prob=false; "
                              "vlm-sft (as transformers 5) supports renormalised top-k routing only")
-    if text.get("num_experts", 1) < 1 or text.get("num_experts_per_tok", 1) > text.get("num_experts", 1):
+    # transformers 5 writes the count as num_local_experts (its attribute_map alias of num_experts)
+    experts = text.get("num_experts", text.get("num_local_experts", 1))
+    if experts < 1 or text.get("num_experts_per_tok", 1) > experts:
         raise ModelLoadError(f"actor.model.model_path={path!r}: config.json text_config has num_experts="
-                             f"{text.get('num_experts')} and num_experts_per_tok={text.get('num_experts_per_tok')}; "
+                             f"{experts} and num_experts_per_tok={text.get('num_experts_per_tok')}; "
                              "expected 1 <= num_experts_per_tok <= num_experts")
 
 
