@@ -38,7 +38,10 @@ EXPERT_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 def is_expert(name: str) -> bool:
-    return name.endswith(EXPERT_SUFFIXES)
+    """A stacked expert tensor [E, ...] or its per-expert LoRA adapter ([E, r, in] / [E, out, r], lora.py): both
+    are split over the expert dim alike, so a rank's adapters are those of the experts it keeps."""
+    return name.endswith(EXPERT_SUFFIXES) or name.endswith(tuple(s + a for s in EXPERT_SUFFIXES
+                                                                 for a in (".lora_A", ".lora_B")))
 
 
 @torch.library.custom_op("vlm_sft::grouped_mm", mutates_args=())
