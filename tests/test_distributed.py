@@ -12,6 +12,7 @@ import torch
 
 from vlm_sft import checkpoint as checkpoint_lib
 from vlm_sft import demo
+from vlm_sft.demo.families import TINY_MODEL_BUILDERS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "robo2vlm.py")
@@ -265,3 +266,43 @@ def test_multinode_script_on_two_simulated_nodes(tmp_path):
     assert (tmp_path / "logs" / "node0.log").exists() and (tmp_path / "logs" / "node1.log").exists()
     lines = read_metrics(str(tmp_path / "logs" / "demo"))
     assert [m["step"] for m in lines if "train/loss" in m] == [1, 2]
+
+
+def _eval_worker(nproc: int, model_dir, data_dir, out, mode: str, model_type: str, *flags: str) -> list[dict]:
+    """tests/eval_worker.py's per-rank results (one process, no torchrun, for the reference)."""
+    out.mkdir(parents=True)
+    args = ["tests/eval_worker.py", str(model_dir), str(data_dir), str(out), mode, model_type, str(EVAL_ROWS), *flags]
+    if mode == "reference":
+        proc = subprocess.run([sys.executable, *args], cwd=REPO, env=CPU_ONLY, capture_output=True, text=True,
+                              timeout=600)
+    else:
+        proc = torchrun(nproc, *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+EVAL_ROWS = 5  # in batches of 2: rank 0 has one batch, rank 1 two (it runs one alone: the ranks must stay in step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, lora", [("qwen2.5_vl", False), ("qwen2.5_vl", True), ("qwen3_vl", False),
+                                          ("qwen3_vl_moe", False), ("qwen3_5", False), ("qwen3_5_moe", False)])
+def test_sharded_evaluation_on_2_ranks_equals_the_whole_model_in_one_process(tmp_path, robo2vlm_dir, family, lora):
+    """Choice scoring and greedy generation with the params as sharded (full_shard on 2 gloo ranks, every group
+    gathered for its call only, generation's KV cache per rank for its rows) give each row the same generated
+    text and chosen index, and the same accuracies, as the whole model from from_pretrained in one process (HF
+    generate on the whole params, as evaluation ran before). Untied lm_heads: a tied random model only repeats the
+    prompt's last token, which would not tell a wrong gather apart. LoRA: nonzero adapters on bf16 frozen bases,
+    merged per block as the whole-model merge did."""
+    model_dir = TINY_MODEL_BUILDERS[family](tmp_path / "model", tie_word_embeddings=False)
+    flags = ("lora",) if lora else ()
+    (ref,) = _eval_worker(1, model_dir, robo2vlm_dir, tmp_path / "ref", "reference", family, *flags)
+    ranks = _eval_worker(2, model_dir, robo2vlm_dir, tmp_path / "two", "sharded", family, *flags)
+    rows = {**ranks[0]["rows"], **ranks[1]["rows"]}
+    assert len(ranks[0]["rows"]) == 2 and len(ranks[1]["rows"]) == 3
+    assert rows == ref["rows"]
+    assert len({text for text, _ in rows.values()}) > 1  # the model says different things: the check can fail
+    for r in ranks:
+        assert r["metrics"]["eval/rows"] == EVAL_ROWS
+        for key in ("eval/eval_accuracy", "eval/choice_accuracy"):
+            assert r["metrics"][key] == ref["metrics"][key], key

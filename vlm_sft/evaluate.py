@@ -1,5 +1,14 @@
 """Multiple-choice evaluation over every row of the eval set.
 
+Evaluation and generation run with the params as they are held (sharded on several ranks): every param group is
+gathered just before the call that uses it and freed after (`gather`, sharding.make_eval_gather), as training
+gathers per block, so no rank ever holds the whole model. Scoring goes through the models' block_call hook;
+generation is HF's own `generate` (the family's rope and KV cache, each rank for its own rows) with a forward
+pre-hook on each group's module that puts the gathered params in and a post-hook that takes them out. Gathers are
+collectives, so on several ranks (`synced`) every rank runs the same calls: generation steps until every rank's
+rows are done (HF's synced_gpus), and a rank out of rows runs its last batch again (results unused) while others
+still have some.
+
 Two accuracies:
   eval/eval_accuracy    RLinf's: greedy generation, then its answer parsing and whitespace/case-insensitive match
                         against "B. choice text" (vlm_sft/answers.py).
@@ -8,10 +17,13 @@ Two accuracies:
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable, Iterable, Sequence
+import math
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from absl import logging
 from torch.func import functional_call
 
@@ -21,13 +33,31 @@ from vlm_sft.data.collate import collate_choices
 from vlm_sft.data.vision import Spec
 
 
+Gather = Callable[[model_lib.Params], model_lib.Params]  # one param group as held -> its full compute copy
+
+
+def _whole(p: model_lib.Params) -> model_lib.Params:
+    return p
+
+
+def _block_call(gather: Gather) -> model_lib.BlockCall:
+    """The models' block_call for evaluation: the group gathered for the call only (no autograd, no remat)."""
+
+    def block_call(fn: Callable[..., Any], module: torch.nn.Module | None, p: model_lib.Params, *args: Any,
+                   remat: bool = False, dynamic: bool = False) -> Any:
+        return fn(module, gather(p), *args)
+
+    return block_call
+
+
 @torch.no_grad()
-def score_choices(model: model_lib.Model, params: dict, examples: Sequence[Any], spec: Spec) -> list[int]:
+def score_choices(model: model_lib.Model, params: dict, examples: Sequence[Any], spec: Spec, *,
+                  gather: Gather = _whole) -> list[int]:
     """Index of the most likely choice of each example."""
     batch, counts = collate_choices(examples, spec)
     device = _device_of(params)
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    nll = model_lib.token_nll(model, params, batch)
+    nll = model_lib.token_nll(model, params, batch, _block_call(gather))
     logprob = torch.zeros(sum(counts), dtype=nll.dtype, device=device).index_add_(0, batch["label_row"], -nll)
     logprob = logprob.cpu()
     preds, start = [], 0
@@ -39,6 +69,48 @@ def score_choices(model: model_lib.Model, params: dict, examples: Sequence[Any],
 
 def _device_of(params: dict) -> torch.device:
     return next(iter(params.values())).device
+
+
+def _group_params(model: model_lib.Model, params: dict) -> dict[str, model_lib.Params]:
+    """Module prefix -> the params (as held, relative names) its forward reads: every param group, and for a
+    tied lm_head (no leaf of its own) the embedding's weight."""
+    groups = {prefix: model.block_params(params, prefix) for prefix in model.groups}
+    if model.tied:
+        groups["lm_head."] = {"weight": params[model.lm_head_name]}
+    return groups
+
+
+def _swap(module: torch.nn.Module, tensors: model_lib.Params) -> model_lib.Params:
+    """Puts `tensors` (names relative to `module`) in place of its parameters; returns what they replaced."""
+    old = {}
+    for name, t in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        sub = module.get_submodule(owner) if owner else module
+        old[name] = sub._parameters[leaf]
+        sub._parameters[leaf] = t
+    return old
+
+
+@contextlib.contextmanager
+def gathered_per_group(model: model_lib.Model, params: dict, gather: Gather) -> Iterator[None]:
+    """While active, each param group's module holds its full params only during its own forward: a forward
+    pre-hook gathers them in, a forward hook puts the previous tensors back (the gathered copy is then freed)."""
+    handles, saved = [], {}
+    try:
+        for prefix, p in _group_params(model, params).items():
+            sub = model.module.get_submodule(prefix[:-1])
+
+            def put_in(module: torch.nn.Module, args: Any, p: model_lib.Params = p) -> None:
+                saved.setdefault(id(module), []).append(_swap(module, gather(p)))
+
+            def take_out(module: torch.nn.Module, args: Any, output: Any) -> None:
+                _swap(module, saved[id(module)].pop())
+
+            handles += [sub.register_forward_pre_hook(put_in), sub.register_forward_hook(take_out)]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class _Generator(torch.nn.Module):
@@ -84,8 +156,13 @@ def generation_inputs(examples: Sequence[Any], pad_token_id: int, image_token_id
 
 @torch.no_grad()
 def generate(model: model_lib.Model, params: dict, examples: Sequence[Any], tokenizer: Any, *,
-             max_new_tokens: int) -> list[str]:
-    """Greedy generation of each example's answer, decoded without special tokens."""
+             max_new_tokens: int, gather: Gather = _whole, dtype: torch.dtype | None = None,
+             synced: bool = False) -> list[str]:
+    """Greedy generation of each example's answer, decoded without special tokens.
+
+    The module holds placeholders while it runs (one NaN per param, expanded to its shape, in `dtype`, the
+    gathered params' dtype: what HF reads of a module's dtype and device, and NaN wherever a param were read
+    without its group's gather); each group's real params are gathered in for its forward only."""
     module = model.module
     forward_args = inspect.signature(module.forward).parameters
     with_types = "mm_token_type_ids" in forward_args
@@ -96,38 +173,77 @@ def generate(model: model_lib.Model, params: dict, examples: Sequence[Any], toke
     inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
     generator = _Generator(module)
     eos = module.generation_config.eos_token_id or tokenizer.eos_token_id
-    out = functional_call(generator, {"inner." + k: v for k, v in params.items()}, (), dict(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
-        eos_token_id=eos, temperature=None, top_p=None, top_k=None))
+    dtype = dtype or next(iter(params.values())).dtype
+    nan = torch.full((), math.nan, dtype=dtype, device=device)
+    placeholders = {"inner." + k: nan.expand(p.shape) for k, p in module.named_parameters()}
+    with gathered_per_group(model, params, gather):
+        out = functional_call(generator, placeholders, (), dict(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+            eos_token_id=eos, temperature=None, top_p=None, top_k=None, synced_gpus=synced))
     new_tokens = out[:, inputs["input_ids"].shape[1]:].cpu()
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def _synced_batches(batches: Iterable[Any], all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+                    ) -> Iterator[tuple[list, bool, int]]:
+    """(examples to run, whether they are this rank's own rows, skipped rows) while any rank has batches left, the
+    same number of times on every rank; a rank without rows of its own in a round runs its last examples again
+    (or, having none yet, the first row another rank has) so that every rank makes the same calls."""
+    iterator, spare = iter(batches), None
+    while True:
+        item = next(iterator, None)
+        examples = (item.batch or []) if item is not None else []
+        spare = examples or spare
+        ranks = all_reduce_sum(torch.tensor([item is not None, bool(examples), spare is None], dtype=torch.float64))
+        with_items, with_rows, without_spare = ranks.tolist()
+        if with_items == 0:
+            return
+        skipped = item.num_skipped if item is not None else 0
+        if with_rows == 0:
+            yield [], False, skipped
+            continue
+        if without_spare:  # a rank that never had a row: borrow one (rare: fewer rows than ranks, or all skipped)
+            offered = [None] * dist.get_world_size()
+            dist.all_gather_object(offered, examples[:1] or None)
+            spare = spare or next(o for o in offered if o)
+        yield (examples, True, skipped) if examples else (spare, False, skipped)
 
 
 def evaluate(model: model_lib.Model, params: dict, batches: Iterable[Any], *, spec: Spec, tokenizer: Any,
              use_generation: bool, use_choice_scoring: bool, max_new_tokens: int,
              all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-             on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
+             on_batch: Callable[[Sequence[Any], list[str] | None, list[int] | None], None] | None = None,
+             gather: Gather = _whole,
+             dtype: torch.dtype | None = None, synced: bool = False) -> dict[str, float]:
     """Accuracy over every row the batches hold. `batches` yield objects with `.batch` (a list of Encoded) and
-    `.num_skipped`; `all_reduce_sum` adds the counts of all ranks."""
+    `.num_skipped`; `all_reduce_sum` adds the counts of all ranks. `params` as held, `gather` one group's full
+    copy in `dtype`; `synced`: other ranks run the same gathers (collectives), so every rank makes the same calls.
+    `on_batch(examples, generated texts or None, chosen indices or None)` sees each batch of this rank's rows."""
     counts = torch.zeros(4, dtype=torch.float64)  # rows, generation correct, choice correct, skipped rows
-    for item in batches:
-        examples = item.batch or []
-        counts[3] += item.num_skipped
+    rounds = _synced_batches(batches, all_reduce_sum) if synced else (
+        (item.batch or [], True, item.num_skipped) for item in batches)
+    for examples, own, skipped in rounds:
+        counts[3] += skipped
         if not examples:
             continue
-        counts[0] += len(examples)
+        if own:
+            counts[0] += len(examples)
+        texts = preds = None
         if use_generation:
-            texts = generate(model, params, examples, tokenizer, max_new_tokens=max_new_tokens)
-            if counts[0] == len(examples):  # first batch: show what the model says, next to the gold answer
+            texts = generate(model, params, examples, tokenizer, max_new_tokens=max_new_tokens, gather=gather,
+                             dtype=dtype, synced=synced)
+            if own and counts[0] == len(examples):  # first batch: what the model says, next to the gold answer
                 for text, e in list(zip(texts, examples))[:3]:
                     logging.info("eval sample %s: generated %r, gold %r", e.source, text, e.target_text)
-            counts[1] += sum(answers.answers_match(answers.parse_generated_answer(t), e.target_text)
-                             for t, e in zip(texts, examples))
+            if own:
+                counts[1] += sum(answers.answers_match(answers.parse_generated_answer(t), e.target_text)
+                                 for t, e in zip(texts, examples))
         if use_choice_scoring:
-            preds = score_choices(model, params, examples, spec)
-            counts[2] += sum(p == e.answer_index for p, e in zip(preds, examples))
-        if on_batch is not None:
-            on_batch(len(examples))
+            preds = score_choices(model, params, examples, spec, gather=gather)
+            if own:
+                counts[2] += sum(p == e.answer_index for p, e in zip(preds, examples))
+        if on_batch is not None and own:
+            on_batch(examples, texts, preds)
     rows, gen_correct, choice_correct, skipped = all_reduce_sum(counts).tolist()
     metrics = {"eval/rows": rows, "eval/skipped_rows": skipped}
     if use_generation:

@@ -230,31 +230,27 @@ def apply_plan(model: model_lib.Model, params: dict, plan: trainable_lib.TrainPl
     return model, params
 
 
-def eval_params(params: dict, plan: trainable_lib.TrainPlan, precision: torch.dtype) -> dict:
-    """Full plain params for evaluation and generation: gathered, LoRA merged, every leaf in `precision`."""
-    full = lora_lib.merge_params(sharding_lib.gather_full(params), plan.lora_scale)
-    return {k: v.to(precision) for k, v in full.items()}
-
-
 def _list(x: list) -> list:
     return x
 
 
 def run_eval(model: model_lib.Model, params: dict, source: robo2vlm.Robo2VLMSource, encoder: Encoder,
-             tokenizer: Any, spec: Spec, config: Any, *, world_size: int = 1, rank: int = 0
-             ) -> dict[str, float]:
-    """Accuracy over every eval row: each rank evaluates its own block of rows (with the full params: generation
-    needs them), and the counts are summed over ranks."""
+             tokenizer: Any, spec: Spec, config: Any, *, gather: evaluate_lib.Gather, dtype: torch.dtype,
+             world_size: int = 1, rank: int = 0) -> dict[str, float]:
+    """Accuracy over every eval row: each rank evaluates its own block of rows with the params as held, each
+    group gathered (`gather`: LoRA merged, in `dtype`) for the call that uses it, and the counts are summed over
+    ranks."""
     d = config.data
     batches = loader_lib.eval_batches(source, encoder, _list, batch_size=config.actor.eval_batch_size,
                                       world_size=world_size, rank=rank, num_workers=d.num_workers,
                                       bad_rows=d.bad_rows, max_rows=d.eval_max_rows)
     t0 = time.perf_counter()
-    metrics = evaluate_lib.evaluate(model, sharding_lib.gather_full(params), batches, spec=spec,
+    metrics = evaluate_lib.evaluate(model, params, batches, spec=spec,
                                     tokenizer=tokenizer, use_generation=config.eval.generate,
                                     use_choice_scoring=config.eval.choice_scoring,
                                     max_new_tokens=config.eval.max_new_tokens,
-                                    all_reduce_sum=sharding_lib.all_reduce_sum)
+                                    all_reduce_sum=sharding_lib.all_reduce_sum, gather=gather, dtype=dtype,
+                                    synced=world_size > 1)
     metrics["time/eval"] = time.perf_counter() - t0
     return metrics
 
@@ -547,8 +543,9 @@ def make_log(config: Any, loaded: Loaded, checked: Checked, proc: sharding_lib.P
     def evaluate(step: int, params: dict) -> None:
         if loaded.eval_source is None:
             return
-        metrics = run_eval(loaded.model, eval_params(params, checked.plan, loaded.precision), loaded.eval_source,
-                           loaded.encoder, loaded.tokenizer, loaded.spec, config, world_size=proc.world_size,
+        gather = sharding_lib.make_eval_gather(loaded.sharding, loaded.precision, checked.plan.lora_scale)
+        metrics = run_eval(loaded.step_model, params, loaded.eval_source, loaded.encoder, loaded.tokenizer,
+                           loaded.spec, config, gather=gather, dtype=loaded.precision, world_size=proc.world_size,
                            rank=proc.rank)
         writer.write(step, metrics)
         writer.console(step, metrics)

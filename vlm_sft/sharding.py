@@ -47,10 +47,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import logging as std_logging
 import os
 import sys
-from typing import Any, Mapping, NoReturn
+from typing import Any, Callable, Mapping, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -719,6 +720,25 @@ def make_block_call(sharding: Sharding, *, checkpointing: bool = False, compile:
     """
     return compile_lib.make_block_call(lambda p: lora_lib.merge(gather(p, sharding, stats), lora_scale),
                                        compile=compile, checkpointing=checkpointing)
+
+
+def make_eval_gather(sharding: Sharding, dtype: torch.dtype, lora_scale: float | None
+                     ) -> Callable[[Params], Params]:
+    """One param group's full copy for evaluation and generation (no autograd), through `gather` as the train
+    step's block_call: gathered exactly (in the widest dtype of its leaves, then each leaf in its own dtype
+    again: no rounding), LoRA adapters merged as lora.merge_params merges them, every leaf then in `dtype`.
+    The same numbers the whole model gathered, merged and cast would give, one group at a time."""
+
+    def gather_group(p: Params) -> Params:
+        if not p:
+            return {}
+        wide = functools.reduce(torch.promote_types, (v.dtype for v in p.values()))
+        with torch.no_grad():
+            full = gather(p, dataclasses.replace(sharding, param_dtype=wide, reduce_dtype=wide))
+            full = {k: v.to(p[k].dtype) for k, v in full.items()}
+            return {k: v.to(dtype) for k, v in lora_lib.merge_params(full, lora_scale).items()}
+
+    return gather_group
 
 
 # ----------------------------------------------------------------------------------------------------------------
