@@ -1,9 +1,9 @@
 """One rank of evaluation, under torchrun (tests/test_loading.py, tests/test_distributed.py):
 
-    torchrun --nproc_per_node=N tests/eval_worker.py MODEL_DIR DATA_DIR OUT_DIR MODE MODEL_TYPE ROWS [lora] [wait]
+    torchrun --nproc_per_node=N tests/eval_worker.py MODEL_DIR DATA_DIR OUT_DIR MODE MODEL_TYPE ROWS [lora] [ep] [wait]
 
 MODE "sharded": the model loaded as the trainer loads it (each rank its rows, full_shard; `lora`: adapters with
-nonzero B, so merging matters) and evaluated as the trainer evaluates (evaluate.evaluate, every group gathered for
+nonzero B, so merging matters; `ep`: experts expert-parallel over 2 ranks) and evaluated as the trainer evaluates (evaluate.evaluate, every group gathered for
 its call only). MODE "reference" (one process): what evaluation was before it ran sharded: the whole model from
 from_pretrained, HF `generate` on the module's own params, choices scored with the whole params.
 
@@ -52,11 +52,12 @@ def wait_for(path: str) -> None:
         time.sleep(0.1)
 
 
-def make_config(model_dir: str, data_dir: str, model_type: str, rows: int, lora: bool):
+def make_config(model_dir: str, data_dir: str, model_type: str, rows: int, lora: bool, ep: int = 1):
     config = get_config("demo")
     config.actor.model.model_path = model_dir
     config.actor.model.model_type = model_type
     config.actor.model.is_lora = lora
+    config.actor.fsdp_config.expert_parallel_size = ep
     config.actor.fsdp_config.sharding_strategy = "full_shard"
     config.actor.fsdp_config.mixed_precision.param_dtype = "bf16"  # frozen (LoRA base) leaves in bf16
     config.data.eval_data_paths = data_dir
@@ -158,7 +159,7 @@ def reference(config) -> dict:
 
 
 def main(model_dir: str, data_dir: str, out: str, mode: str, model_type: str, rows: str, *flags: str) -> None:
-    config = make_config(model_dir, data_dir, model_type, int(rows), "lora" in flags)
+    config = make_config(model_dir, data_dir, model_type, int(rows), "lora" in flags, 2 if "ep" in flags else 1)
     if mode == "reference":
         result = reference(config)
         rank = 0

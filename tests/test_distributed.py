@@ -285,17 +285,19 @@ EVAL_ROWS = 5  # in batches of 2: rank 0 has one batch, rank 1 two (it runs one 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, lora", [("qwen2.5_vl", False), ("qwen2.5_vl", True), ("qwen3_vl", False),
-                                          ("qwen3_vl_moe", False), ("qwen3_5", False), ("qwen3_5_moe", False)])
-def test_sharded_evaluation_on_2_ranks_equals_the_whole_model_in_one_process(tmp_path, robo2vlm_dir, family, lora):
+@pytest.mark.parametrize("family, flags", [("qwen2.5_vl", ()), ("qwen2.5_vl", ("lora",)), ("qwen3_vl", ()),
+                                           ("qwen3_vl_moe", ()), ("qwen3_vl_moe", ("ep",)), ("qwen3_5", ()),
+                                           ("qwen3_5_moe", ())],
+                         ids=["qwen2.5_vl", "qwen2.5_vl_lora", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_moe_ep", "qwen3_5",
+                              "qwen3_5_moe"])
+def test_sharded_evaluation_on_2_ranks_equals_the_whole_model_in_one_process(tmp_path, robo2vlm_dir, family, flags):
     """Choice scoring and greedy generation with the params as sharded (full_shard on 2 gloo ranks, every group
     gathered for its call only, generation's KV cache per rank for its rows) give each row the same generated
     text and chosen index, and the same accuracies, as the whole model from from_pretrained in one process (HF
     generate on the whole params, as evaluation ran before). Untied lm_heads: a tied random model only repeats the
     prompt's last token, which would not tell a wrong gather apart. LoRA: nonzero adapters on bf16 frozen bases,
-    merged per block as the whole-model merge did."""
+    merged per block as the whole-model merge did. EP: expert-parallel experts gathered whole per block."""
     model_dir = TINY_MODEL_BUILDERS[family](tmp_path / "model", tie_word_embeddings=False)
-    flags = ("lora",) if lora else ()
     (ref,) = _eval_worker(1, model_dir, robo2vlm_dir, tmp_path / "ref", "reference", family, *flags)
     ranks = _eval_worker(2, model_dir, robo2vlm_dir, tmp_path / "two", "sharded", family, *flags)
     rows = {**ranks[0]["rows"], **ranks[1]["rows"]}

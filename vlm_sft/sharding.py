@@ -727,15 +727,19 @@ def make_eval_gather(sharding: Sharding, dtype: torch.dtype, lora_scale: float |
     """One param group's full copy for evaluation and generation (no autograd), through `gather` as the train
     step's block_call: gathered exactly (in the widest dtype of its leaves, then each leaf in its own dtype
     again: no rounding), LoRA adapters merged as lora.merge_params merges them, every leaf then in `dtype`.
-    The same numbers the whole model gathered, merged and cast would give, one group at a time."""
+    The same numbers the whole model gathered, merged and cast would give, one group at a time. Expert-parallel
+    leaves are gathered whole too (the block's experts: HF generate runs the family's own MoE module)."""
+    experts = (lambda k: moe_lib.is_expert(k)) if sharding.expert_mesh is not None else (lambda k: False)
+    exact_of = lambda wide: dataclasses.replace(sharding, param_dtype=wide, reduce_dtype=wide, expert_mesh=None)
 
     def gather_group(p: Params) -> Params:
         if not p:
             return {}
         wide = functools.reduce(torch.promote_types, (v.dtype for v in p.values()))
         with torch.no_grad():
-            full = gather(p, dataclasses.replace(sharding, param_dtype=wide, reduce_dtype=wide))
-            full = {k: v.to(p[k].dtype) for k, v in full.items()}
+            full = gather({k: v for k, v in p.items() if not experts(k)}, exact_of(wide))
+            full.update({k: v.full_tensor() for k, v in p.items() if experts(k)})
+            full = {k: full[k].to(v.dtype) for k, v in p.items()}
             return {k: v.to(dtype) for k, v in lora_lib.merge_params(full, lora_scale).items()}
 
     return gather_group
