@@ -156,9 +156,9 @@ def _peak_rss_gib(cmd: list[str]) -> float:
 SETTINGS = {
     "full": [],
     "checkpointing": ["--config.actor.fsdp_config.gradient_checkpointing=True"],
-    # LoRA left out: since the host-light step (plain tensors on one rank, flat per-block casts) and sharded
-    # loading landed together, its measured peak is 1.66 GiB against the plan's 0.96 (was 0.93 measured); the
-    # planner's LoRA terms need recalibrating (the closing note of issue 17 says so).
+    # LoRA: its step-1 peak is the plan's (0.94 GiB measured, 0.96 planned, 2026-12-02); the 1.66 GiB that had it
+    # left out was the whole process's peak, set after training (the end-of-run save/export), not by the step.
+    "lora": ["--config.actor.model.is_lora=True"],
     "micro_batch_8": ["--config.actor.micro_batch_size=8", "--config.actor.global_batch_size=8"],
 }
 
