@@ -6,14 +6,19 @@ is left is the per-parameter and per-op Python that a GPU step also pays (issue 
   python bench/host.py --depth 2,4 --steps 2    # quick (tests/test_perf.py)
 
 Model: vlm_sft.demo's tiny widths (text hidden 64, vision hidden 32, Qwen's 152k vocabulary) at the depth;
-bf16 compute, fp32 master weights, AdamW + clipping. One step = one micro-batch of 4 Robo2VLM-like rows (one
-112x112 image each, ~100 prompt tokens, 8 answer tokens; bench/step_gpu.py's batches), padded to a length bucket.
+bf16 compute, fp32 master weights, AdamW + clipping. Rows: Robo2VLM-like (one 112x112 image each, ~100 prompt
+tokens, 8 answer tokens; bench/step_gpu.py's rows), padded to a length bucket or packed (budget sixteenths).
 Times are CPU seconds of this process (time.process_time, one torch thread): on a shared machine wall time
 mostly measures the neighbours. Contestants, in one process, on the same batches:
   vlm-sft         the trainer as main.py builds it: plain tensors on one rank, fused AdamW (update_fused)
   baseline        the path before issue 20: DTensors on a mesh of one, foreach donated AdamW (update_)
   HF eager        the RLinf/TRL loop: fp32 module under autocast(bf16), backward, clip_grad_norm_, AdamW
-each eager and (ours) compiled by region. Columns, per step (median over the timed steps):
+  packed          vlm-sft on the same rows packed into one sequence (data.packing: varlen attention, per-row
+                  positions) instead of a padded [rows, length] batch
+each eager and (ours) compiled by region. Micro-batch contestants take one micro-batch of 4 rows; step
+contestants a step of 16 rows: packed (one micro-batch at --step-budget) against RLinf's 4 padded micro-batches
+of 4 and HF's loop at batch 16. Then the median perf/padding_fraction of 100 generated steps of 16 rows packed at
+a 1024-token budget (lengths only, as the loader pads them). Columns, per step (median over the timed steps):
   step (s)          CPU time of a step
   host (ms)         the part of it not spent inside aten ops or compiled graphs (torch.profiler, one step: its
                     share of the profiled wall time, times the step's CPU time): Python, DTensor, autograd and
@@ -21,9 +26,11 @@ each eager and (ours) compiled by region. Columns, per step (median over the tim
   update (ms)       the optimizer update alone (clipping + AdamW), CPU time
   ops / kernel ops  top-level aten ops and compiled-graph calls of one step (profile_step); kernel ops leave
                     out views and aliases
-  per token         kernel ops / real (attention-mask) tokens
-Targets (issue 20): host <= 120 ms, kernel ops <= 2,600, update <= 40 ms (vlm-sft compiled, 3B depth).
-`packed`: n/a: every contestant here takes the same unpacked micro-batch (a packed one is left to do).
+  padding           padded positions / all positions of the step's micro-batches
+  samples/s         rows / step CPU seconds
+  per token         ops and kernel ops / real (attention-mask) tokens
+Targets (issue 20): host <= 120 ms, kernel ops <= 2,600, update <= 40 ms (vlm-sft compiled, 3B depth); packed
+padding <= 8% at 1024; the packed 16-row step >= 2.5x the samples/s of 4 x 4 and >= 3x HF's loop at batch 16.
 """
 from __future__ import annotations
 
@@ -95,12 +102,41 @@ def profile_step(fn, *args) -> dict:
     return dict(profiled_wall=wall, host=max(wall - inside, 0.0), ops=ops, kernel_ops=kernel_ops)
 
 
+def padding_fractions(g, spec, grid, *, steps: int, rows: int, budget: int, micro_batch: int,
+                      buckets: tuple[int, ...]) -> tuple[float, float, float]:
+    """Median perf/padding_fraction over `steps` generated steps of `rows` rows: (packed at `budget`, padded
+    micro-batches of `micro_batch` rows, mean micro-batches per packed step). Lengths only: packing.pack_rows and
+    the compiled shapes (budget sixteenths, length buckets), as the loader pads them."""
+    from step_gpu import robo2vlm_like_rows
+    from vlm_sft.data import packing
+    from vlm_sft.data.collate import bucket_length
+
+    budget_buckets = packing.budget_buckets(budget, buckets)
+    packed, padded, counts = [], [], []
+    for _ in range(steps):
+        lengths = [len(ids) for ids, _ in robo2vlm_like_rows(g, spec, rows=rows, grid=grid, prompt=100,
+                                                              answer=8)[0]]
+        groups = packing.pack_rows(lengths, budget)
+        counts.append(len(groups))
+        real = sum(lengths)
+        packed.append(1 - real / sum(packing.padded_length(sum(lengths[i] for i in gr), budget, budget_buckets)
+                                     for gr in groups))
+        padded.append(1 - real / sum(len(lengths[j:j + micro_batch]) * bucket_length(
+            max(lengths[j:j + micro_batch]), buckets, 8) for j in range(0, rows, micro_batch)))
+    return statistics.median(packed), statistics.median(padded), statistics.mean(counts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", choices=sorted(DEPTHS), default="qwen2.5_vl")
     parser.add_argument("--depth", default="", help="TEXT_LAYERS,VISION_BLOCKS (default: the family's real depth)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per contestant (after the warm-up)")
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--step-rows", type=int, default=16, help="rows of the packed step against RLinf's "
+                        "micro-batches of --micro-batch rows")
+    parser.add_argument("--step-budget", type=int, default=4096, help="actor.max_tokens_per_micro_batch of the "
+                        "packed step of --step-rows rows (4096: the 16 rows in one micro-batch)")
+    parser.add_argument("--budget", type=int, default=1024, help="the budget the padding fractions are measured at")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--only", default="", help="comma-separated contestants (default all)")
     parser.add_argument("--workdir", default="", help="model dir and inductor cache (default: a temp dir)")
@@ -110,12 +146,13 @@ def main() -> None:
 
     import common
     from configs.robo2vlm import get_config
-    from step_gpu import image_grid, robo2vlm_like_batch
+    from step_gpu import image_grid, robo2vlm_like_rows, step_batches
     from vlm_sft import compile as compile_lib
     from vlm_sft import models as model_lib
     from vlm_sft import demo, optim, schedules
     from vlm_sft import sharding as sharding_lib
     from vlm_sft import step as step_lib
+    from vlm_sft.data.collate import collate
     from vlm_sft.state import init_train_state
 
     text_layers, vision_depth = (int(x) for x in (args.depth or "%d,%d" % DEPTHS[args.family]).split(","))
@@ -130,18 +167,27 @@ def main() -> None:
     config = get_config()
     mp = config.actor.fsdp_config.mixed_precision
     mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype = args.dtype, "fp32", "fp32"
-    # The batches here are unpacked (bench/step_gpu.py's collate); a packed contestant is not built yet.
-    packed = "n/a (unpacked batches)" if "packing" in config.data else "n/a (no data.packing)"
     compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    buckets = tuple(config.data.length_buckets)
 
     probe, _ = model_lib.load_model(model_dir)
     spec = probe.vision_spec(pad_token_id=151643)
     pixels = (65536, 16777216) if args.family == "qwen3_vl" else (3136, 12845056)
     grid = image_grid(112, 112, patch=spec.patch_size, min_pixels=pixels[0], max_pixels=pixels[1])
     g = torch.Generator().manual_seed(0)
-    batches = [[robo2vlm_like_batch(g, spec, rows=args.micro_batch, grid=grid, prompt=100, answer=8,
-                                    buckets=tuple(config.data.length_buckets))] for _ in range(args.steps + 2)]
-    tokens = statistics.mean(float(s[0]["attention_mask"].sum()) for s in batches)
+    mb, n = args.micro_batch, args.step_rows
+    # Per step: `step_rows` rows; the micro-batch contestants take its first `micro_batch` rows.
+    steps = []
+    for _ in range(args.steps + 2):
+        rows = robo2vlm_like_rows(g, spec, rows=n, grid=grid, prompt=100, answer=8)
+        first = tuple(x[:mb] for x in rows)
+        packed_step, rlinf_step = step_batches(rows, spec, micro_batch=mb, max_tokens=args.step_budget,
+                                               buckets=buckets)
+        steps.append({
+            "unpacked": [collate(*first, spec, length_buckets=buckets, pad_labels=True)],
+            "packed": step_batches(first, spec, micro_batch=mb, max_tokens=args.budget, buckets=buckets)[0],
+            "packed_step": packed_step, "rlinf_step": rlinf_step,
+            "hf_step": [collate(*rows, spec, length_buckets=buckets, pad_labels=True)]})
 
     def ours(baseline: bool, compiled: bool):
         sharding = sharding_lib.make_sharding(config, device, plain_single_rank=not baseline)
@@ -176,57 +222,91 @@ def main() -> None:
                                autocast_dtype=None if compute == torch.float32 else compute)
         return (lambda micro_batches: float(fn(micro_batches))), {"update": []}
 
+    # name -> (build, which of a step's batches it takes, rows per step)
     contestants = {
-        "vlm-sft compiled": lambda: ours(False, True), "vlm-sft eager": lambda: ours(False, False),
-        "baseline compiled": lambda: ours(True, True), "baseline eager": lambda: ours(True, False),
-        "HF eager": hf,
+        "vlm-sft compiled": (lambda: ours(False, True), "unpacked", mb),
+        "vlm-sft eager": (lambda: ours(False, False), "unpacked", mb),
+        "vlm-sft packed compiled": (lambda: ours(False, True), "packed", mb),
+        "vlm-sft packed eager": (lambda: ours(False, False), "packed", mb),
+        "baseline compiled": (lambda: ours(True, True), "unpacked", mb),
+        "baseline eager": (lambda: ours(True, False), "unpacked", mb),
+        "HF eager": (hf, "unpacked", mb),
+        f"vlm-sft packed compiled {n} rows": (lambda: ours(False, True), "packed_step", n),
+        f"vlm-sft compiled {n // mb}x{mb} rows": (lambda: ours(False, True), "rlinf_step", n),
+        f"HF eager batch {n}": (hf, "hf_step", n),
     }
     if args.only:
         contestants = {k: v for k, v in contestants.items() if k in args.only.split(",")}
-    rows = {}
-    for name, make in contestants.items():
+    out = {}
+    for name, (make, key, rows_per_step) in contestants.items():
         step, timed = make()
+        batches = [s[key] for s in steps]
         t0 = time.perf_counter()
         step(batches[0])  # compiles here (compiled contestants)
         first = time.perf_counter() - t0
         step(batches[1])
         timed["update"].clear()
         cpu = []
-        for s in batches[2:]:
+        for b in batches[2:]:
             t0 = time.process_time()
-            step(s)
+            step(b)
             cpu.append(time.process_time() - t0)
         update = statistics.median(timed["update"]) if timed["update"] else None
         profiled = profile_step(step, batches[2])
         host_share = profiled["host"] / profiled["profiled_wall"]
-        rows[name] = dict(first=first, step=statistics.median(cpu), update=update, host_share=host_share,
-                          host=host_share * statistics.median(cpu), ops=profiled["ops"],
-                          kernel_ops=profiled["kernel_ops"])
-        print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
+        tokens = statistics.mean(sum(float(m["attention_mask"].sum()) for m in s) for s in batches)
+        positions = statistics.mean(sum(m["attention_mask"].numel() for m in s) for s in batches)
+        out[name] = dict(first=first, step=statistics.median(cpu), update=update, host_share=host_share,
+                         host=host_share * statistics.median(cpu), ops=profiled["ops"],
+                         kernel_ops=profiled["kernel_ops"], tokens=tokens, rows=rows_per_step,
+                         micro_batches=len(batches[2]), padding=1 - tokens / positions)
+        print(f"{name}: {out[name]}", file=sys.stderr, flush=True)
         del step
 
+    packed_pad, padded_pad, per_step = padding_fractions(
+        torch.Generator().manual_seed(1), spec, grid, steps=100, rows=n, budget=args.budget, micro_batch=mb,
+        buckets=buckets)
     print(f"# bench/host.py: {common.machine()}")
     print(f"tiny widths at {NAMES[args.family]} depth ({text_layers} text layers, {vision_depth} vision blocks), "
-          f"{args.dtype} compute, fp32 master; 1 micro-batch of {args.micro_batch} rows, {tokens:.0f} real tokens; "
-          f"packed: {packed}; load avg {os.getloadavg()[0]:.1f}\n")
-    print("| contestant | step (s) | host (ms) | update (ms) | ops | kernel ops | kernel ops / token | "
-          "first step (s) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
+          f"{args.dtype} compute, fp32 master; micro-batch contestants: {mb} rows (packed: one micro-batch at "
+          f"budget {args.budget}); step contestants: {n} rows (packed at budget {args.step_budget}, or "
+          f"{n // mb} padded micro-batches of {mb}); load avg {os.getloadavg()[0]:.1f}\n")
+    print("| contestant | rows | micro-batches | real tokens | padding | step (s) | samples/s | host (ms) | "
+          "update (ms) | ops | kernel ops | ops / token | kernel ops / token | first step (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in out.items():
         update = f"{r['update'] * 1e3:.0f}" if r["update"] is not None else "n/a"
-        print(f"| {name} | {r['step']:.3f} | {r['host'] * 1e3:.0f} | {update} | {r['ops']:,} | "
-              f"{r['kernel_ops']:,} | {r['kernel_ops'] / tokens:.2f} | {r['first']:.1f} |")
-    for a, b in (("vlm-sft compiled", "baseline compiled"), ("vlm-sft eager", "baseline eager"),
-                 ("vlm-sft compiled", "HF eager")):
-        if a in rows and b in rows:
-            print(f"\nratio: {a} / {b} = {rows[b]['step'] / rows[a]['step']:.2f}x steps/s, host "
-                  f"{rows[b]['host'] / max(rows[a]['host'], 1e-9):.2f}x less, kernel ops "
-                  f"{rows[b]['kernel_ops'] / rows[a]['kernel_ops']:.2f}x fewer")
-    r = rows.get("vlm-sft compiled")
+        print(f"| {name} | {r['rows']} | {r['micro_batches']} | {r['tokens']:.0f} | {100 * r['padding']:.1f}% | "
+              f"{r['step']:.3f} | {r['rows'] / r['step']:.2f} | {r['host'] * 1e3:.0f} | {update} | {r['ops']:,} | "
+              f"{r['kernel_ops']:,} | {r['ops'] / r['tokens']:.2f} | {r['kernel_ops'] / r['tokens']:.2f} | "
+              f"{r['first']:.1f} |")
+    pairs = (("vlm-sft compiled", "baseline compiled"), ("vlm-sft eager", "baseline eager"),
+             ("vlm-sft compiled", "HF eager"), ("vlm-sft packed compiled", "vlm-sft compiled"),
+             ("vlm-sft packed eager", "vlm-sft eager"),
+             (f"vlm-sft packed compiled {n} rows", f"vlm-sft compiled {n // mb}x{mb} rows"),
+             (f"vlm-sft packed compiled {n} rows", f"HF eager batch {n}"))
+    for a, b in pairs:
+        if a in out and b in out:
+            ra, rb = out[a], out[b]
+            print(f"\nratio: {a} / {b} = {(ra['rows'] / ra['step']) / (rb['rows'] / rb['step']):.2f}x samples/s, "
+                  f"host {rb['host'] / max(ra['host'], 1e-9):.2f}x less, kernel ops per token "
+                  f"{(rb['kernel_ops'] / rb['tokens']) / (ra['kernel_ops'] / ra['tokens']):.2f}x fewer")
+    print(f"\nmedian perf/padding_fraction over 100 steps of {n} rows: {100 * packed_pad:.1f}% packed at budget "
+          f"{args.budget} ({per_step:.1f} micro-batches per step) vs {100 * padded_pad:.1f}% in padded micro-batches "
+          f"of {mb} rows (data.length_buckets)")
+    checks = []
+    r = out.get("vlm-sft compiled")
     if r is not None:
-        checks = (("host <= 120 ms", r["host"] <= 0.120), ("kernel ops <= 2,600", r["kernel_ops"] <= 2600),
-                  ("update <= 40 ms", r["update"] is not None and r["update"] <= 0.040))
-        print("\ntargets (vlm-sft compiled): " + "; ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in checks))
+        checks += [("host <= 120 ms", r["host"] <= 0.120), ("kernel ops <= 2,600", r["kernel_ops"] <= 2600),
+                   ("update <= 40 ms", r["update"] is not None and r["update"] <= 0.040)]
+    checks.append((f"packed padding at {args.budget} <= 8%", packed_pad <= 0.08))
+    a, b, h = (f"vlm-sft packed compiled {n} rows", f"vlm-sft compiled {n // mb}x{mb} rows",
+               f"HF eager batch {n}")
+    if a in out and b in out:
+        checks.append((f"packed {n} rows >= 2.5x {n // mb} x {mb}", out[b]["step"] / out[a]["step"] >= 2.5))
+    if a in out and h in out:
+        checks.append((f"packed {n} rows >= 3x HF batch {n}", out[h]["step"] / out[a]["step"] >= 3))
+    print("\ntargets: " + "; ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in checks))
     sharding_lib.exit_process(0)
 
 

@@ -213,3 +213,51 @@ def test_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, tiny_model_di
     assert "SIGINT received: finishing this step" in output and "second interrupt: stopping now" in output
     assert "Traceback" not in output
     assert os.listdir(tmp_path / "runs" / "demo" / "checkpoints") == []  # nothing saved
+
+
+def demo_row_lengths(tmp_path, model_dir, data_dir):
+    """{row source: tokens} of the train rows as the demo config encodes them (the trainer's encoder; no CLI)."""
+    from configs_loader import load_config, override
+    from vlm_sft import main as main_lib
+
+    config = override(load_config("demo"), {"actor.model.model_path": str(model_dir),
+                                            "data.train_data_paths": str(data_dir),
+                                            "runner.logger.log_path": str(tmp_path / "runs")})
+    files = main_lib.find_files(config, "train_data_paths", "train")
+    source, encoder = main_lib.make_source(files, config), main_lib.make_encoder(config)
+    return {source.source_of(i): len(encoder(source[i]).input_ids) for i in range(len(source))}
+
+
+def test_a_budget_below_the_longest_row_fails_before_the_weights_load(tmp_path, tiny_model_dir, robo2vlm_dir):
+    """Packed, rows are never split: under data.bad_rows=error a budget one token short of the longest row stops
+    the CLI before the weights are read, naming that row, its length and the budget."""
+    lengths = demo_row_lengths(tmp_path, tiny_model_dir, robo2vlm_dir)
+    longest = max(lengths, key=lambda k: (lengths[k], k))
+    budget = lengths[longest] - 1
+    args = base_args(tmp_path, tiny_model_dir, robo2vlm_dir, "over_budget") + [
+        f"--config.actor.max_tokens_per_micro_batch={budget}", "--config.data.bad_rows=error"]
+    out = run_cli(args, cwd=tmp_path)
+    assert out.returncode not in (0, None), out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in out.stderr, out.stderr[-3000:]
+    named = [k for k, n in lengths.items() if n == lengths[longest] and f"{k}, has {n} tokens" in last]
+    assert named and f"actor.max_tokens_per_micro_batch={budget}" in last, last
+    assert LOADING_WEIGHTS not in out.stderr, "the weights were read before the over-budget row was reported"
+
+
+@pytest.mark.slow
+def test_a_budget_below_some_rows_skips_and_counts_them_under_skip(tmp_path, tiny_model_dir, robo2vlm_dir):
+    """The same budget under data.bad_rows=skip trains; the rows over it are skipped and counted."""
+    lengths = demo_row_lengths(tmp_path, tiny_model_dir, robo2vlm_dir)
+    budget = sorted(lengths.values())[len(lengths) // 2]  # about half the rows are over it
+    over = sum(n > budget for n in lengths.values())
+    assert 0 < over < len(lengths)
+    rows = len(lengths)
+    args = base_args(tmp_path, tiny_model_dir, robo2vlm_dir, "over_budget") + [
+        f"--config.actor.max_tokens_per_micro_batch={budget}", "--config.data.bad_rows=skip",
+        f"--config.actor.global_batch_size={rows}", "--config.runner.max_steps=1", "--config.runner.export_hf=False"]
+    out = run_cli(args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "runs").rglob("metrics.jsonl").__next__().open()]
+    step = next(m for m in metrics if m.get("step") == 1 and "data/skipped_rows" in m)
+    assert step["data/skipped_rows"] == over  # one step over every row: each over-budget row skipped once

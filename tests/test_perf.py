@@ -219,10 +219,15 @@ def test_bench_host_runs_at_a_small_depth(tmp_path):
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = {m.group(1): m.groups()[1:] for m in re.finditer(
-        r"^\| ([\w -]+) \| ([\d.]+) \| (\d+) \| (\d+|n/a) \| ([\d,]+) \| ([\d,]+) \| [\d.]+ \| [\d.]+ \|$",
-        out.stdout, re.MULTILINE)}
-    assert set(rows) == {"vlm-sft compiled", "vlm-sft eager", "baseline compiled", "baseline eager", "HF eager"}
-    kernel_ops = {k: int(v[4].replace(",", "")) for k, v in rows.items()}
+        r"^\| ([\w -]+) \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+)% \| ([\d.]+) \| ([\d.]+) \| (\d+) \| (\d+|n/a) \| "
+        r"([\d,]+) \| ([\d,]+) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out.stdout, re.MULTILINE)}
+    assert set(rows) == {"vlm-sft compiled", "vlm-sft eager", "vlm-sft packed compiled", "vlm-sft packed eager",
+                         "baseline compiled", "baseline eager", "HF eager", "vlm-sft packed compiled 16 rows",
+                         "vlm-sft compiled 4x4 rows", "HF eager batch 16"}, out.stdout
+    kernel_ops = {k: int(v[9].replace(",", "")) for k, v in rows.items()}
     assert kernel_ops["vlm-sft eager"] < kernel_ops["HF eager"], out.stdout
-    assert rows["vlm-sft compiled"][2] != "n/a" and "packed: " in out.stdout
-    assert re.search(r"^targets \(vlm-sft compiled\): host <= 120 ms (met|NOT met)", out.stdout, re.MULTILINE)
+    assert rows["vlm-sft compiled"][7] != "n/a"
+    assert rows["vlm-sft packed compiled 16 rows"][1] == "1" and rows["vlm-sft compiled 4x4 rows"][1] == "4"
+    assert re.search(r"^median perf/padding_fraction over 100 steps of 16 rows: [\d.]+% packed at budget 1024",
+                     out.stdout, re.MULTILINE), out.stdout
+    assert re.search(r"^targets: host <= 120 ms (met|NOT met)", out.stdout, re.MULTILINE)

@@ -165,13 +165,41 @@ def planner_estimate(config: Any, launched_world_size: int, *, device_type: str 
                         runtime_gib=runtime_gib)
 
 
-def log_planned_memory(config: Any, files: list[str], world_size: int, device: torch.device) -> float:
+def sample_train_rows(config: Any, files: list[str]) -> list[preflight.RowStats]:
+    """The train split's first planner.PLAN_ROWS rows read and encoded as training would (processor files only,
+    no weights): the planner's data statistics and the packing budget's early check."""
+    encoder = make_encoder(config)
+    image_token_id = encoder.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return planner.sample_rows(make_source(files, config, lazy=True), encoder, image_token_id)
+
+
+def check_rows_fit_budget(config: Any, sample: list[preflight.RowStats]) -> None:
+    """Packed, rows are never split: a row longer than actor.max_tokens_per_micro_batch is a bad row. The sampled
+    rows (already encoded before the weights load) are checked here, so a budget below them fails under
+    data.bad_rows=error before the model loads, naming the longest such row and both numbers; under "skip" the
+    loader skips them and data/skipped_rows counts them. Rows past the sample are checked as the loader reaches
+    them (the same message); --mode=check reads every row."""
+    d, budget = config.data, config.actor.max_tokens_per_micro_batch
+    if not d.packing:
+        return
+    over = [s for s in sample if s.reason is None and s.sequence_tokens > budget]
+    if not over:
+        return
+    longest = max(over, key=lambda s: s.sequence_tokens)
+    what = (f"{len(over)} of the first {len(sample)} train rows exceed actor.max_tokens_per_micro_batch={budget}; "
+            f"the longest, {longest.source}, has {longest.sequence_tokens} tokens (image tokens included)")
+    if d.bad_rows == "error":
+        raise preflight.DataCheckFailed(
+            f"{what}: rows are never split: raise actor.max_tokens_per_micro_batch to at least "
+            f"{longest.sequence_tokens}, lower data.max_prompt_length or set data.bad_rows=skip")
+    logging.warning("%s: skipped as bad rows (data.bad_rows=skip)", what)
+
+
+def log_planned_memory(config: Any, stats: list[preflight.RowStats], world_size: int,
+                       device: torch.device) -> float:
     """The planner's peak (GiB per device) for this run, logged at its start; the loop logs it again beside the
     measured peak after the first step."""
     skeleton = trainable_lib.skeleton(config.actor.model.model_path)
-    encoder = make_encoder(config)
-    image_token_id = encoder.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    stats = planner.sample_rows(make_source(files, config, lazy=True), encoder, image_token_id)
     this_run = planner.apply_overrides(config, {"runner.plan_world_size": world_size})
     report = planner.plan(this_run, skeleton, stats, launched_world_size=world_size, device_type=device.type)
     logging.info("%s", planner.format_plan(report))
@@ -342,6 +370,7 @@ class Checked:
     plan: trainable_lib.TrainPlan
     resume_from: str | None
     saver: checkpoint_lib.Checkpointer
+    train_sample: list[preflight.RowStats]  # the first train rows, encoded (rank 0, or every rank when packed)
 
 
 @dataclasses.dataclass
@@ -387,7 +416,7 @@ def _run(config: Any, mode: str, proc: sharding_lib.ProcessInfo, device: torch.d
     with finishing(writer, checked.run_dir):
         torch.manual_seed(config.actor.seed)
         # The planner's estimate before the weights load (on CPU its runtime term is this process's resident set).
-        planned = log_planned_memory(config, checked.train_files, proc.world_size, device) if (
+        planned = log_planned_memory(config, checked.train_sample, proc.world_size, device) if (
             checked.train_files and proc.rank == 0) else None
         loaded = load_model_and_plan(config, checked.plan, checked.eval_files, device)
         log = make_log(config, loaded, checked, proc, writer)
@@ -446,7 +475,11 @@ def run_checks(config: Any, mode: str, proc: sharding_lib.ProcessInfo) -> Checke
         checkpoint_lib.check_base_model(resume_from, config.actor.model.model_path)
     saver = checkpoint_lib.Checkpointer(ckpt_root, keep_last_n=r.keep_last_n, async_save=r.async_save,
                                         timeout_s=r.collective_timeout_s)
-    return Checked(run_dir, train_files, eval_files, plan, resume_from, saver)
+    # The first train rows encoded (no weights): the planner's statistics (rank 0) and, packed, the budget's check
+    # on every rank (it fails alike on all of them).
+    sample = sample_train_rows(config, train_files) if train_files and (rank == 0 or config.data.packing) else []
+    check_rows_fit_budget(config, sample)
+    return Checked(run_dir, train_files, eval_files, plan, resume_from, saver, sample)
 
 
 def write_config(config: Any, run_dir: str, rank: int) -> str:

@@ -547,7 +547,7 @@ class _FlatCast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple[Any, ...]:
-        return (None, *(g.view(shape) for g, shape in zip(_cat_views(grads, ctx.master, align=False), ctx.shapes)))
+        return (None, *_cat_views(grads, ctx.master, align=False))  # views shaped as the grads (the params)
 
 
 # Each param's view in a flat buffer starts at a multiple of this many elements (>= 16 bytes in any dtype), as
@@ -573,12 +573,16 @@ def _cat_views(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor], dtype: to
     at a multiple of ALIGN elements when `align`)."""
     sizes = [_aligned(t.numel()) if align else t.numel() for t in tensors]
     flat = torch.empty(sum(sizes), dtype=dtype, device=tensors[0].device)
-    pieces = []
-    for t, size in zip(tensors, sizes):
-        pieces.append(t.reshape(-1))
-        if size > t.numel():
-            pieces.append(_zeros(size - t.numel(), t.dtype, t.device))
-    torch.cat(pieces, out=flat)
+    if all(size == t.numel() and t.is_contiguous() for t, size in zip(tensors, sizes)):
+        # No padding: one op flattens, casts and concatenates in C++ (no Python reshape per tensor).
+        torch._chunk_cat(tensors, dim=0, num_chunks=1, out=flat.view(1, -1))
+    else:
+        pieces = []
+        for t, size in zip(tensors, sizes):
+            pieces.append(t.reshape(-1))
+            if size > t.numel():
+                pieces.append(_zeros(size - t.numel(), t.dtype, t.device))
+        torch.cat(pieces, out=flat)
     views, offset = [], 0
     for t, size in zip(tensors, sizes):  # one as_strided per param (split + slice + view were three ops)
         views.append(flat.as_strided(t.shape, _contiguous_strides(t.shape), offset))

@@ -14,6 +14,7 @@ import contextlib
 from typing import Any, Callable, Collection, Sequence
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from vlm_sft import compile as compile_lib
 from vlm_sft import models as model_lib
@@ -43,10 +44,24 @@ def make_loss_and_grad(model: model_lib.Model, block_call: model_lib.BlockCall =
     vision tower's backward is never run) and their gathers are never reduced.
     """
 
+    # name -> (param, its detached leaf requiring grad). The update writes params in place (update_fused,
+    # update_), so a step's params are the previous step's tensors: their leaves are reused (a leaf shares its
+    # param's storage and version counter, so it holds the updated values) instead of one detach per param per
+    # micro-batch. A param replaced by a new tensor gets a new leaf; the old entry is dropped at the next call.
+    leaf_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def leaf(k: str, v: torch.Tensor) -> torch.Tensor:
+        hit = leaf_cache.get(k)
+        if hit is not None and hit[0] is v:
+            return hit[1]
+        out = v.detach().requires_grad_()
+        leaf_cache[k] = (v, out)
+        return out
+
     def loss_and_grad(params: dict, batch: Batch, scale: torch.Tensor) -> tuple[torch.Tensor, dict]:
         names = list(params) if trainable is None else [k for k in params if k in trainable]
         leaves = dict(params)
-        leaves.update({k: params[k].detach().requires_grad_() for k in names})
+        leaves.update({k: leaf(k, params[k]) for k in names})
         nll, extra = model_lib.token_nll_aux(model, leaves, batch, block_call)
         loss = token_mean(nll, batch)
         objective = loss + aux_loss_coef * extra["aux_loss"] if aux_loss_coef and "aux_loss" in extra else loss
@@ -74,6 +89,18 @@ def label_tokens(batch: Batch) -> torch.Tensor:
     if "label_weight" in batch:
         return batch["label_weight"].sum()
     return torch.tensor(float(len(batch["label_ids"])))
+
+
+def accumulate(grads: dict, g: dict) -> dict:
+    """grads += g, leaf by leaf, in place: one foreach op over plain tensors (a step's second and later
+    micro-batches), per leaf over DTensors (whose placements may differ between leaves)."""
+    keys = list(grads)
+    if any(isinstance(grads[k], DTensor) for k in keys):
+        for k in keys:
+            grads[k].add_(g[k])
+    else:
+        torch._foreach_add_([grads[k] for k in keys], [g[k] for k in keys])
+    return grads
 
 
 def make_apply_update(tx: optim.GradientTransformation, schedule: Callable[[torch.Tensor], torch.Tensor]
@@ -168,7 +195,7 @@ def make_train_step(model: model_lib.Model, tx: optim.GradientTransformation,
         with scope():
             for batch, scale in zip(present, scales):
                 loss, g = loss_and_grad(state.params, batch, scale)
-                grads = g if grads is None else {k: grads[k].add_(g[k]) for k in grads}
+                grads = g if grads is None else accumulate(grads, g)
                 loss_sum = loss_sum + loss * scale
                 has_tokens = (batch["attention_mask"].sum() > 0).to(torch.float32)
                 for k, v in aux.items():
