@@ -12,41 +12,39 @@ from test_distributed import CONFIG, TOL, final_params, read_metrics, torchrun
 from vlm_sft import sharding
 from vlm_sft.errors import ConfigError
 
-STEPS = 3  # saved at step 2: a resumed run's "next step" is step 3
+STEPS = 2  # saved at step 1: a resumed run's "next step" is step 2
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ep_worker.py")
 
 
-def run(root, name: str, nproc: int, *overrides: str, model_dir, data_dir) -> str:
+def settings(model_dir, data_dir) -> list[str]:
     """STEPS steps of the demo config on the tiny Qwen3-VL-MoE (8 experts, top-2, one dense layer), with the
     load-balancing loss on, padded micro-batches of 4 (packing would group the rows differently per world size:
-    test_distributed.py's MoE test says why), checkpoints at step 2 and the last."""
-    log_path = str(root / name)
-    proc = torchrun(
-        nproc, "-m", "vlm_sft.main", f"--config={CONFIG}:demo,qwen3_moe",
-        f"--config.actor.model.model_path={model_dir}", f"--config.data.train_data_paths={data_dir}",
-        f"--config.data.eval_data_paths={data_dir}", f"--config.runner.logger.log_path={log_path}",
-        "--config.runner.logger.experiment_name=run", f"--config.runner.max_steps={STEPS}",
-        "--config.runner.log_interval=1", "--config.runner.val_check_interval=0",
-        "--config.runner.val_before_train=False", "--config.runner.save_interval=2", "--config.data.eval_max_rows=2",
-        "--config.eval.max_new_tokens=2", "--config.actor.global_batch_size=16", "--config.actor.micro_batch_size=4",
-        "--config.data.packing=False", "--config.actor.optim.lr=1e-3", "--config.actor.model.router_aux_loss_coef=0.01",
-        "--config.actor.fsdp_config.sharding_strategy=full_shard", *overrides)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    test_distributed.py's MoE test says why), checkpoints at step 1 and the last."""
+    return [f"--config.actor.model.model_path={model_dir}", f"--config.data.train_data_paths={data_dir}",
+            f"--config.data.eval_data_paths={data_dir}", "--config.runner.logger.experiment_name=run",
+            f"--config.runner.max_steps={STEPS}", "--config.runner.log_interval=1",
+            "--config.runner.val_check_interval=0", "--config.runner.val_before_train=False",
+            "--config.runner.save_interval=1", "--config.data.eval_max_rows=2", "--config.eval.max_new_tokens=2",
+            "--config.actor.global_batch_size=16", "--config.actor.micro_batch_size=4", "--config.data.packing=False",
+            "--config.actor.optim.lr=1e-3", "--config.actor.model.router_aux_loss_coef=0.01",
+            "--config.actor.fsdp_config.sharding_strategy=full_shard"]
+
+
+def check(proc, log_path: str) -> None:
+    os.makedirs(log_path, exist_ok=True)
     with open(os.path.join(log_path, "output.txt"), "w") as f:
         f.write(proc.stdout + proc.stderr)
-    return os.path.join(log_path, "run")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_qwen3_vl_moe_dir, robo2vlm_dir):
-    """runs(name, nproc, *overrides) -> run dir, each trained once per module (the 1-rank baseline is shared)."""
-    root, cache = tmp_path_factory.mktemp("ep_runs"), {}
-
-    def get(name: str, nproc: int, *overrides: str) -> str:
-        if name not in cache:
-            cache[name] = run(root, name, nproc, *overrides, model_dir=tiny_qwen3_vl_moe_dir, data_dir=robo2vlm_dir)
-        return cache[name]
-
-    return get
+def two_ranks(tmp_path_factory, tiny_qwen3_vl_moe_dir, robo2vlm_dir) -> tuple[dict[str, str], str]:
+    """tests/ep_worker.py's four 2-rank runs in one torchrun launch: name -> run dir, and the launch's output."""
+    root = tmp_path_factory.mktemp("ep_2_ranks")
+    proc = torchrun(2, WORKER, str(root), *settings(tiny_qwen3_vl_moe_dir, robo2vlm_dir))
+    check(proc, str(root))
+    names = ("no_ep", "ep", "no_ep_from_ep", "ep_compiled_from_no_ep")
+    return {n: os.path.join(root, n, "run") for n in names}, proc.stdout + proc.stderr
 
 
 def ep(size: int) -> str:
@@ -71,26 +69,39 @@ def assert_same(base: str, other: str, steps) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [2, 4], ids=["ep2_on_2_ranks", "ep2x2_on_4_ranks"])
-def test_expert_parallel_takes_the_same_steps_as_one_process(runs, nproc):
-    """2 ranks: one EP group (4 experts each). 4 ranks: mesh (edp 2, ep 2), so the expert gradients are also
-    all-reduced across the two EP groups. Against one process without EP."""
-    base, many = runs("one", 1), runs(f"ep_{nproc}", nproc, ep(2))
-    assert_same(base, many, range(1, STEPS + 1))
-    assert train_metrics(base)[STEPS]["train/loss"] < train_metrics(base)[1]["train/loss"]  # it trained
-    with open(os.path.join(os.path.dirname(many), "output.txt")) as f:
-        assert f"experts expert-parallel on mesh ({nproc // 2}, 2)" in f.read()
+def test_expert_parallel_takes_the_same_steps_as_no_expert_parallel(two_ranks):
+    """2 ranks: one EP group (4 experts each), against the same 2 ranks without EP (full_shard; which equals one
+    process: test_distributed.py)."""
+    dirs, output = two_ranks
+    assert_same(dirs["no_ep"], dirs["ep"], range(1, STEPS + 1))
+    assert train_metrics(dirs["no_ep"])[STEPS]["train/loss"] < train_metrics(dirs["no_ep"])[1]["train/loss"]
+    assert "experts expert-parallel on mesh (1, 2)" in output
 
 
 @pytest.mark.slow
-def test_checkpoints_reshard_between_expert_parallel_and_not(runs):
-    """step_2 of the 2-rank EP run resumed on one process without EP, and step_2 of the one-process run resumed
-    with EP on 2 ranks: both take the same step 3 as the straight runs."""
-    base, with_ep = runs("one", 1), runs("ep_2", 2, ep(2))
-    from_ep = runs("one_from_ep", 1, f"--config.runner.resume={with_ep}/checkpoints/step_2")
-    to_ep = runs("ep_from_one", 2, ep(2), f"--config.runner.resume={base}/checkpoints/step_2")
-    assert_same(base, from_ep, [STEPS])
-    assert_same(base, to_ep, [STEPS])
+def test_expert_parallel_on_4_ranks_all_reduces_across_groups(two_ranks, tmp_path, tiny_qwen3_vl_moe_dir,
+                                                              robo2vlm_dir):
+    """4 ranks: mesh (edp 2, ep 2), so the expert gradients are also all-reduced across the two EP groups. Against
+    the 2-rank run without EP (same global batch)."""
+    log_path = str(tmp_path / "ep_4")
+    proc = torchrun(4, "-m", "vlm_sft.main", f"--config={CONFIG}:demo,qwen3_moe",
+                    f"--config.runner.logger.log_path={log_path}", ep(2),
+                    *settings(tiny_qwen3_vl_moe_dir, robo2vlm_dir))
+    check(proc, log_path)
+    assert_same(two_ranks[0]["no_ep"], os.path.join(log_path, "run"), range(1, STEPS + 1))
+    assert "experts expert-parallel on mesh (2, 2)" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_checkpoints_reshard_between_expert_parallel_and_not(two_ranks):
+    """step_1 of the EP run resumed without EP, and step_1 of the run without EP resumed with EP: both take the
+    same step 2 as the straight runs. The resumed EP run is also the compiled one (actor.compile=True: its MoE
+    blocks compiled, the token exchange eager inside them), so it holds the compiled EP step to the eager steps
+    without a run of its own."""
+    dirs, output = two_ranks
+    assert_same(dirs["no_ep"], dirs["no_ep_from_ep"], [STEPS])
+    assert_same(dirs["no_ep"], dirs["ep_compiled_from_no_ep"], [STEPS])
+    assert "compile: " in output  # compile.watch's line: the compiled run compiled its regions
 
 
 def config(world_ep: int, *, compile: bool = False) -> ml_collections.ConfigDict:
@@ -112,8 +123,7 @@ DENSE_SHAPES = {"model.language_model.layers.0.mlp.up_proj.weight": (48, 16)}
     (4, 6, MOE_SHAPES, False, r"expert_parallel_size=4: does not divide the world size 6"),
     (3, 6, MOE_SHAPES, False, r"expert_parallel_size=3: does not divide the model's 8 experts"),
     (2, 2, DENSE_SHAPES, False, r"expert_parallel_size=2: the model has no experts .*qwen3_vl_moe"),
-    (2, 2, MOE_SHAPES, True, r"expert_parallel_size=2 with actor.compile=True: not supported"),
-], ids=["zero", "bool", "world", "experts", "dense_model", "compile"])
+], ids=["zero", "bool", "world", "experts", "dense_model"])
 def test_bad_expert_parallel_size_is_refused_naming_the_field(size, world, shapes, compile, message):
     with pytest.raises(ConfigError, match=r"actor\.fsdp_config\." + message):
         sharding.check_expert_parallel(config(size, compile=compile), shapes, world)
@@ -121,6 +131,7 @@ def test_bad_expert_parallel_size_is_refused_naming_the_field(size, world, shape
 
 def test_expert_parallel_size_that_fits_passes_and_one_is_off():
     sharding.check_expert_parallel(config(4), MOE_SHAPES, 8)
+    sharding.check_expert_parallel(config(2, compile=True), MOE_SHAPES, 2)  # compiled: the exchange runs eager
     sharding.check_expert_parallel(config(1), DENSE_SHAPES, 3)
     assert sharding.expert_parallel_size(config(1), 3) == 1
 
@@ -157,7 +168,9 @@ def test_planner_holds_whole_experts_per_rank_and_gathers_none():
 def _experts_worker(rank: int, store: str, out: str) -> None:
     """One of 2 gloo ranks: moe.experts with this rank's 2 of 4 experts (DTensors, Shard(0) over "ep") against the
     whole experts on this rank's tokens: outputs, and (after the sum over ranks) the experts' and tokens'
-    gradients. Routing case "skewed": every token picks experts 0 and 1, so rank 1 receives no rows."""
+    gradients. Routing case "skewed": every token picks experts 0 and 1, so rank 1 receives no rows. Each case also
+    through torch.compile (no fullgraph, as sharding compiles under EP): the exchange eager, the rest compiled;
+    a third routing then compiles nothing new."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
@@ -168,18 +181,20 @@ def _experts_worker(rank: int, store: str, out: str) -> None:
     torch.manual_seed(0)
     gate_up, down = torch.randn(4, 16, 8), torch.randn(4, 8, 8)  # 16-byte strides (grouped_mm)
     results = {}
-    for case in ("random", "skewed"):
+    compiled = torch.compile(moe.experts, dynamic=False)
+    for case in ("random", "skewed", "random_compiled", "skewed_compiled"):
         torch.manual_seed(1 + rank)
         x = torch.randn(7, 8, requires_grad=True)
         weights = torch.rand(7, 2)
-        ids = torch.stack([torch.randperm(4)[:2] for _ in range(7)]) if case == "random" else \
+        ids = torch.stack([torch.randperm(4)[:2] for _ in range(7)]) if case.startswith("random") else \
             torch.tensor([[0, 1]] * 7)
+        run = compiled if case.endswith("compiled") else moe.experts
         whole = [gate_up.clone().requires_grad_(), down.clone().requires_grad_()]
         ref = moe.experts(x, ids, weights, *whole, torch.nn.functional.silu)
         ref_grads = torch.autograd.grad((ref * ref).sum(), [x, *whole])
         local = [t[2 * rank:2 * rank + 2].clone().requires_grad_() for t in (gate_up, down)]
         shards = [DTensor.from_local(t, mesh, [Shard(0)], run_check=False) for t in local]
-        y = moe.experts(x, ids, weights, *shards, torch.nn.functional.silu)
+        y = run(x, ids, weights, *shards, torch.nn.functional.silu)
         grads = torch.autograd.grad((y * y).sum(), [x, *local])
         summed = [g.clone() for g in ref_grads[1:]]  # the whole experts' gradient summed over both ranks' tokens
         for g in summed:
@@ -188,6 +203,17 @@ def _experts_worker(rank: int, store: str, out: str) -> None:
         rel = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp_min(1))  # values O(10-100)
         results[case] = {"out": rel(y, ref.detach()), "x": rel(grads[0], ref_grads[0]),
                          "experts": max(rel(g, s[2 * rank:2 * rank + 2]) for g, s in zip(grads[1:], summed))}
+    # Another routing (another received row count on each rank) runs through the graphs already compiled: the
+    # grouped GEMMs' graph is dynamic in the row count.
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
+    torch.manual_seed(11 + rank)
+    x, weights = torch.randn(7, 8, requires_grad=True), torch.rand(7, 2)
+    ids = torch.stack([torch.randperm(4)[:2] for _ in range(7)])
+    local = [t[2 * rank:2 * rank + 2].clone().requires_grad_() for t in (gate_up, down)]
+    shards = [DTensor.from_local(t, mesh, [Shard(0)], run_check=False) for t in local]
+    torch.autograd.grad(compiled(x, ids, weights, *shards, torch.nn.functional.silu).sum(), [x, *local])
+    results["no_recompile"] = {"new_graphs": counters["stats"]["unique_graphs"] - graphs}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 

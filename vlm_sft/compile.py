@@ -72,10 +72,12 @@ def eager_region(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]
 
 
 def make_block_call(prepare: Callable[[Params], Params] = lambda p: p, *, compile: bool = False,
-                    checkpointing: bool = False) -> BlockCall:
+                    checkpointing: bool = False, fullgraph: bool = True) -> BlockCall:
     """A `block_call` hook (model.py): `fn(module, prepare(p), *args)` per call.
 
-    compile: `fn` is compiled once per (fn, module) region (fullgraph) and shared by every call with that pair;
+    compile: `fn` is compiled once per (fn, module) region and shared by every call with that pair; `fullgraph`
+    False lets a region break its graph around functions it calls under torch.compiler.disable (expert
+    parallelism's token exchange, models/moe.py), True makes any graph break an error;
     `prepare` (the sharded gather) runs outside it, so the compiled code sees plain tensors. checkpointing: calls
     marked `remat` (decoder and vision blocks) keep only their inputs for backward and run again there, prepare
     included (the sharded gather is redone: FSDP's reshard-after-forward).
@@ -88,7 +90,7 @@ def make_block_call(prepare: Callable[[Params], Params] = lambda p: p, *, compil
         if compile and not getattr(fn, "eager_region", False):
             run = compiled.get((fn, module))
             if run is None:
-                run = compiled[(fn, module)] = torch.compile(fn, fullgraph=True, dynamic=False)
+                run = compiled[(fn, module)] = torch.compile(fn, fullgraph=fullgraph, dynamic=False)
             if dynamic:
                 _mark_dynamic(args)
 

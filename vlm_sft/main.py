@@ -604,8 +604,7 @@ def make_train_loader(config: Any, checked: Checked, loaded: Loaded, device: tor
     a, d, resume_from = config.actor, config.data, checked.resume_from
     # Compiled by region (default on CUDA; vlm_sft/compile.py): static text shapes, i.e. length buckets and a padded
     # label count.
-    # Not under expert parallelism (its all-to-all takes host-side split sizes; sharding.expert_parallel_size).
-    compiled = a.compile if a.compile is not None else (device.type == "cuda" and loaded.sharding.expert_mesh is None)
+    compiled = a.compile if a.compile is not None else device.type == "cuda"
     buckets = tuple(d.length_buckets) if compiled else ()
     source = make_source(checked.train_files, config)
     budget = a.max_tokens_per_micro_batch if d.packing else 0

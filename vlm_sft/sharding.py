@@ -36,7 +36,8 @@ models/moe.py as DTensors of the local experts cast to param_dtype (`_ExpertLoca
 to them by all-to-all. Backward: each rank's expert gradients already sum the tokens of its whole EP group (the
 all-to-all's backward), so they are all-reduced over "edp" and divided by the world size, the mean over ranks the
 other leaves' gradients are. The placements are ordinary DTensor ones, so DCP reshards checkpoints between EP
-and non-EP runs (and across world sizes). Not with actor.compile (the all-to-all's host-side split sizes).
+and non-EP runs (and across world sizes). With actor.compile the regions are compiled without fullgraph: an MoE
+block breaks its graph around the token exchange, which runs eagerly (its split sizes are host ints; moe.py).
 
 Single process: an in-process gloo/nccl group of one (no torchrun needed). The trainer then holds its params as
 plain tensors (`Sharding.plain`, make_sharding(plain_single_rank=True)): a mesh of one issues no collective, and
@@ -151,10 +152,6 @@ def expert_parallel_size(config: Any, world_size: int) -> int:
     if world_size % e:
         raise ConfigError(f"{_FIELD}.expert_parallel_size={e}: does not divide the world size {world_size}; "
                           "experts are split over groups of that many data-parallel ranks")
-    if e > 1 and config.actor.get("compile"):
-        raise ConfigError(f"{_FIELD}.expert_parallel_size={e} with actor.compile=True: not supported (the "
-                          "all-to-all's split sizes are host values a compiled region cannot take); set "
-                          "actor.compile=False or expert_parallel_size=1")
     return e
 
 
@@ -720,10 +717,12 @@ def make_block_call(sharding: Sharding, *, checkpointing: bool = False, compile:
     built-in checkpointing with functional params: see reference/torch_findings.md).
     LoRA adapters in a group are merged into their weights right after the gather (lora.merge, `lora_scale`).
     With `compile`, each kind of block is one compiled region, applied to the gathered (and merged) params
-    (vlm_sft/compile.py); the gather and the merge run eagerly just before it.
+    (vlm_sft/compile.py); the gather and the merge run eagerly just before it. Under expert parallelism the
+    MoE regions break their graph around the token exchange (models/moe.py), so they are not fullgraph.
     """
     return compile_lib.make_block_call(lambda p: lora_lib.merge(gather(p, sharding, stats), lora_scale),
-                                       compile=compile, checkpointing=checkpointing)
+                                       compile=compile, checkpointing=checkpointing,
+                                       fullgraph=sharding.expert_mesh is None)
 
 
 def make_eval_gather(sharding: Sharding, dtype: torch.dtype, lora_scale: float | None

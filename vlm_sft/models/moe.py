@@ -18,7 +18,9 @@ the tokens travel instead of the weights: the assignments, already sorted by exp
 their expert's rank by one all-to-all, are regrouped there by local expert for the grouped GEMMs, and come back by
 the reverse all-to-all. Both all-to-alls are differentiable (the backward is the all-to-all with the splits
 swapped). The per-rank counts are exchanged on the device (one all-to-all of E counts); the split sizes
-all_to_all_single takes are host ints, so they cost one host sync per MoE layer (as torchtitan's EP).
+all_to_all_single takes are host ints, so they cost one host sync per MoE layer (as torchtitan's EP). With
+actor.compile the exchange runs eagerly inside the compiled block (a graph break on each side of it), the
+attention, router and grouped GEMMs stay compiled.
 """
 from __future__ import annotations
 
@@ -157,32 +159,54 @@ def expert_parallel(rows: torch.Tensor, counts: torch.Tensor, gate_up: DTensor, 
 
     Returned in `rows`' order. The experts' gradients are this rank's experts' over every rank of the group's
     tokens (the all-to-all's backward brings them here); sharding.py reduces them over the EP groups.
+    In a compiled region the exchange (`_dispatch`, `_combine`) runs eagerly: its split sizes are host ints. The
+    region breaks its graph around the two (so it is compiled without fullgraph: sharding.make_block_call), and
+    the grouped GEMMs between them are one graph over a dynamic row count.
     """
-    mesh_dim = _sharded_dim(gate_up)
-    mesh = gate_up.device_mesh
-    group, ep = mesh.get_group(mesh_dim), mesh.size(mesh_dim)
-    num_experts = counts.shape[0]
-    local = num_experts // ep
-    gate_up_local, down_local = gate_up.to_local(), down.to_local()
-    # recv[s, j]: rows rank s sends for this rank's local expert j (the counts travel on the device).
-    recv = torch.empty_like(counts)
-    dist.all_to_all_single(recv, counts.contiguous(), group=group)
-    splits = torch.stack([counts.view(ep, local).sum(1), recv.view(ep, local).sum(1)]).tolist()  # one host sync
-    send_splits, recv_splits = [int(n) for n in splits[0]], [int(n) for n in splits[1]]
-    received = _AllToAll.apply(rows, recv_splits, send_splits, group)  # by source rank, then local expert
-    if not sum(recv_splits):  # no token chose this rank's experts: an empty result still on the graph of the
+    received, offs, regroup, splits, gate_up_local, down_local = _dispatch(rows, counts, gate_up, down)
+    if received.shape[0] == 0:  # no token chose this rank's experts: an empty result still on the graph of the
         # received rows and the experts, so that every rank runs the same collectives in backward (the all-to-all's,
         # and sharding's reduction of the (zero) expert gradients over the EP groups)
         y = received * 0 + 0 * (gate_up_local.sum() + down_local.sum()).to(received.dtype)
-        return _AllToAll.apply(y, send_splits, recv_splits, group)
+    else:
+        y = _local_experts(received, offs, gate_up_local, down_local, act)
+    return _combine(y, regroup, splits, gate_up)
+
+
+@torch.compiler.disable
+def _dispatch(rows: torch.Tensor, counts: torch.Tensor, gate_up: DTensor, down: DTensor
+              ) -> tuple[torch.Tensor, ...]:
+    """Rows to their expert's rank, regrouped there by local expert: (received rows [M, H] grouped by local
+    expert, their group ends `offs`, the regrouping permutation, the split sizes [2, e] as a CPU tensor (send,
+    receive: a tensor, so a compiled region passing it on does not specialise on its values), the local experts).
+    Eager (torch.compiler.disable): the split sizes cost one host sync."""
+    mesh_dim = _sharded_dim(gate_up)
+    group, ep = gate_up.device_mesh.get_group(mesh_dim), gate_up.device_mesh.size(mesh_dim)
+    local = counts.shape[0] // ep
+    # recv[s, j]: rows rank s sends for this rank's local expert j (the counts travel on the device).
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts.contiguous(), group=group)
+    splits = torch.stack([counts.view(ep, local).sum(1), recv.view(ep, local).sum(1)]).to(torch.long).cpu()
+    send_splits, recv_splits = splits.tolist()                        # the one host sync
+    received = _AllToAll.apply(rows, recv_splits, send_splits, group)  # by source rank, then local expert
     # Regroup by local expert (a stable sort keeps each source's rows in order) for the grouped GEMMs.
     expert_of = torch.repeat_interleave(torch.arange(local, device=rows.device).repeat(ep), recv.to(torch.long),
                                         output_size=sum(recv_splits))
     regroup = torch.argsort(expert_of, stable=True)
     offs = torch.cumsum(recv.view(ep, local).sum(0), 0).to(torch.int32)
-    y = _local_experts(received[regroup], offs, gate_up_local, down_local, act)
-    y = torch.empty_like(y).index_copy(0, regroup, y)                  # back to the received order
-    return _AllToAll.apply(y, send_splits, recv_splits, group)        # back to this rank, in rows' order
+    received = received[regroup]
+    for t in (received, regroup):  # the row count changes with every batch: one graph for all of them
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    return received, offs, regroup, splits, gate_up.to_local(), down.to_local()
+
+
+@torch.compiler.disable
+def _combine(y: torch.Tensor, regroup: torch.Tensor, splits: torch.Tensor, gate_up: DTensor) -> torch.Tensor:
+    """The experts' outputs back to the received order and by the reverse all-to-all to their rows' rank."""
+    group = gate_up.device_mesh.get_group(_sharded_dim(gate_up))
+    send_splits, recv_splits = splits.tolist()                        # a CPU tensor: no sync
+    y = torch.empty_like(y).index_copy(0, regroup, y)
+    return _AllToAll.apply(y, send_splits, recv_splits, group)
 
 
 def sparse_moe(x: torch.Tensor, gate_weight: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
