@@ -5,8 +5,9 @@ and one import of torch and transformers instead of four):
 
 Trains with vlm_sft.main.run, in this order, each into ROOT/<name>/run: "no_ep" (full_shard, STEPS steps), "ep"
 (expert_parallel_size=2, same steps), "no_ep_from_ep" (resumed without EP from ep's step_1 checkpoint) and
-"ep_compiled_from_no_ep" (EP with actor.compile=True, resumed from no_ep's step_1 checkpoint). The compiled run
-goes last, so the eager runs never see a compiled region. The overrides (model, data, steps: the test's) apply to
+"lora_no_ep" and "lora_ep" (LoRA on attention and the stacked experts, without and with EP: the experts' per-expert
+adapters are kept per rank like the experts), then "ep_compiled_from_no_ep" (EP with actor.compile=True, resumed
+from no_ep's step_1 checkpoint). The compiled run goes last, so the eager runs never see a compiled region. The overrides (model, data, steps: the test's) apply to
 every run.
 """
 import ast
@@ -22,6 +23,8 @@ from configs.robo2vlm import get_config  # noqa: E402
 from vlm_sft import main, sharding  # noqa: E402
 
 EP = "--config.actor.fsdp_config.expert_parallel_size=2"
+EXPERT_LORA = ("--config.actor.model.is_lora=True", "--config.actor.model.lora_target_modules="
+               r"^model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.experts\.(gate_up|down)_proj)$")
 
 
 def configured(overrides: list[str]):
@@ -51,6 +54,8 @@ def worker(root: str, common: list[str]) -> None:
     no_ep = train(root, "no_ep", common)
     ep = train(root, "ep", common, EP)
     train(root, "no_ep_from_ep", common, f"--config.runner.resume={ep}/checkpoints/step_1")
+    train(root, "lora_no_ep", common, *EXPERT_LORA)
+    train(root, "lora_ep", common, *EXPERT_LORA, EP)
     train(root, "ep_compiled_from_no_ep", common, EP, "--config.actor.compile=True",
           f"--config.runner.resume={no_ep}/checkpoints/step_1")
 

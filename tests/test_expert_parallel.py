@@ -39,11 +39,11 @@ def check(proc, log_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, tiny_qwen3_vl_moe_dir, robo2vlm_dir) -> tuple[dict[str, str], str]:
-    """tests/ep_worker.py's four 2-rank runs in one torchrun launch: name -> run dir, and the launch's output."""
+    """tests/ep_worker.py's six 2-rank runs in one torchrun launch: name -> run dir, and the launch's output."""
     root = tmp_path_factory.mktemp("ep_2_ranks")
     proc = torchrun(2, WORKER, str(root), *settings(tiny_qwen3_vl_moe_dir, robo2vlm_dir))
     check(proc, str(root))
-    names = ("no_ep", "ep", "no_ep_from_ep", "ep_compiled_from_no_ep")
+    names = ("no_ep", "ep", "no_ep_from_ep", "lora_no_ep", "lora_ep", "ep_compiled_from_no_ep")
     return {n: os.path.join(root, n, "run") for n in names}, proc.stdout + proc.stderr
 
 
@@ -76,6 +76,18 @@ def test_expert_parallel_takes_the_same_steps_as_no_expert_parallel(two_ranks):
     assert_same(dirs["no_ep"], dirs["ep"], range(1, STEPS + 1))
     assert train_metrics(dirs["no_ep"])[STEPS]["train/loss"] < train_metrics(dirs["no_ep"])[1]["train/loss"]
     assert "experts expert-parallel on mesh (1, 2)" in output
+
+
+@pytest.mark.slow
+def test_expert_lora_under_expert_parallel_takes_the_same_steps(two_ranks):
+    """LoRA on the stacked experts (one adapter per expert) with EP: each rank's adapters are those of its own
+    experts, merged into them per block; the same steps as the 2 ranks without EP (whose expert LoRA equals one
+    process: test_lora.py), and the adapters did move."""
+    dirs, output = two_ranks
+    assert_same(dirs["lora_no_ep"], dirs["lora_ep"], range(1, STEPS + 1))
+    params = final_params(dirs["lora_ep"])
+    expert_b = [k for k in params if k.endswith("mlp.experts.down_proj.lora_B")]
+    assert expert_b and all(float(params[k].abs().max()) > 0 for k in expert_b)  # B starts at zero
 
 
 @pytest.mark.slow
