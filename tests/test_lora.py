@@ -154,25 +154,35 @@ def test_demo_lora_learns(tmp_path):
     assert final["eval/eval_accuracy"] == 1.0
 
 
+def _assert_same_training(one: str, two: str) -> dict:
+    """Two 10-step runs (1 and 2 ranks): losses that fall and agree to 1e-5, the same final params to 1e-5; the
+    1-rank run's final params."""
+    from test_distributed import final_params, read_metrics
+
+    l1 = [m["train/loss"] for m in read_metrics(one) if "train/loss" in m]
+    l2 = [m["train/loss"] for m in read_metrics(two) if "train/loss" in m]
+    assert len(l1) == len(l2) == 10 and l1[-1] < l1[0]
+    for a, b in zip(l1, l2):
+        assert abs(a - b) <= 1e-5, (l1, l2)
+    p1, p2 = final_params(one), final_params(two)
+    assert p1.keys() == p2.keys()
+    worst = max((float((p1[k] - p2[k]).abs().max()), k) for k in p1)
+    assert worst[0] <= 1e-5, worst
+    return p1
+
+
 @pytest.mark.slow
 def test_lora_full_shard_on_two_ranks_equals_one_process(tmp_path, tiny_model_dir, robo2vlm_dir):
     """Adapters sharded like every other leaf (Shard(0)), merged after the gather inside the activation-
     checkpointed block (so again in backward); gradients reduce-scattered: the same losses and adapters."""
-    from test_distributed import final_params, read_metrics as dist_metrics, train
+    from test_distributed import train
     lora_flags = ("--config.actor.model.is_lora=True", "--config.actor.optim.lr=1e-2")
     one = train(tmp_path, 1, *lora_flags, model_dir=tiny_model_dir, data_dir=robo2vlm_dir)
     two = train(tmp_path, 2, *lora_flags, "--config.actor.fsdp_config.sharding_strategy=full_shard",
                 "--config.actor.fsdp_config.gradient_checkpointing=True", model_dir=tiny_model_dir,
                 data_dir=robo2vlm_dir)
-    l1 = [m["train/loss"] for m in dist_metrics(one) if "train/loss" in m]
-    l2 = [m["train/loss"] for m in dist_metrics(two) if "train/loss" in m]
-    assert len(l1) == len(l2) == 10 and l1[-1] < l1[0]
-    for a, b in zip(l1, l2):
-        assert abs(a - b) <= 1e-5, (l1, l2)
-    p1, p2 = final_params(one), final_params(two)
-    assert p1.keys() == p2.keys() and all(lora.is_adapter(k) for k in p1)
-    worst = max((float((p1[k] - p2[k]).abs().max()), k) for k in p1)
-    assert worst[0] <= 1e-5, worst
+    p1 = _assert_same_training(one, two)
+    assert all(lora.is_adapter(k) for k in p1)
 
 
 @pytest.mark.slow
@@ -346,19 +356,12 @@ def test_expert_lora_full_shard_on_two_ranks_equals_one_process(tmp_path, tiny_q
     those experts' tensors read from the per-expert directory), merged after the per-block gather: the same
     losses and adapters as one process (padded micro-batches, as the MoE sharding test, to isolate the
     sharding)."""
-    from test_distributed import final_params, read_metrics as dist_metrics, train
+    from test_distributed import train
     flags = ("--config.actor.model.model_type=qwen3_5_moe", "--config.data.min_pixels=4096",
              "--config.data.max_pixels=4096", "--config.data.packing=False", "--config.actor.model.is_lora=True",
              f"--config.actor.model.lora_target_modules={EXPERT_TARGETS}", "--config.actor.optim.lr=1e-2")
     one = train(tmp_path, 1, *flags, model_dir=tiny_qwen3_5_moe_per_expert_dir, data_dir=robo2vlm_dir)
     two = train(tmp_path, 2, *flags, "--config.actor.fsdp_config.sharding_strategy=full_shard",
                 model_dir=tiny_qwen3_5_moe_per_expert_dir, data_dir=robo2vlm_dir)
-    l1 = [m["train/loss"] for m in dist_metrics(one) if "train/loss" in m]
-    l2 = [m["train/loss"] for m in dist_metrics(two) if "train/loss" in m]
-    assert len(l1) == len(l2) == 10 and l1[-1] < l1[0]
-    for a, b in zip(l1, l2):
-        assert abs(a - b) <= 1e-5, (l1, l2)
-    p1, p2 = final_params(one), final_params(two)
-    assert p1.keys() == p2.keys() and any(".mlp.experts.down_proj.lora_B" in k for k in p1)
-    worst = max((float((p1[k] - p2[k]).abs().max()), k) for k in p1)
-    assert worst[0] <= 1e-5, worst
+    p1 = _assert_same_training(one, two)
+    assert any(".mlp.experts.down_proj.lora_B" in k for k in p1)
