@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.robo2vlm import get_config  # noqa: E402
+from vlm_sft import hostmem  # noqa: E402
 
 MODES = {
     "full": {},
@@ -50,7 +50,7 @@ def _config(mode: str):
 
 
 def _rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return hostmem.peak_resident_gib()
 
 
 def child(mode: str, workdir: str, steps: int) -> dict:

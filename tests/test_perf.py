@@ -144,6 +144,20 @@ def test_peak_flops_and_mfu():
     assert perf.max_memory_gib(torch.device("cpu")) > 0
 
 
+
+def test_cpu_peak_memory_is_the_process_own_not_its_launchers():
+    """A trainer started by a big process (here: this one, after touching 1 GiB) logs its own peak resident set.
+    Linux carries getrusage's ru_maxrss across fork + exec, so reading it made every CI subprocess report pytest's
+    resident set as its peak (2.38 GiB for a step that peaked at 1.8)."""
+    ballast = torch.ones(2 ** 28)  # 1 GiB, touched
+    code = ("import torch; from vlm_sft import hostmem, perf; x = torch.ones(2 ** 26); "
+            "print(perf.max_memory_gib(torch.device('cpu')), hostmem.resident_gib())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    peak, now = map(float, out.stdout.split())
+    assert ballast.sum() == 2 ** 28
+    assert 0.25 <= now <= peak < 0.9, (now, peak)  # torch + the 0.25 GiB it touched; not the parent's 1 GiB
+
+
 def test_bench_data_pipeline_runs(tmp_path):
     """bench/data.py on a few small rows: prints its table and the ratio line."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "data.py"), "--rows", "16",

@@ -144,15 +144,6 @@ def test_plan_mode_cli_writes_plan_json(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
 
 
-def _peak_rss_gib(cmd: list[str]) -> float:
-    """Peak resident set of a child process, read from outside it (the kernel's rusage of that child)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = proc.stderr.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    assert status == 0, stderr[-3000:]
-    return usage.ru_maxrss / 2 ** 20  # KiB on Linux
-
-
 SETTINGS = {
     "full": [],
     "checkpointing": ["--config.actor.fsdp_config.gradient_checkpointing=True"],
@@ -171,8 +162,8 @@ def test_cpu_peak_rss_within_15_percent_of_plan(tmp_path):
     config (whose runtime term is that planning process's own resident set).
 
     The plan is per device, of training; the end-of-run checkpoint save (host staging, which on a GPU is not device
-    memory) is not part of it, so the peak is read at step 1, not at exit. The whole-process peak, read from outside,
-    rides along in the failure message."""
+    memory) is not part of it, so the peak is read at step 1, not at exit. The peak is the trainer's own (VmHWM):
+    the rusage of the child, which Linux carries across fork + exec, was pytest's resident set in CI."""
     model, data = tmp_path / "model", tmp_path / "data"
     testing.make_tiny_model_dir(model, text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2,
                                 text_intermediate=1024, vision_hidden=256, vision_depth=8, vision_heads=4,
@@ -190,9 +181,10 @@ def test_cpu_peak_rss_within_15_percent_of_plan(tmp_path):
                              timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         planned = json.loads((tmp_path / name / "demo" / "plan.json").read_text())["per_device"]["peak_gib"]
-        whole_process = _peak_rss_gib(base + flags + [log_path])
+        out = subprocess.run(base + flags + [log_path], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
         lines = (tmp_path / name / "demo" / "metrics.jsonl").read_text().splitlines()
         step1 = next(r for r in map(json.loads, lines) if r.get("step") == 1 and "perf/max_memory_gib" in r)
-        results[name] = {"step1": step1["perf/max_memory_gib"], "planned": planned, "whole_process": whole_process}
+        results[name] = {"step1": step1["perf/max_memory_gib"], "planned": planned}
     for name, r in results.items():
         assert abs(r["planned"] - r["step1"]) / r["step1"] < 0.15, (name, results)

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import resource
 import time
 from typing import Any, Iterator
 
@@ -28,6 +27,7 @@ from absl import logging
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor, Shard
 
+from vlm_sft import hostmem
 from vlm_sft import models as model_lib
 from vlm_sft.errors import ModelLoadError
 
@@ -224,7 +224,7 @@ def load_sharded(path: str, sharding: Any, dtypes: dict[str, torch.dtype], *, at
         for bname, b in sub._buffers.items():
             if b is not None:
                 sub._buffers[bname] = b.to(sharding.device, sharding_lib.buffer_dtype(bname, b, sharding))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    peak = hostmem.peak_resident_gib()
     logging.info(
         "sharded loading: %d tensors, %.2f GiB read on this rank in %.1f s; peak host memory %.2f GiB",
         len(params), read / 2 ** 30, time.perf_counter() - t0, peak)

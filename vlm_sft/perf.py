@@ -29,15 +29,13 @@ in the vision tower when any of its blocks' weights gets a gradient (else 2). `s
 from __future__ import annotations
 
 import dataclasses
-import resource
-import sys
 from typing import Any, Collection, Mapping, Sequence
 
 import torch
 
 Batch = dict[str, torch.Tensor]
 
-from vlm_sft import models
+from vlm_sft import hostmem, models
 
 TEXT_LAYERS = "model.language_model.layers."
 VISION_BLOCKS = "model.visual.blocks."
@@ -228,5 +226,4 @@ def max_memory_gib(device: torch.device) -> float:
     """Peak memory so far: allocated CUDA memory on a GPU, the process's peak resident set on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
+    return hostmem.peak_resident_gib()

@@ -47,6 +47,7 @@ from typing import Any, Callable
 import torch
 
 from vlm_sft import config as config_lib
+from vlm_sft import hostmem
 from vlm_sft import lora as lora_lib
 
 GIB = 2 ** 30
@@ -481,19 +482,6 @@ def format_plan(report: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # The whole planning pass (--mode=plan, and the estimate logged at the start of training).
 
-def current_rss_gib() -> float:
-    """This process's resident set now (VmRSS), GiB: the runtime footprint on a CPU device."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 2 ** 20
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
 def make_planner(config: Any, module: torch.nn.Module, stats: list[Any], *, launched_world_size: int,
                  device_type: str, runtime_gib: float) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """overrides -> the estimate of the config with those overrides, on one skeleton and one data sample."""
@@ -522,7 +510,7 @@ def plan(config: Any, module: torch.nn.Module, stats: list[Any], *, launched_wor
     """The report of --mode=plan: the estimate, whether it fits, and the cheapest change that makes it fit."""
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if runtime_gib is None:
-        runtime_gib = RUNTIME_CUDA_GIB if device_type == "cuda" else current_rss_gib()
+        runtime_gib = RUNTIME_CUDA_GIB if device_type == "cuda" else hostmem.resident_gib()
     evaluate = make_planner(config, module, stats, launched_world_size=launched_world_size,
                             device_type=device_type, runtime_gib=runtime_gib)
     report = evaluate({})
