@@ -2,6 +2,9 @@
 trainer's own logits; processor files included; bad output dirs and checkpoints refused."""
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import safetensors
@@ -9,6 +12,7 @@ import torch
 import transformers
 from transformers import Qwen2_5_VLForConditionalGeneration
 
+import fixtures
 from vlm_sft import checkpoint, demo, export, optim
 from vlm_sft import models as model_lib
 from vlm_sft.data import robo2vlm
@@ -19,6 +23,7 @@ from vlm_sft.data.vision import VisionSpec
 from vlm_sft.state import TrainState, init_train_state
 
 PIXELS = 56 * 56
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def save_trained_checkpoint(model_dir, root) -> str:
@@ -96,12 +101,16 @@ def test_export_loads_cleanly_and_gives_the_trainers_logits(which, request, tmp_
     # The trainer's forward with the checkpoint's params vs transformers' forward of the export.
     model, params = model_lib.load_model(str(base))
     params = checkpoint.restore_params(ckpt, params)
-    processor = load_processor(out)
+    assert_same_label_logits(model, params, hf, trainers_batch(model, out, robo2vlm_dir))
+
+
+def trainers_batch(model, export_dir, data_dir) -> dict:
+    """Three Robo2VLM rows as the trainer collates them, through the exported processor."""
+    processor = load_processor(export_dir)
     encoder = Encoder(processor, max_prompt_length=512)
-    source = robo2vlm.Robo2VLMSource(robo2vlm.find_parquet_files(str(robo2vlm_dir), "train"))
+    source = robo2vlm.Robo2VLMSource(robo2vlm.find_parquet_files(str(data_dir), "train"))
     spec = VisionSpec.from_config(model.config, processor.tokenizer.pad_token_id)
-    batch = collate_encoded([encoder(source[i]) for i in range(3)], spec)
-    assert_same_label_logits(model, params, hf, batch)
+    return collate_encoded([encoder(source[i]) for i in range(3)], spec)
 
 
 def assert_same_label_logits(model, params, hf, batch) -> None:
@@ -272,3 +281,47 @@ def test_qwen3_5_export_loads_cleanly_and_gives_the_trainers_logits(tiny_qwen3_5
     params = checkpoint.restore_params(ckpt, params)
     assert_same_label_logits(model, params, hf, make_batch(torch.Generator().manual_seed(0), model.vision_spec(PAD),
                                                            ROWS))
+
+
+@pytest.mark.slow
+def test_export_of_a_four_rank_checkpoint_holds_about_one_shard_in_memory(tmp_path, robo2vlm_dir):
+    """The checkpoint the trainer writes on 4 gloo ranks (full_shard, one step) of a ~75M-param Qwen2.5-VL whose
+    largest tensor (the 152k x 64 embedding, 39 MB) is an eighth of it: `python -m vlm_sft.export
+    --max_shard_size=40MB` grows its resident set by about one output shard and one tensor being converted, far
+    from the full fp32 copy (300 MB) that building the model would hold; the directory loads with from_pretrained
+    with no missing keys and gives the trainer's logits."""
+    model_dir, run = tmp_path / "model", tmp_path / "run"
+    n = fixtures.write_wide_qwen2_5_vl_dir(model_dir, text_hidden=64, text_layers=40, text_intermediate=8192,
+                                           vision_hidden=128)
+    train = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m",
+             "vlm_sft.main", "--config", "configs/robo2vlm.py:demo", f"--config.actor.model.model_path={model_dir}",
+             f"--config.data.train_data_paths={robo2vlm_dir}", "--config.data.eval_data_paths=",
+             "--config.runner.max_steps=1", "--config.actor.micro_batch_size=1", "--config.actor.global_batch_size=4",
+             "--config.actor.fsdp_config.sharding_strategy=full_shard", "--config.actor.compile=False",
+             "--config.runner.val_before_train=False", "--config.runner.resume=",
+             f"--config.runner.logger.log_path={run}"]
+    done = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = str(run / "demo" / "checkpoints" / "step_1")
+    out = str(tmp_path / "hf")
+    done = subprocess.run([sys.executable, "-m", "vlm_sft.export", "--checkpoint", ckpt, "--output_dir", out,
+                           "--max_shard_size", "40MB"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, peak = map(float, re.search(r"host memory ([0-9.]+) GiB before the weights, peak ([0-9.]+) GiB",
+                                        done.stderr).groups())
+    grown_mib, full_fp32_mib = (peak - before) * 1024, n * 4 / 2 ** 20
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert len(set(index["weight_map"].values())) >= 7
+    # One 40 MB shard and the embedding in its conversion copies (read, merged in fp32, in the Hub's layout).
+    print(f"export grew {grown_mib:.0f} MiB; full fp32 copy {full_fp32_mib:.0f} MiB")
+    assert grown_mib < 40e6 / 2 ** 20 + 3 * 39 + 48 < 0.75 * full_fp32_mib, (grown_mib, full_fp32_mib)
+
+    hf, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32, local_files_only=True,
+                                                                 output_loading_info=True)
+    assert {k: list(v) for k, v in info.items() if v} == {}
+    model, params = model_lib.load_model(str(model_dir))
+    params = checkpoint.restore_params(ckpt, params)
+    assert not torch.equal(params["model.language_model.layers.0.mlp.up_proj.weight"],
+                           model_lib.load_model(str(model_dir))[1]["model.language_model.layers.0.mlp.up_proj.weight"])
+    assert_same_label_logits(model, params, hf, trainers_batch(model, out, robo2vlm_dir))

@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
-import transformers
 from safetensors import safe_open
 
+import fixtures
 from configs.robo2vlm import get_config
 from vlm_sft import demo, loading
 from vlm_sft import lora as lora_lib
@@ -17,7 +17,6 @@ from vlm_sft import main as main_lib
 from vlm_sft import models as model_lib
 from vlm_sft import sharding as sharding_lib
 from vlm_sft import trainable
-from vlm_sft.demo.hub import write_hub_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,29 +54,11 @@ def test_same_params_as_from_pretrained_then_sharded(fixture, lora, request, dev
     assert got_model.tied == model.tied and got_model.groups == model.groups
 
 
-def _wide_model_dir(path) -> int:
-    """A Qwen2.5-VL of ~330M params (config.json, the demo's processor files, bf16 shards), with Qwen's 152k
-    vocabulary (the demo tokenizer's, so it can be evaluated) in a tied embedding no larger than a few of its
-    decoder layers (hidden 256, 40 layers of a 8192-wide MLP); returns the param count."""
-    demo.make_tiny_model_dir(path)  # the processor and generation files; config and weights replaced below
-    hub = demo.tiny_hub_config(tie_word_embeddings=True, text_hidden=256, text_layers=40, text_heads=4,
-                               text_kv_heads=2, text_intermediate=8192, vision_hidden=512, vision_depth=8,
-                               vision_heads=8, vision_intermediate=2048)
-    (path / "config.json").write_text(json.dumps(hub))
-    with torch.device("meta"):
-        module = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig.from_dict(hub))
-    g = torch.Generator().manual_seed(0)
-    state = {model_lib.qwen2_5_vl.hub_name(n): (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16)
-             for n, p in module.named_parameters()}
-    write_hub_shards(path, state, first_shard_prefix="visual.")
-    return sum(p.numel() for p in module.parameters())
-
-
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory) -> tuple:
-    """(directory, param count) of _wide_model_dir, written once for the tests of this module that need it."""
+    """(directory, param count) of fixtures.write_wide_qwen2_5_vl_dir, written once for the tests of this module that need it."""
     path = tmp_path_factory.mktemp("wide") / "model"
-    return path, _wide_model_dir(path)
+    return path, fixtures.write_wide_qwen2_5_vl_dir(path)
 
 
 def _vm_hwm_mib(pid: int) -> float:

@@ -31,9 +31,9 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from absl import app, flags
+from absl import app, flags, logging
 
-from vlm_sft import checkpoint, loading
+from vlm_sft import checkpoint, hostmem, loading
 from vlm_sft import lora as lora_lib
 from vlm_sft import models
 from vlm_sft.errors import ExportError
@@ -193,6 +193,7 @@ def _write_weights(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, 
     base_weights = _BaseWeights(base, family) if any(n not in saved for n in expected) else None
     sizes = [(name, _numel(shape) * out_dtype.itemsize) for name, shape in expected.items()]
     shards = plan_shards(sizes, max_shard_bytes)
+    resident_before = hostmem.resident_gib()
     weight_map = {}
     for i, shard in enumerate(shards):
         file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -211,6 +212,8 @@ def _write_weights(ckpt: str, saved: dict, out: str, dtype: torch.dtype | None, 
         safetensors.torch.save_file(tensors, os.path.join(out, file), metadata={"format": "pt"})
         weight_map.update({hub: file for hub in tensors})
         del flat, tensors, params
+    logging.info("export: %d shard(s), %.2f GiB of weights; host memory %.3f GiB before the weights, peak %.3f GiB",
+                 len(shards), sum(size for _, size in sizes) / 2 ** 30, resident_before, hostmem.peak_resident_gib())
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(size for _, size in sizes)},
                  "weight_map": dict(sorted(weight_map.items()))}
