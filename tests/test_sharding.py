@@ -261,6 +261,27 @@ def test_plain_params_on_one_rank_give_the_dtensor_path_s_loss_and_gradients_exa
         sharding.Sharding(two_ranks, (Replicate(),), plain=True)
 
 
+
+def test_flat_cast_of_odd_sizes_is_exact_aligned_and_zero_padded():
+    """One rank's flat cast (the CPU path fills the views by one _foreach_copy_): every view equals its tensor
+    cast, starts at a multiple of ALIGN, the buffer's padding is zeros, and a second call with the same shapes
+    reuses the cached layout with fresh values."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        tensors = [torch.randn(shape, generator=g) for shape in [(3, 5), (7,), (), (16, 2), (1, 1, 9)]]
+        views = sharding._cat_views(tensors, torch.bfloat16)
+        flat = views[0]._base if views[0]._base is not None else views[0]
+        assert all(torch.equal(v, t.to(torch.bfloat16)) for v, t in zip(views, tensors))
+        assert all(v.storage_offset() % sharding.ALIGN == 0 and v.is_contiguous() for v in views)
+        used = torch.zeros(flat.numel(), dtype=torch.bool)
+        for v in views:
+            used[v.storage_offset():v.storage_offset() + v.numel()] = True
+        assert flat.numel() == 96 and torch.all(flat[~used] == 0)
+    back = sharding._cat_views(views, torch.float32, align=False)
+    assert [b.shape for b in back] == [t.shape for t in tensors] and all(b.dtype == torch.float32 for b in back)
+    assert all(torch.equal(b, t.to(torch.bfloat16).float()) for b, t in zip(back, tensors))
+
+
 def _flat_gather_worker(rank: int, world: int, store: str, model_dir: str, batches: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh

@@ -564,26 +564,50 @@ def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _ZEROS[key]
 
 
+_VIEW_LAYOUTS: dict[tuple, tuple] = {}
+
+
+def _view_layout(shapes: tuple[torch.Size, ...], align: bool) -> tuple[int, bool, tuple[tuple, ...]]:
+    """(flat numel, whether there is padding, (shape, stride, offset) per tensor) of tensors of these shapes laid
+    out one after the other, computed once per layout (a step asks for the same few dozen every time)."""
+    key = (shapes, align)
+    layout = _VIEW_LAYOUTS.get(key)
+    if layout is None:
+        placed, offset, padded = [], 0, False
+        for shape in shapes:
+            numel = shape.numel()
+            size = _aligned(numel) if align else numel
+            placed.append((shape, _contiguous_strides(shape), offset))
+            padded |= size > numel
+            offset += size
+        layout = _VIEW_LAYOUTS[key] = (offset, padded, tuple(placed))
+    return layout
+
+
 def _cat_views(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor], dtype: torch.dtype, *, align: bool = True
                ) -> list[torch.Tensor]:
-    """The tensors copied (and cast) into one flat buffer of `dtype` by one cat, as views of it (each starting
-    at a multiple of ALIGN elements when `align`)."""
-    sizes = [_aligned(t.numel()) if align else t.numel() for t in tensors]
-    flat = torch.empty(sum(sizes), dtype=dtype, device=tensors[0].device)
-    if all(size == t.numel() and t.is_contiguous() for t, size in zip(tensors, sizes)):
+    """The tensors copied (and cast) into one flat buffer of `dtype`, as views of it (each starting at a multiple
+    of ALIGN elements when `align`; padding zeroed).
+
+    On CUDA one `_chunk_cat` (or `cat`) kernel does it, as FSDP2's gathers do. On CPU both convert dtypes element
+    by element (a 9.7M-element fp32 -> bf16 embedding: 19.6 ms against 1.5 ms for `copy_`), so there the views are
+    filled by one `_foreach_copy_`."""
+    total, padded, placed = _view_layout(tuple(t.shape for t in tensors), align)
+    device = tensors[0].device
+    flat = (torch.zeros if padded and device.type == "cpu" else torch.empty)(total, dtype=dtype, device=device)
+    views = [flat.as_strided(shape, stride, offset) for shape, stride, offset in placed]
+    if device.type == "cpu":
+        torch._foreach_copy_(views, list(tensors))
+    elif not padded and all(t.is_contiguous() for t in tensors):
         # No padding: one op flattens, casts and concatenates in C++ (no Python reshape per tensor).
         torch._chunk_cat(tensors, dim=0, num_chunks=1, out=flat.view(1, -1))
     else:
         pieces = []
-        for t, size in zip(tensors, sizes):
+        for t, (_, _, offset), end in zip(tensors, placed, [o for _, _, o in placed[1:]] + [total]):
             pieces.append(t.reshape(-1))
-            if size > t.numel():
-                pieces.append(_zeros(size - t.numel(), t.dtype, t.device))
+            if end - offset > t.numel():
+                pieces.append(_zeros(end - offset - t.numel(), t.dtype, t.device))
         torch.cat(pieces, out=flat)
-    views, offset = [], 0
-    for t, size in zip(tensors, sizes):  # one as_strided per param (split + slice + view were three ops)
-        views.append(flat.as_strided(t.shape, _contiguous_strides(t.shape), offset))
-        offset += size
     return views
 
 
