@@ -6,7 +6,7 @@ system turn first, Qwen3-VL's adds none); the target is the assistant's "B. Yes"
 the target and its closing <|im_end|> (RLinf also trains on a stray trailing "<|im_start|>assistant\n": we don't).
 The real Hub chat template has no {% generation %} markers, so the label boundary is the length of the prompt
 rendered with add_generation_prompt=True, checked to be a prefix of the rendered full conversation.
-Thinking templates (Qwen3.5's) are rendered with enable_thinking=False (templates without it ignore it): the
+Thinking templates (Qwen3.5's) are rendered with enable_thinking=False (passed only to templates that use it): the
 generation prompt then ends with the empty think block "<think>\n\n</think>\n\n" that the template also renders
 before a direct answer, so the answer is labelled alone and evaluation prompts the model to answer directly.
 """
@@ -95,6 +95,10 @@ class Encoder:
         self.max_prompt_length = max_prompt_length
         self.truncation = truncation
         self.apply_chat_template = apply_chat_template
+        # Qwen3.5's template thinks unless told not to; the others have no such variable (passing it anyway makes
+        # transformers warn on every row and hand it to the processor).
+        template = str(getattr(processor, "chat_template", "") or "")
+        self._template_kwargs = {"enable_thinking": False} if "enable_thinking" in template else {}
         tokenizer = processor.tokenizer
         self._image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         # The chat template closes the assistant turn with <|im_end|>; plain prompts end with the tokenizer's eos.
@@ -118,7 +122,7 @@ class Encoder:
                    + [{"type": "text", "text": user_text(question, choices)}])
         return self.processor.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True,
-            enable_thinking=False)
+            **self._template_kwargs)
 
     def _check_prefix(self, question: str, choices: list[str], n_images: int, target: str, source: str,
                       n_videos: int = 0) -> None:
@@ -128,7 +132,7 @@ class Encoder:
                    + [{"type": "text", "text": user_text(question, choices)}])
         full = self.processor.apply_chat_template(
             [{"role": "user", "content": content}, {"role": "assistant", "content": target}], tokenize=False,
-            enable_thinking=False)
+            **self._template_kwargs)
         if not full.startswith(prompt + target + TURN_END):
             raise ValueError(f"{source}: the chat template does not render the assistant turn as generation prompt "
                              f"+ answer + {TURN_END}; cannot place answer-only labels")
