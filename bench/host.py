@@ -35,7 +35,6 @@ padding <= 8% at 1024; the packed 16-row step >= 2.5x the samples/s of 4 x 4 and
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import statistics
 import sys

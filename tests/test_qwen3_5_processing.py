@@ -4,13 +4,11 @@ import dataclasses
 
 import PIL.Image
 import pytest
-import torch
 
 from vlm_sft import models as model_lib
 from vlm_sft.data import encode as encode_lib
 from vlm_sft.data import processor as processor_lib
 from vlm_sft.data.collate import collate
-from vlm_sft.demo import qwen3_5 as hub
 
 
 @dataclasses.dataclass

@@ -402,7 +402,6 @@ def test_a_directory_saved_by_transformers_5_loads_as_the_hubs(tiny_moe_dir, tmp
     Transpose keeps the matching shape), the Hub's 4.57 files hold them transposed: the sharded loader reads
     either by shape, as from_pretrained does, into the same params, bitwise."""
     import safetensors
-    import transformers
 
     from configs.robo2vlm import get_config
     from vlm_sft import loading

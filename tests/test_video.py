@@ -1,6 +1,5 @@
 """Video rows: readers (JSONL paths, frame lists, parquet bytes), decoding and sampling, prompts, and bad videos as
 one line each naming the row, the video and the reason."""
-import io
 import json
 import math
 
