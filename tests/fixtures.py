@@ -1,4 +1,5 @@
 """Helpers only the tests use (the builders the demo shares live in vlm_sft/demo/)."""
+import copy
 import json
 import pathlib
 import tempfile
@@ -42,3 +43,14 @@ def write_wide_qwen2_5_vl_dir(path: pathlib.Path, *, text_hidden: int = 256, tex
              for n, p in module.named_parameters()}
     write_hub_shards(path, state, first_shard_prefix="visual.")
     return sum(p.numel() for p in module.parameters())
+
+
+def in_float64(params: dict, hf: torch.nn.Module, batch: dict) -> tuple[dict, torch.nn.Module, dict]:
+    """float64 copies for holding our loss and gradients to transformers': (leaves that require grad, a copy of
+    the HF module, the batch). In fp32 a trained model's gradients differ from HF's by up to ~1e-4 on some elements
+    with the reduction order alone (2 threads instead of 1, or another CPU's kernels, was enough in CI), so an fp32
+    tolerance either flakes or hides real errors; in fp64 the two agree to ~1e-13 and 1e-5 is an order-proof
+    margin."""
+    leaves = {k: v.detach().double().requires_grad_() for k, v in params.items()}
+    batch64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+    return leaves, copy.deepcopy(hf).double(), batch64

@@ -1,13 +1,13 @@
 """Qwen3.5's functional forward (models/qwen3_5.py) against transformers' Qwen3_5ForConditionalGeneration, on a
 tiny hybrid model (3 Gated DeltaNet layers + 1 gated attention layer) trained first: a random model's loss is
 ~ln(vocab) whatever the positions or image order, so it could not catch those bugs."""
-import copy
 import json
 
 import pytest
 import torch
 from transformers import Qwen3_5ForConditionalGeneration
 
+import fixtures
 from configs_loader import load_config
 from vlm_sft import compile as compile_lib
 from vlm_sft import models as model_lib
@@ -53,19 +53,13 @@ def hf_inputs(batch: dict) -> dict:
 
 
 def assert_equals_hf(model, params, hf, batch) -> torch.Tensor:
-    """Our loss and every gradient == HF's forward with labels on the same params; returns HF's fp32 loss.
-
-    Both sides run in float64: in fp32 the trained model's gradients differ from HF's by up to 1e-4 on some
-    elements with the reduction order alone (2 threads instead of 1 was enough), so an fp32 tolerance would either
-    flake or hide real errors; in fp64 they agree to ~1e-12 and 1e-5 is a wide, order-proof margin."""
-    hf64 = copy.deepcopy(hf).double()
-    leaves = {k: v.detach().double().requires_grad_() for k, v in params.items()}
-    batch64 = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-    ours = model_lib.token_nll(model, leaves, batch64).mean()
+    """Our loss and every gradient == HF's forward with labels on the same params (both in float64:
+    fixtures.in_float64); returns the loss in fp32."""
+    leaves, hf, batch = fixtures.in_float64(params, hf, batch)
+    ours = model_lib.token_nll(model, leaves, batch).mean()
     grads = torch.autograd.grad(ours, list(leaves.values()), materialize_grads=True)
-    loss = hf64(**hf_inputs(batch64)).loss
+    loss = hf(**hf_inputs(batch)).loss
     loss.backward()
-    hf = hf64
     torch.testing.assert_close(ours, loss, rtol=1e-5, atol=1e-5)
     hf_params = dict(hf.named_parameters())
     for name, g in zip(leaves, grads):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import Qwen3_5MoeForConditionalGeneration
 
+import fixtures
 from vlm_sft import models as model_lib
 from vlm_sft import step as step_lib
 from vlm_sft.demo import qwen3_5_moe as hub
@@ -60,24 +61,27 @@ def test_loss_aux_loss_and_every_grad_equal_hf_on_a_trained_model(trained):
     batch = make_batch(torch.Generator().manual_seed(1), spec, ROWS)
     coef = 0.05  # larger than the directory's 0.001, so the aux term's gradient is well above the tolerance
     hf.config.text_config.router_aux_loss_coef = coef
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    leaves, hf64, batch = fixtures.in_float64(params, hf, batch)  # HF's module copied, in float64
+    hf64.set_experts_implementation("eager")  # its loop over experts: torch._grouped_mm takes no fp64
     nll, aux = model_lib.token_nll_aux(model, leaves, batch)
     ours = nll.mean() + coef * aux["aux_loss"]
     grads = dict(zip(leaves, torch.autograd.grad(ours, list(leaves.values()), materialize_grads=True)))
-    out = hf(**hf_inputs(batch), output_router_logits=True)
+    out = hf64(**hf_inputs(batch), output_router_logits=True)
     out.loss.backward()
     torch.testing.assert_close(aux["aux_loss"], out.aux_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours, out.loss, rtol=1e-5, atol=1e-5)
-    hf_params = dict(hf.named_parameters())
+    hf_params = dict(hf64.named_parameters())
     for name, g in grads.items():
         theirs = hf_params[name].grad
         torch.testing.assert_close(g, torch.zeros_like(g) if theirs is None else theirs, rtol=1e-5, atol=1e-5,
-                                   msg=name)
-    hf.zero_grad(set_to_none=True)
+                                   msg=lambda m: f"{name}: {m}")
     hf.config.text_config.router_aux_loss_coef = 0.001
-    for layer in (0, 3):  # both mixer kinds: the shared expert, its gate and the routed experts all learn
+    # Both mixer kinds: the shared expert, its gate and the routed experts all learn, above the 1e-5 tolerance.
+    # (The trained fixture follows the machine's reduction order: layer 3's gate gradient peaks at 5.9e-4 trained
+    # on 1 thread, 8.2e-5 on 2, so the bound is 4x the tolerance, not a magnitude of one machine's model.)
+    for layer in (0, 3):
         for name in ("shared_expert_gate.weight", "shared_expert.down_proj.weight", "experts.gate_up_proj"):
-            assert float(grads[f"{LAYER}{layer}.mlp.{name}"].abs().max()) > 1e-4, (layer, name)
+            assert float(grads[f"{LAYER}{layer}.mlp.{name}"].abs().max()) > 4e-5, (layer, name)
     assert float(aux["max_expert_load"]) > 1.2, aux  # trained routing is uneven in some layer
 
 

@@ -7,6 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import Qwen3VLForConditionalGeneration
 
+import fixtures
 from vlm_sft import compile as compile_lib
 from vlm_sft import models as model_lib
 from vlm_sft import optim
@@ -53,8 +54,9 @@ def hf_inputs(batch: dict) -> dict:
 
 
 def assert_equals_hf(model: model_lib.Model, params: dict, hf: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Our loss and gradients == HF's forward with labels on the same params; returns the loss."""
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    """Our loss and gradients == HF's forward with labels on the same params (both in float64:
+    fixtures.in_float64); returns the loss in fp32."""
+    leaves, hf, batch = fixtures.in_float64(params, hf, batch)
     nll = model_lib.token_nll(model, leaves, batch)
     assert nll.shape == batch["label_ids"].shape
     ours = nll.mean()
@@ -67,8 +69,8 @@ def assert_equals_hf(model: model_lib.Model, params: dict, hf: torch.nn.Module, 
     for name, g in zip(leaves, grads):
         theirs = hf_params[name].grad
         torch.testing.assert_close(g, torch.zeros_like(g) if theirs is None else theirs, rtol=1e-5, atol=1e-5,
-                                   msg=name)
-    return loss.detach()
+                                   msg=lambda m: f"{name}: {m}")
+    return loss.detach().float()
 
 
 @pytest.fixture(scope="module")

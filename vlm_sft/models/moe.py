@@ -48,7 +48,21 @@ def is_expert(name: str) -> bool:
 
 @torch.library.custom_op("vlm_sft::grouped_mm", mutates_args=())
 def _grouped_mm_any_dtype(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if a.dtype == torch.float64:  # _grouped_mm takes no fp64: a loop over the groups (numerical checks only)
+        return _grouped_mm_loop(a, b, offs)
     return torch._grouped_mm(a, b, offs=offs)
+
+
+def _grouped_mm_loop(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """_grouped_mm's two forms one group at a time (reads the group ends on the host)."""
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    if b.dim() == 3:  # [N, K] x [E, K, M] -> [N, M]
+        out = a.new_zeros(a.shape[0], b.shape[-1])
+        for e, (start, end) in enumerate(zip(starts, ends)):
+            out[start:end] = a[start:end] @ b[e]
+        return out
+    return torch.stack([a[:, start:end] @ b[start:end] for start, end in zip(starts, ends)])  # -> [E, K, M]
 
 
 @_grouped_mm_any_dtype.register_fake
