@@ -198,8 +198,8 @@ def test_compiled_step_equals_eager_without_recompiles(tiny):
         state, metrics = train_step(state, steps[0])  # warm-up: compiles every region once
         losses = [float(metrics["train/loss"])]
         graphs = counters["stats"]["unique_graphs"]
-        # embed, patch embed, vision block, merger, decoder layer, final norm, lm_head
-        assert len(block_call.regions) == 7 and graphs == 7 and counters["graph_break"] == {}
+        # patch embed, vision block, merger, decoder layer, final norm, lm_head (the embedding runs eagerly)
+        assert len(block_call.regions) == 6 and graphs == 6 and counters["graph_break"] == {}
         for micro_batches in steps[1:]:
             state, metrics = train_step(state, micro_batches)
             losses.append(float(metrics["train/loss"]))
@@ -234,15 +234,48 @@ def test_deep_model_compiles_each_region_once_and_a_restart_compiles_from_the_ca
         runs.append(json.loads(out.read_text()))
     cold, warm = runs
     first, second, third = cold
-    assert first["graphs"] == {"decoder_block": 1, "vision_block": 1, "apply_module": 3, "embed": 1, "lm_head": 1}
-    assert first["regions"] == 7 and first["stats"]["graphs"] == 7
+    assert first["graphs"] == {"decoder_block": 1, "vision_block": 1, "apply_module": 3, "lm_head": 1}
+    assert first["regions"] == 6 and first["stats"]["graphs"] == 6  # the embedding runs eagerly (common.embed)
     assert second["stats"]["graphs"] == 0  # other images, texts and answers in the same bucket
-    # The new bucket: embedding, decoder layer and final norm (the lm_head sees the same label count).
-    assert third["graphs"] == {"decoder_block": 2, "vision_block": 1, "apply_module": 4, "embed": 2, "lm_head": 1}
-    assert third["stats"]["graphs"] == 3
+    # The new bucket: decoder layer and final norm (the lm_head sees the same label count).
+    assert third["graphs"] == {"decoder_block": 2, "vision_block": 1, "apply_module": 4, "lm_head": 1}
+    assert third["stats"]["graphs"] == 2
     assert sum(s["stats"]["fx_misses"] for s in cold) > 0
     for c, w in zip(cold, warm):
         assert w["stats"]["graphs"] == c["stats"]["graphs"]  # dynamo traces again (it has no disk cache) ...
         assert w["stats"]["fx_misses"] == w["stats"]["aot_misses"] == 0  # ... but nothing is compiled afresh
         assert w["stats"]["aot_hits"] == c["stats"]["aot_misses"]
         assert w["loss"] == c["loss"]
+
+
+@pytest.mark.parametrize("family", ["qwen2.5_vl", "qwen3_vl_moe"])
+def test_compiled_gradients_are_bitwise_repeatable(family, tiny_model_dir, tmp_path):
+    """The same compiled loss_and_grad on the same params and batch gives the same gradients to the bit, call
+    after call (fp32, every torch thread): what bitwise resume and cross-process equality rest on. Rows repeat a
+    few token ids many times, so every embedding row sums many contributions, and the MoE routes each token to 4
+    experts (the 30B routes to 8): sums whose order a parallel scatter of atomic adds (inductor's lowering of
+    index_put / index_add with accumulation) leaves to the threads' timing. (Qwen3-VL's learned vision position
+    table is covered by the MoE model's vision tower.)"""
+    model_dir = tiny_model_dir if family == "qwen2.5_vl" else demo.make_tiny_qwen3_vl_moe_dir(
+        tmp_path / "moe", num_experts_per_tok=4)
+    model, params = model_lib.load_model(str(model_dir))
+    spec = model.vision_spec(pad_token_id=151643)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for j in range(4):
+        ids = [IM_START, VISION_START] + [IMAGE_PAD] * 4 + [VISION_END]
+        ids += torch.randint(100, 104, (90,), generator=g).tolist()
+        answer = torch.randint(100, 104, (20,), generator=g).tolist() + [IM_END]
+        rows.append((torch.tensor(ids + answer), torch.tensor([-100] * len(ids) + answer)))
+    pixels = [torch.randn(16, 3 * 2 * spec.patch_size ** 2, generator=g) for _ in rows]
+    grids = [torch.tensor([[1, 4, 4]]) for _ in rows]
+    batch = collate(rows, pixels, grids, spec, length_buckets=(128,), pad_labels=True)
+    loss_and_grad = step_lib.make_loss_and_grad(model, compile_lib.make_block_call(compile=True))
+    torch._dynamo.reset()
+    with compile_lib.settings():
+        runs = [loss_and_grad(params, batch, torch.tensor(1.0)) for _ in range(6)]
+    first_loss, first = runs[0]
+    for loss, grads in runs[1:]:
+        assert torch.equal(loss, first_loss)
+        differ = [k for k in first if not torch.equal(grads[k], first[k])]
+        assert not differ, f"gradients that changed between identical calls: {differ}"

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from vlm_sft import compile as compile_lib
+
 try:  # torch >= 2.10: flash attention over packed variable-length sequences (CUDA, bf16/fp16)
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - older torch: the reference path everywhere
@@ -291,7 +293,13 @@ def apply_module(module: torch.nn.Module, p: Params, *args: Any) -> torch.Tensor
     return _call(module, p, *args)
 
 
+@compile_lib.eager_region
 def embed(module: None, p: Params, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token embeddings. Eager even in a compiled step: inductor lowers the embedding's backward to a scatter of
+    atomic adds whose order, for a token that occurs more than once, follows the threads' timing, so the same step
+    gave gradients that differed in the last bit from call to call (fp32; tests/test_compile.py). The eager
+    kernels (CPU: each thread owns a range of rows; CUDA: sorted by token, summed in fp32) are deterministic, and
+    a compiled region of one gather saved nothing."""
     return F.embedding(input_ids, p["weight"])
 
 

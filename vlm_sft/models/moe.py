@@ -118,18 +118,26 @@ def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
             act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for every token x [T, H]: the T * k assignments sorted by
     expert, two grouped GEMMs, and the weighted results added back to their tokens. Expert tensors given as
-    DTensors sharded on dim 0 run expert-parallel (module docstring)."""
+    DTensors sharded on dim 0 run expert-parallel (module docstring).
+
+    No scatter-add anywhere, forward or backward: the rows are x repeated k times then permuted (backward: the
+    permutation's inverse, then each token's k gradients summed by a reduction), and the results come back by
+    the inverse permutation, each token summing its k in a fixed order. Gathering x[order // k] and adding back
+    with index_add summed each token's k terms (and, in backward, its k gradients) by atomic adds in a compiled
+    region (index_add on CUDA too), in an order that follows the threads: with k >= 3 the same step differed in
+    the last bit from run to run."""
     top_k = ids.shape[-1]
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)                         # assignments grouped by expert
-    token = order // top_k
     counts = expert_counts(flat, gate_up.shape[0])
+    rows = x[:, None, :].expand(-1, top_k, -1).reshape(-1, x.shape[-1])[order]
     if isinstance(gate_up, DTensor):
-        y = expert_parallel(x[token], counts, gate_up, down, act)
+        y = expert_parallel(rows, counts, gate_up, down, act)
     else:
-        y = _local_experts(x[token], torch.cumsum(counts, 0).to(torch.int32), gate_up, down, act)
-    y = y * weights.reshape(-1)[order, None]
-    return torch.zeros_like(x).index_add(0, token, y.to(x.dtype))
+        y = _local_experts(rows, torch.cumsum(counts, 0).to(torch.int32), gate_up, down, act)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    y = y[inverse].view(-1, top_k, y.shape[-1])                      # [T, k, H]: each token's results
+    return (y * weights[..., None].to(y.dtype)).sum(1).to(x.dtype)
 
 
 def _local_experts(rows: torch.Tensor, offs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from vlm_sft import compile as compile_lib
 from vlm_sft.data.vision import Qwen3VLVisionSpec
 from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, Params, apply_module,
                                    decoder_stack, embed_tokens, plain_block_call, scatter_rows, text_layout,
@@ -22,6 +23,7 @@ from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopS
 DEEPSTACK = VISUAL + "deepstack_merger_list."
 
 
+@compile_lib.eager_region  # deterministic gradients: see common.embed
 def _pos_embed(module: None, p: Params, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Each patch's position embedding: its 4 interpolation taps of the learned table, weighted and summed."""
     return (F.embedding(index, p["weight"]) * weight[:, :, None]).sum(1)
