@@ -20,9 +20,9 @@ contestants a step of 16 rows: packed (one micro-batch at --step-budget) against
 of 4 and HF's loop at batch 16. Then the median perf/padding_fraction of 100 generated steps of 16 rows packed at
 a 1024-token budget (lengths only, as the loader pads them). Columns, per step (median over the timed steps):
   step (s)          CPU time of a step
-  host (ms)         the part of it not spent inside aten ops or compiled graphs (torch.profiler, one step: its
-                    share of the profiled wall time, times the step's CPU time): Python, DTensor, autograd and
-                    dispatcher bookkeeping; what a GPU would wait on
+  host (ms)         the part of it not spent inside aten ops or compiled graphs (torch.profiler: the share of
+                    a profiled step's wall time outside them, median of --profile-steps steps, times the step's
+                    CPU time): Python, DTensor, autograd and dispatcher bookkeeping; what a GPU would wait on
   update (ms)       the optimizer update alone (clipping + AdamW), CPU time
   ops / kernel ops  top-level aten ops and compiled-graph calls of one step (profile_step); kernel ops leave
                     out views and aliases
@@ -71,6 +71,9 @@ def is_kernel(event) -> bool:
 def profile_step(fn, *args) -> dict:
     """One fn(*args) under torch.profiler (CPU): wall s, host s, ops and kernel ops.
 
+    The wall time is taken inside the profiler's context: starting and stopping the profiler costs 30-90 ms of its
+    own (875 ms on its first use in a process), which is not the step's.
+
     Top-level events: aten ops and compiled-graph calls not nested in another one (an aten op inside a compiled
     graph or inside another aten op is its business). host = wall - time inside top-level events: the Python,
     DTensor, autograd and dispatcher work between ops. ops = top-level events; kernel ops = those that are not
@@ -78,10 +81,10 @@ def profile_step(fn, *args) -> dict:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
         fn(*args)
-    wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t0
 
     def counted(e) -> bool:
         return e.name.startswith("aten::") or "CompiledFxGraph" in e.name
@@ -138,12 +141,17 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=1024, help="the budget the padding fractions are measured at")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--only", default="", help="comma-separated contestants (default all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds are the step's "
+                        "own, and the host share of a profiled step applies to them)")
+    parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps per contestant (median)")
     parser.add_argument("--workdir", default="", help="model dir and inductor cache (default: a temp dir)")
     args = parser.parse_args()
 
     import torch
 
     import common
+    torch.set_num_threads(args.threads)
+    profile_step(lambda: None)  # the profiler's first use in a process costs ~1 s: not a contestant's
     from configs.robo2vlm import get_config
     from step_gpu import image_grid, robo2vlm_like_rows, step_batches
     from vlm_sft import compile as compile_lib
@@ -251,7 +259,10 @@ def main() -> None:
             step(b)
             cpu.append(time.process_time() - t0)
         update = statistics.median(timed["update"]) if timed["update"] else None
-        profiled = profile_step(step, batches[2])
+        # Median of a few profiled steps (same shapes as the timed ones): one profiled step moves with the machine.
+        runs = sorted((profile_step(step, b) for b in batches[2:2 + args.profile_steps]),
+                      key=lambda r: r["host"] / r["profiled_wall"])
+        profiled = runs[len(runs) // 2]
         host_share = profiled["host"] / profiled["profiled_wall"]
         tokens = statistics.mean(sum(float(m["attention_mask"].sum()) for m in s) for s in batches)
         positions = statistics.mean(sum(m["attention_mask"].numel() for m in s) for s in batches)
