@@ -39,10 +39,12 @@ def test_demo_qwen3_moe_builds_a_hub_shaped_qwen3_vl_moe(tmp_path):
 
 @pytest.mark.slow
 def test_demo_qwen3_moe_learns(tmp_path):
-    """The demo command trains the tiny MoE to eval accuracy 1.0, logging the router's aux loss and load."""
+    """The demo command (its first 50 of 150 steps, the same schedule) trains the tiny MoE to eval accuracy 1.0,
+    logging the router's aux loss and load."""
     out = subprocess.run([sys.executable, "-m", "vlm_sft.main", f"--config={CONFIG}:demo,qwen3_moe",
-                          f"--config.runner.logger.log_path={tmp_path}"], cwd=REPO, capture_output=True, text=True,
-                         timeout=1800)
+                          f"--config.runner.logger.log_path={tmp_path}", "--config.runner.max_steps=50",
+                          "--config.actor.optim.total_training_steps=150", "--config.runner.val_check_interval=50"],
+                         cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     with open(tmp_path / "demo_qwen3_moe" / "metrics.jsonl") as f:
         lines = [json.loads(line) for line in f]
