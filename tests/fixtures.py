@@ -52,5 +52,9 @@ def in_float64(params: dict, hf: torch.nn.Module, batch: dict) -> tuple[dict, to
     tolerance either flakes or hides real errors; in fp64 the two agree to ~1e-13 and 1e-5 is an order-proof
     margin."""
     leaves = {k: v.detach().double().requires_grad_() for k, v in params.items()}
-    batch64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
-    return leaves, copy.deepcopy(hf).double(), batch64
+    return leaves, copy.deepcopy(hf).double(), float64_batch(batch)
+
+
+def float64_batch(batch: dict) -> dict:
+    """The batch with its floating-point tensors (pixels, label weights) in float64; indices unchanged."""
+    return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}

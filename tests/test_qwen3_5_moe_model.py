@@ -116,7 +116,7 @@ def test_packed_rows_equal_the_padded_batch_token_by_token_with_the_same_aux_los
     total = sum(len(ids) for ids, _ in sequences)
 
     def run(batch):
-        batch = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        batch = fixtures.float64_batch(batch)
         leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
         nll, aux = model_lib.token_nll_aux(model, leaves, batch)
         w = batch.get("label_weight", torch.ones_like(nll))

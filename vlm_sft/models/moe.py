@@ -120,9 +120,9 @@ def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
     expert, two grouped GEMMs, and the weighted results added back to their tokens. Expert tensors given as
     DTensors sharded on dim 0 run expert-parallel (module docstring).
 
-    No scatter-add anywhere, forward or backward: the rows are x repeated k times then permuted (backward: the
-    permutation's inverse, then each token's k gradients summed by a reduction), and the results come back by
-    the inverse permutation, each token summing its k in a fixed order. Gathering x[order // k] and adding back
+    No sum whose order the threads decide, forward or backward: the rows are x repeated k times then permuted
+    (backward: the permutation undone, each element written once, then each token's k gradients summed by a
+    reduction), and the results come back by the inverse permutation, each token summing its k in a fixed order. Gathering x[order // k] and adding back
     with index_add summed each token's k terms (and, in backward, its k gradients) by atomic adds in a compiled
     region (index_add on CUDA too), in an order that follows the threads: with k >= 3 the same step differed in
     the last bit from run to run."""
