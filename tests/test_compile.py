@@ -20,7 +20,7 @@ from vlm_sft import optim
 from vlm_sft import schedules
 from vlm_sft import step as step_lib
 from vlm_sft import demo
-from vlm_sft.data.collate import bucket_length, collate, label_bucket
+from vlm_sft.data.collate import bucket_length, collate, collate_packed, label_bucket
 from vlm_sft.data.vision import VisionSpec, attention_layout
 from vlm_sft.state import init_train_state
 
@@ -248,15 +248,15 @@ def test_deep_model_compiles_each_region_once_and_a_restart_compiles_from_the_ca
         assert w["loss"] == c["loss"]
 
 
-@pytest.mark.parametrize("family", ["qwen2.5_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("family", ["qwen2.5_vl", "qwen2.5_vl packed", "qwen3_vl_moe"])
 def test_compiled_gradients_are_bitwise_repeatable(family, tiny_model_dir, tmp_path):
     """The same compiled loss_and_grad on the same params and batch gives the same gradients to the bit, call
     after call (fp32, every torch thread): what bitwise resume and cross-process equality rest on. Rows repeat a
     few token ids many times, so every embedding row sums many contributions, and the MoE routes each token to 4
     experts (the 30B routes to 8): sums whose order a parallel scatter of atomic adds (inductor's lowering of
     index_put / index_add with accumulation) leaves to the threads' timing. (Qwen3-VL's learned vision position
-    table is covered by the MoE model's vision tower.)"""
-    model_dir = tiny_model_dir if family == "qwen2.5_vl" else demo.make_tiny_qwen3_vl_moe_dir(
+    table is covered by the MoE model's vision tower. Packed: the rows as one sequence, attention within each.)"""
+    model_dir = tiny_model_dir if family.startswith("qwen2.5_vl") else demo.make_tiny_qwen3_vl_moe_dir(
         tmp_path / "moe", num_experts_per_tok=4)
     model, params = model_lib.load_model(str(model_dir))
     spec = model.vision_spec(pad_token_id=151643)
@@ -269,7 +269,10 @@ def test_compiled_gradients_are_bitwise_repeatable(family, tiny_model_dir, tmp_p
         rows.append((torch.tensor(ids + answer), torch.tensor([-100] * len(ids) + answer)))
     pixels = [torch.randn(16, 3 * 2 * spec.patch_size ** 2, generator=g) for _ in rows]
     grids = [torch.tensor([[1, 4, 4]]) for _ in rows]
-    batch = collate(rows, pixels, grids, spec, length_buckets=(128,), pad_labels=True)
+    if family.endswith("packed"):
+        batch = collate_packed(rows, pixels, grids, spec, length=512)
+    else:
+        batch = collate(rows, pixels, grids, spec, length_buckets=(128,), pad_labels=True)
     loss_and_grad = step_lib.make_loss_and_grad(model, compile_lib.make_block_call(compile=True))
     torch._dynamo.reset()
     with compile_lib.settings():

@@ -7,7 +7,8 @@ with `torch.func.functional_call`, so the params that flow through the step are 
 module's own), and a per-block hook (`block_call`) is where sharding gathers and activation checkpointing attach.
 Every block of one kind is applied with the same function and the same template module (the first block: params
 come from `p`, the module is only structure), so identical blocks can share one compiled graph. The
-data-dependent vision indexing comes precomputed in the batch (data/vision.py), so nothing here syncs with the host.
+data-dependent vision indexing comes precomputed in the batch (data/vision.py), so nothing here syncs with the host
+except reference_segment_attention (off the flash path), which reads a packed batch's row bounds: free on CPU.
 """
 from __future__ import annotations
 
@@ -152,19 +153,94 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def attention_impl(device: torch.device, dtype: torch.dtype) -> str:
     """How attention over packed segments runs: "varlen" (torch's flash kernel over cu_seqlens: CUDA, half
-    precision) or "reference" (sdpa, exact on any device; the tests hold the two equal)."""
+    precision) or "reference" (reference_segment_attention: sdpa per segment, exact on any device; the tests hold
+    the two equal)."""
     if varlen_attn is not None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         return "varlen"
     return "reference"
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                      max_len: int, *, causal: bool, scale: float | None = None) -> torch.Tensor:
-    """varlen flash attention of packed q [T, heads, d], k/v [T, kv_heads, d] within the segments cu_seqlens
-    [n + 1] (int32; trailing repeats are empty segments). `max_len` bounds the longest segment: an upper bound
-    is exact, so a static one (the budget) keeps compiled shapes from changing every step."""
+                      max_len: int, *, causal: bool, scale: float | None = None, impl: str = "varlen"
+                      ) -> torch.Tensor:
+    """Attention of packed q [T, heads, d], k/v [T, kv_heads, d] within the segments cu_seqlens [n + 1] (int32,
+    from 0 to T; trailing repeats are empty segments). impl "varlen": torch's flash kernel; `max_len` bounds the
+    longest segment (an upper bound is exact, so a static one, the budget, keeps compiled shapes from changing
+    every step). impl "reference": reference_segment_attention (max_len unused)."""
+    if impl == "reference":
+        return reference_segment_attention(q, k, v, cu_seqlens, causal, scale)
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale,
                        window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _padded_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                              causal: bool, scale: float | None) -> torch.Tensor:
+    """segment_attention by one batched sdpa over the segments gathered into padded rows [n, max_len]: the work
+    is n * max_len^2, not the T^2 of one sdpa under a block-diagonal mask (16 rows packed into 2k tokens: ~10x
+    less). Each segment starts at slot 0 of its row, so causal attention never reaches a pad slot; non-causal
+    masks them. Pad queries' outputs are dropped (and get no gradient), so the result is exact."""
+    t = q.shape[0]
+    bounds = cu_seqlens.tolist()  # host-side bounds: free on CPU; a sync on CUDA, whose half precision is varlen
+    if bounds[0] != 0 or bounds[-1] != t:
+        raise ValueError(f"cu_seqlens must run from 0 to the {t} packed positions, got {bounds[0]}..{bounds[-1]}")
+    segments = [(a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
+    starts = torch.tensor([a for a, _ in segments])
+    lengths = torch.tensor([n for _, n in segments])
+    slot = torch.arange(int(lengths.max()))
+    real = slot[None, :] < lengths[:, None]                                   # [n, max_len]
+    gather = torch.where(real, starts[:, None] + slot[None, :], starts[:, None]).to(q.device)
+    scatter = real.flatten().nonzero().flatten().to(q.device)
+    rows, width = gather.shape
+    qs, ks, vs = (z[gather].transpose(1, 2) for z in (q, k, v))               # [n, heads, max_len, d]
+    mask = None if causal else real.to(q.device)[:, None, None, :]
+    if ks.shape[1] != qs.shape[1]:
+        groups = qs.shape[1] // ks.shape[1]
+        ks, vs = ks.repeat_interleave(groups, 1), vs.repeat_interleave(groups, 1)
+    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, scale=scale)
+    return out.transpose(1, 2).reshape(rows * width, *q.shape[1:])[scatter].contiguous()
+
+
+@torch.library.custom_op("vlm_sft::reference_segment_attention", mutates_args=())
+def reference_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                                causal: bool, scale: float | None) -> torch.Tensor:
+    """segment_attention without the flash kernel, as one op to torch.compile: the segments' layout depends on
+    cu_seqlens' values, which a static-shaped compiled region cannot trace, so the region keeps its shapes and
+    this op reads the bounds when it runs."""
+    return _padded_segment_attention(q, k, v, cu_seqlens, causal, scale)
+
+
+@reference_segment_attention.register_fake
+def _(q, k, v, cu_seqlens, causal, scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("vlm_sft::reference_segment_attention_backward", mutates_args=())
+def _reference_segment_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                          cu_seqlens: torch.Tensor, causal: bool, scale: float | None
+                                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of reference_segment_attention: its forward recomputed under torch.func.vjp (an op's body
+    runs below autograd, where plain backward records nothing; functorch's transform records its own)."""
+    _, vjp = torch.func.vjp(lambda *qkv: _padded_segment_attention(*qkv, cu_seqlens, causal, scale), q, k, v)
+    return tuple(g.contiguous() for g in vjp(grad))
+
+
+@_reference_segment_attention_backward.register_fake
+def _(grad, q, k, v, cu_seqlens, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _save_segment_inputs(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    q, k, v, cu_seqlens, ctx.causal, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens)
+
+
+def _segment_attention_grads(ctx: Any, grad: torch.Tensor) -> tuple:
+    q, k, v, cu_seqlens = ctx.saved_tensors
+    return (*_reference_segment_attention_backward(grad, q, k, v, cu_seqlens, ctx.causal, ctx.scale),
+            None, None, None)
+
+
+reference_segment_attention.register_autograd(_segment_attention_grads, setup_context=_save_segment_inputs)
 
 
 def vision_attention(block: torch.nn.Module, p: Params, x: torch.Tensor, gather: torch.Tensor,
@@ -223,8 +299,7 @@ def packed_self_attention(attn: torch.nn.Module, p: Params, x: torch.Tensor,
     """transformers' text self-attention of either family (q/k/v projections, Qwen3's per-head q/k RMSNorm, rope
     on the M-RoPE cos/sin, o_proj) on one packed sequence x [1, T, D], attending causally within each row only.
 
-    `layout`: for impl "varlen" the rows' cu_seqlens (int32, padded with T); for "reference" the [1, 1, T, T]
-    boolean mask (True = attend: same row and not in the future) that sdpa applies exactly.
+    `layout`: the rows' cu_seqlens (int32, padded with T), `impl` how segment_attention runs over them.
     """
     b, t, _ = x.shape
     d = attn.head_dim
@@ -237,13 +312,7 @@ def packed_self_attention(attn: torch.nn.Module, p: Params, x: torch.Tensor,
         q, k = _call(attn.q_norm, _sub(p, "q_norm."), q), _call(attn.k_norm, _sub(p, "k_norm."), k)
     cos, sin = (e.unsqueeze(2) for e in position_embeddings)      # [1, T, 1, d]
     q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin  # [1, T, heads, d]
-    if impl == "varlen":
-        out = segment_attention(q[0], k[0], v[0], layout, t, causal=True, scale=attn.scaling)
-    else:
-        groups = q.shape[2] // k.shape[2]
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))           # [1, heads, T, d]
-        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout, scale=attn.scaling).transpose(1, 2)
+    out = segment_attention(q[0], k[0], v[0], layout, t, causal=True, scale=attn.scaling, impl=impl)
     return F.linear(out.reshape(b, t, -1), p["o_proj.weight"], p.get("o_proj.bias"))
 
 
@@ -262,12 +331,7 @@ def text_layout(batch: Batch, h: torch.Tensor) -> tuple[torch.Tensor, str] | Non
     """How a packed batch's text attention keeps to its rows (None: not packed, plain causal attention)."""
     if "cu_seqlens" not in batch:
         return None
-    impl = attention_impl(h.device, h.dtype)
-    if impl == "varlen":
-        return batch["cu_seqlens"], impl
-    seg = batch["row_ids"][0]
-    mask = (seg[:, None] == seg[None, :]).tril()
-    return mask[None, None], impl
+    return batch["cu_seqlens"], attention_impl(h.device, h.dtype)
 
 
 def layer_templates(layers: torch.nn.ModuleList) -> list[torch.nn.Module]:

@@ -77,8 +77,7 @@ def packed_gated_attention(attn: torch.nn.Module, p: Params, x: torch.Tensor,
     """transformers' Qwen3_5Attention on a packed row x [1, T, D] attending causally within each sequence only:
     q_proj gives each head's query and output gate, q/k RMSNorm, rope on the first cos.shape[-1] dims of each head
     (partial rotary), attention, sigmoid(gate) * out, o_proj. `layout`, `impl` as common.text_layout gives them:
-    the sequences' cu_seqlens for torch's varlen flash kernel ("varlen": CUDA, half precision), else the
-    [1, 1, T, T] block-diagonal causal mask for sdpa ("reference")."""
+    the sequences' cu_seqlens and how common.segment_attention runs over them."""
     b, t, _ = x.shape
     d = attn.head_dim
     q, gate = F.linear(x, p["q_proj.weight"], p.get("q_proj.bias")).view(b, t, -1, 2 * d).chunk(2, dim=-1)
@@ -90,13 +89,8 @@ def packed_gated_attention(attn: torch.nn.Module, p: Params, x: torch.Tensor,
     r = cos.shape[-1]
     q = torch.cat([q[..., :r] * cos + _rotate_half(q[..., :r]) * sin, q[..., r:]], dim=-1)
     k = torch.cat([k[..., :r] * cos + _rotate_half(k[..., :r]) * sin, k[..., r:]], dim=-1)
-    if impl == "varlen":
-        out = segment_attention(*(z[0].transpose(0, 1) for z in (q, k, v)), layout, t, causal=True,
-                                scale=attn.scaling)
-    else:
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout, scale=attn.scaling).transpose(1, 2)
+    out = segment_attention(*(z[0].transpose(0, 1) for z in (q, k, v)), layout, t, causal=True, scale=attn.scaling,
+                            impl=impl)
     out = out.reshape(b, t, -1) * torch.sigmoid(gate.reshape(b, t, -1))
     return F.linear(out, p["o_proj.weight"], p.get("o_proj.bias"))
 
