@@ -12,7 +12,7 @@ weight decay 0.01) with global-norm clipping at 1.0. Contestants:
   vlm-sft eager       make_train_step(compile=False), params as main.py holds them (plain tensors on one rank,
                       gathered per block: vlm_sft/sharding.py)
   vlm-sft compiled    the same with compile=True: compiled by region (vlm_sft/compile.py)
-Target (issue 5): vlm-sft compiled >= 1.8x the HF loop's steps/s.
+Targets: vlm-sft compiled >= 1.8x the HF loop's steps/s (issue 5), >= 8x (issue 20: the small-model speed back).
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def main() -> None:
           f"(buckets {buckets}); compiled by region (vlm_sft/compile.py)")
     print(f"TFLOP/s counts required FLOPs only: {perf.FORMULA}\n")
     ratio = common.print_table(results, "HF eager", "vlm-sft compiled", peak_flops=None)
-    print(f"target >= 1.8x: {'met' if ratio >= 1.8 else 'NOT met'}")
+    print(f"targets: >= 1.8x {'met' if ratio >= 1.8 else 'NOT met'}; >= 8x {'met' if ratio >= 8 else 'NOT met'}")
     if created:
         sharding_lib.destroy_process_group()
 
