@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from vlm_sft import compile as compile_lib
+from vlm_sft.data.vision import attention_layout
 
 try:  # torch >= 2.10: flash attention over packed variable-length sequences (CUDA, bf16/fp16)
     from torch.nn.attention.varlen import varlen_attn
@@ -173,31 +174,34 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                        window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1])
 
 
+def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gather: torch.Tensor, mask: torch.Tensor,
+                       scatter: torch.Tensor, *, causal: bool, scale: float | None = None) -> torch.Tensor:
+    """Attention within segments of packed q [T, heads, d], k/v [T, kv_heads, d] by one batched sdpa over the
+    segments gathered into padded rows (data/vision.py attention_layout: gather [n, max_len], mask, scatter): the
+    work is n * max_len^2, not the T^2 of one sdpa under a block-diagonal mask. Each segment starts at slot 0 of
+    its row, so causal attention never reaches a pad slot; non-causal masks the pad keys. Pad queries see real
+    keys only and their outputs are dropped (no gradient), so the result equals per-segment attention exactly."""
+    rows, width = gather.shape
+    qs, ks, vs = (z[gather].transpose(1, 2) for z in (q, k, v))               # [n, heads, max_len, d]
+    if ks.shape[1] != qs.shape[1]:
+        groups = qs.shape[1] // ks.shape[1]
+        ks, vs = ks.repeat_interleave(groups, 1), vs.repeat_interleave(groups, 1)
+    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=None if causal else mask[:, None, None, :],
+                                         is_causal=causal, scale=scale)
+    return out.transpose(1, 2).reshape(rows * width, *q.shape[1:])[scatter]
+
+
 def _padded_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                               causal: bool, scale: float | None) -> torch.Tensor:
-    """segment_attention by one batched sdpa over the segments gathered into padded rows [n, max_len]: the work
-    is n * max_len^2, not the T^2 of one sdpa under a block-diagonal mask (16 rows packed into 2k tokens: ~10x
-    less). Each segment starts at slot 0 of its row, so causal attention never reaches a pad slot; non-causal
-    masks them. Pad queries' outputs are dropped (and get no gradient), so the result is exact."""
+    """gathered_attention over the segments of cu_seqlens (16 rows packed into 2k tokens: ~10x less work than a
+    block-diagonal mask), the layout built from its values here."""
     t = q.shape[0]
     bounds = cu_seqlens.tolist()  # host-side bounds: free on CPU; a sync on CUDA, whose half precision is varlen
     if bounds[0] != 0 or bounds[-1] != t:
         raise ValueError(f"cu_seqlens must run from 0 to the {t} packed positions, got {bounds[0]}..{bounds[-1]}")
-    segments = [(a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
-    starts = torch.tensor([a for a, _ in segments])
-    lengths = torch.tensor([n for _, n in segments])
-    slot = torch.arange(int(lengths.max()))
-    real = slot[None, :] < lengths[:, None]                                   # [n, max_len]
-    gather = torch.where(real, starts[:, None] + slot[None, :], starts[:, None]).to(q.device)
-    scatter = real.flatten().nonzero().flatten().to(q.device)
-    rows, width = gather.shape
-    qs, ks, vs = (z[gather].transpose(1, 2) for z in (q, k, v))               # [n, heads, max_len, d]
-    mask = None if causal else real.to(q.device)[:, None, None, :]
-    if ks.shape[1] != qs.shape[1]:
-        groups = qs.shape[1] // ks.shape[1]
-        ks, vs = ks.repeat_interleave(groups, 1), vs.repeat_interleave(groups, 1)
-    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, scale=scale)
-    return out.transpose(1, 2).reshape(rows * width, *q.shape[1:])[scatter].contiguous()
+    layout = attention_layout([b - a for a, b in zip(bounds, bounds[1:]) if b > a], "s")
+    gather, mask, scatter = (layout[f"s_{key}"].to(q.device) for key in ("gather", "mask", "scatter"))
+    return gathered_attention(q, k, v, gather, mask, scatter, causal=causal, scale=scale).contiguous()
 
 
 @torch.library.custom_op("vlm_sft::reference_segment_attention", mutates_args=())
@@ -260,13 +264,10 @@ def vision_attention(block: torch.nn.Module, p: Params, x: torch.Tensor, gather:
     c, s = cos[:, None, :], sin[:, None, :]
     q = (q.float() * c + _rotate_half(q.float()) * s).to(v.dtype)
     k = (k.float() * c + _rotate_half(k.float()) * s).to(v.dtype)
-    rows, width = gather.shape
     if attention_impl(x.device, v.dtype) == "varlen":
-        out = segment_attention(q, k, v, cu_seqlens, width, causal=False)
-        return F.linear(out.reshape(n, -1), p["attn.proj.weight"], p["attn.proj.bias"])
-    q, k, v = (t[gather].transpose(1, 2) for t in (q, k, v))   # [segments, heads, max_len, head_dim]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-    out = out.transpose(1, 2).reshape(rows * width, -1)[scatter]
+        out = segment_attention(q, k, v, cu_seqlens, gather.shape[1], causal=False)
+    else:
+        out = gathered_attention(q, k, v, gather, mask, scatter, causal=False)
     return F.linear(out.reshape(n, -1), p["attn.proj.weight"], p["attn.proj.bias"])
 
 

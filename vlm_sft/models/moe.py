@@ -122,10 +122,10 @@ def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
 
     No sum whose order the threads decide, forward or backward: the rows are x repeated k times then permuted
     (backward: the permutation undone, each element written once, then each token's k gradients summed by a
-    reduction), and the results come back by the inverse permutation, each token summing its k in a fixed order. Gathering x[order // k] and adding back
-    with index_add summed each token's k terms (and, in backward, its k gradients) by atomic adds in a compiled
-    region (index_add on CUDA too), in an order that follows the threads: with k >= 3 the same step differed in
-    the last bit from run to run."""
+    reduction), and the results come back by the inverse permutation, each token summing its k in a fixed order.
+    Gathering x[order // k] and adding back with index_add summed each token's k terms (and, in backward, its k
+    gradients) by atomic adds in a compiled region (index_add on CUDA too), in an order that follows the threads:
+    with k >= 3 the same step differed in the last bit from run to run."""
     top_k = ids.shape[-1]
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)                         # assignments grouped by expert
