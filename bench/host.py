@@ -68,8 +68,9 @@ def is_kernel(event) -> bool:
     return not _ALIASING[name] or any(is_kernel(child) for child in event.cpu_children)
 
 
-def profile_step(fn, *args) -> dict:
-    """One fn(*args) under torch.profiler (CPU): wall s, host s, ops and kernel ops.
+def profile_step(fn, *args, top_ops: int = 0) -> dict:
+    """One fn(*args) under torch.profiler (CPU): wall s, host s, ops and kernel ops (and with `top_ops`, "table":
+    the profiler's table of the top_ops ops by self CPU time, with their input shapes).
 
     The wall time is taken inside the profiler's context: starting and stopping the profiler costs 30-90 ms of its
     own (875 ms on its first use in a process), which is not the step's.
@@ -81,7 +82,7 @@ def profile_step(fn, *args) -> dict:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=top_ops > 0) as prof:
         t0 = time.perf_counter()
         fn(*args)
         wall = time.perf_counter() - t0
@@ -101,7 +102,10 @@ def profile_step(fn, *args) -> dict:
         inside += e.cpu_time_total / 1e6
         ops += 1
         kernel_ops += is_kernel(e)
-    return dict(profiled_wall=wall, host=max(wall - inside, 0.0), ops=ops, kernel_ops=kernel_ops)
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=top_ops, max_name_column_width=60,
+        max_shapes_column_width=70) if top_ops else ""
+    return dict(profiled_wall=wall, host=max(wall - inside, 0.0), ops=ops, kernel_ops=kernel_ops, table=table)
 
 
 def padding_fractions(g, spec, grid, *, steps: int, rows: int, budget: int, micro_batch: int,
@@ -144,6 +148,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds are the step's "
                         "own, and the host share of a profiled step applies to them)")
     parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps per contestant (median)")
+    parser.add_argument("--top-ops", type=int, default=0, help="print each contestant's N ops by self CPU time "
+                        "(its median profiled step, grouped by input shapes): where a step's time goes. Recording shapes adds "
+                        "to the profiled steps' host share: take the host column from a run without it")
     parser.add_argument("--workdir", default="", help="model dir and inductor cache (default: a temp dir)")
     args = parser.parse_args()
 
@@ -260,7 +267,7 @@ def main() -> None:
             cpu.append(time.process_time() - t0)
         update = statistics.median(timed["update"]) if timed["update"] else None
         # Median of a few profiled steps (same shapes as the timed ones): one profiled step moves with the machine.
-        runs = sorted((profile_step(step, b) for b in batches[2:2 + args.profile_steps]),
+        runs = sorted((profile_step(step, b, top_ops=args.top_ops) for b in batches[2:2 + args.profile_steps]),
                       key=lambda r: r["host"] / r["profiled_wall"])
         profiled = runs[len(runs) // 2]
         host_share = profiled["host"] / profiled["profiled_wall"]
@@ -271,6 +278,9 @@ def main() -> None:
                          kernel_ops=profiled["kernel_ops"], tokens=tokens, rows=rows_per_step,
                          micro_batches=len(batches[2]), padding=1 - tokens / positions)
         print(f"{name}: {out[name]}", file=sys.stderr, flush=True)
+        if args.top_ops:
+            print(f"## {name}: top {args.top_ops} ops by self CPU time, one profiled step "
+                  f"(wall {profiled['profiled_wall']:.3f} s)\n{profiled['table']}", flush=True)
         del step
 
     packed_pad, padded_pad, per_step = padding_fractions(

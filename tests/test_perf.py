@@ -231,7 +231,8 @@ def test_bench_update_runs(tmp_path):
 @pytest.mark.slow
 def test_bench_host_runs_at_a_small_depth(tmp_path):
     """bench/host.py at 1 text layer and 1 vision block: every contestant's row (step, host, update, ops), the
-    ratio lines and the target line; the trainer's step dispatches fewer kernel ops than the HF loop.
+    ratio lines and the target line, each contestant's top-ops table (--top-ops); the trainer's step dispatches
+    fewer kernel ops than the HF loop.
 
     fp32 compute and 8-row steps, and without the compiled baseline (one more cold compile): in bf16, on a CPU
     without bf16 instructions, one 4-row step of the 152k-vocabulary head takes ~8 s and the whole run > 15 min."""
@@ -239,7 +240,8 @@ def test_bench_host_runs_at_a_small_depth(tmp_path):
                      "baseline eager", "HF eager", "vlm-sft packed compiled 8 rows", "vlm-sft compiled 2x4 rows",
                      "HF eager batch 8"])
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "host.py"), "--workdir", str(tmp_path),
-                          "--depth", "1,1", "--steps", "1", "--dtype", "fp32", "--step-rows", "8", "--only", only],
+                          "--depth", "1,1", "--steps", "1", "--dtype", "fp32", "--step-rows", "8", "--only", only,
+                          "--top-ops", "3"],
                          capture_output=True, text=True, timeout=900, cwd=ROOT,
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -254,3 +256,6 @@ def test_bench_host_runs_at_a_small_depth(tmp_path):
     assert re.search(r"^median perf/padding_fraction over 100 steps of 8 rows: [\d.]+% packed at budget 1024",
                      out.stdout, re.MULTILINE), out.stdout
     assert re.search(r"^targets: host <= 120 ms (met|NOT met)", out.stdout, re.MULTILINE)
+    tops = re.findall(r"^## (.+): top 3 ops by self CPU time, one profiled step \(wall [\d.]+ s\)$", out.stdout,
+                      re.MULTILINE)
+    assert set(tops) == set(rows) and "aten::" in out.stdout.split("## vlm-sft compiled: top 3 ops")[1], out.stdout
