@@ -16,7 +16,7 @@ from vlm_sft.data.robo2vlm import RowError
 from vlm_sft.state import init_train_state
 from configs_loader import load_config
 from vlm_sft.data.vision import mrope_position_ids
-from vlm_sft.models import common
+from vlm_sft.models import attention, common
 
 IM_START, IM_END = 151644, 151645  # any ids in every family's vocabulary (the vision ones come from the config)
 FAMILIES = ["tiny_model_dir", "tiny_qwen3_vl_dir", "tiny_qwen3_5_dir", "tiny_qwen3_5_moe_dir"]
@@ -137,10 +137,10 @@ def test_packed_rows_equal_transformers_forward_of_each_row_alone(fixture, reque
 
 
 def test_cuda_half_precision_takes_the_varlen_kernel():
-    assert common.attention_impl(torch.device("cuda", 0), torch.bfloat16) == "varlen"
-    assert common.attention_impl(torch.device("cuda", 0), torch.float16) == "varlen"
-    assert common.attention_impl(torch.device("cuda", 0), torch.float32) == "reference"  # flash has no fp32
-    assert common.attention_impl(torch.device("cpu"), torch.bfloat16) == "reference"
+    assert attention.attention_impl(torch.device("cuda", 0), torch.bfloat16) == "varlen"
+    assert attention.attention_impl(torch.device("cuda", 0), torch.float16) == "varlen"
+    assert attention.attention_impl(torch.device("cuda", 0), torch.float32) == "reference"  # flash has no fp32
+    assert attention.attention_impl(torch.device("cpu"), torch.bfloat16) == "reference"
 
 
 def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
@@ -157,11 +157,14 @@ def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-
     return out
 
 
+@pytest.mark.parametrize("op", ["cpu", "recomputed"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_reference_segment_attention_equals_attention_per_segment_compiled_or_not(causal):
-    """The CPU path (segments gathered into padded rows, one sdpa) against sdpa over each segment alone, values
-    and gradients, eager and inside a static-shaped compiled graph; new bounds of the same shape do not
-    recompile (the op reads them when it runs). GQA heads, a one-token segment, trailing empty segments."""
+def test_reference_segment_attention_equals_attention_per_segment_compiled_or_not(causal, op):
+    """The path off the flash kernel (segments gathered into padded rows, one sdpa) against sdpa over each segment
+    alone, values and gradients, eager and inside a static-shaped compiled graph; new bounds of the same shape do
+    not recompile (the op reads them when it runs). GQA heads, a one-token segment, trailing empty segments. "cpu":
+    the op segment_attention takes on CPU (saved logsumexp, the CPU flash backward called directly); "recomputed":
+    the one it takes elsewhere (forward recomputed under vjp), run here on CPU."""
     g = torch.Generator().manual_seed(0)
     t = 40
     q = torch.randn(t, 4, 8, generator=g, dtype=torch.float64)
@@ -171,7 +174,9 @@ def test_reference_segment_attention_equals_attention_per_segment_compiled_or_no
                                                               [0, 12, 13, 30, 33, 38, 40, 40])]
 
     def attend(q, k, v, cu):
-        return common.segment_attention(q, k, v, cu, t, causal=causal, scale=0.3, impl="reference")
+        if op == "cpu":
+            return attention.segment_attention(q, k, v, cu, t, causal=causal, scale=0.3, impl="reference")
+        return attention.recomputed_segment_attention(q, k, v, cu, causal, 0.3)
 
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(attend, fullgraph=True, dynamic=False, backend=counter)
@@ -183,12 +188,34 @@ def test_reference_segment_attention_equals_attention_per_segment_compiled_or_no
         for fn in (attend, compiled):
             leaves = [z.detach().requires_grad_() for z in (q, k, v)]
             out = fn(*leaves, cu)
+            if fn is attend:  # the op segment_attention dispatched to, by its backward's name
+                assert f"{op}_segment_attention".replace("recomputed", "reference") in out.grad_fn.name()
             torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
             for got, expected in zip(torch.autograd.grad(out, leaves, grad), want_grads):
                 torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert counter.frame_count == 1
     with pytest.raises(ValueError, match="cu_seqlens must run from 0 to the 40 packed positions"):
         attend(q, k, v, torch.tensor([0, 5, 30], dtype=torch.int32))
+
+
+def test_cpu_segment_attention_in_half_precision_computes_in_fp32():
+    """bf16 q/k/v on CPU: the output is the fp32 computation rounded to bf16 (bitwise), the gradients come back
+    in bf16 and match fp32 attention to bf16's precision (the CPU flash backward is ~9x slower in bf16)."""
+    g = torch.Generator().manual_seed(1)
+    t = 64
+    cu = torch.tensor([0, 20, 21, 64, 64], dtype=torch.int32)
+    q = torch.randn(t, 4, 16, generator=g).bfloat16()
+    k, v = (torch.randn(t, 2, 16, generator=g).bfloat16() for _ in range(2))
+    grad = torch.randn(t, 4, 16, generator=g).bfloat16()
+    half = [z.detach().requires_grad_() for z in (q, k, v)]
+    full = [z.detach().float().requires_grad_() for z in (q, k, v)]
+    out = attention.segment_attention(*half, cu, t, causal=True, impl="reference")
+    want = attention.segment_attention(*full, cu, t, causal=True, impl="reference")
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want.bfloat16())
+    got = torch.autograd.grad(out, half, grad)
+    for g_half, g_full in zip(got, torch.autograd.grad(want, full, grad.float())):
+        assert g_half.dtype == torch.bfloat16 and torch.isfinite(g_half).all()
+        torch.testing.assert_close(g_half.float(), g_full, rtol=2e-2, atol=2e-2)
 
 
 def test_varlen_path_equals_the_reference(family, monkeypatch):
@@ -199,7 +226,7 @@ def test_varlen_path_equals_the_reference(family, monkeypatch):
     packed = collate_packed(sequences, pixels, grids, spec, length=300)
     with torch.no_grad():
         reference = model_lib.token_nll(model, params, packed)
-        monkeypatch.setattr(common, "varlen_attn", fake_varlen)
+        monkeypatch.setattr(attention, "varlen_attn", fake_varlen)
         monkeypatch.setattr(common, "attention_impl", lambda device, dtype: "varlen")
         varlen = model_lib.token_nll(model, params, packed)
     torch.testing.assert_close(varlen, reference, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,7 @@ module's own), and a per-block hook (`block_call`) is where sharding gathers and
 Every block of one kind is applied with the same function and the same template module (the first block: params
 come from `p`, the module is only structure), so identical blocks can share one compiled graph. The
 data-dependent vision indexing comes precomputed in the batch (data/vision.py), so nothing here syncs with the host
-except reference_segment_attention (off the flash path), which reads a packed batch's row bounds: free on CPU.
+except packed text attention off the flash path (models/attention.py), which reads the rows' bounds: free on CPU.
 """
 from __future__ import annotations
 
@@ -21,12 +21,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from vlm_sft import compile as compile_lib
-from vlm_sft.data.vision import attention_layout
-
-try:  # torch >= 2.10: flash attention over packed variable-length sequences (CUDA, bf16/fp16)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # pragma: no cover - older torch: the reference path everywhere
-    varlen_attn = None
+from vlm_sft.models.attention import attention_impl, gathered_attention, segment_attention
 
 Params = dict[str, torch.Tensor]
 Batch = dict[str, torch.Tensor]
@@ -150,101 +145,6 @@ def vision_rotary(inv_freq: torch.Tensor, rotary_ids: torch.Tensor) -> tuple[tor
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
-
-
-def attention_impl(device: torch.device, dtype: torch.dtype) -> str:
-    """How attention over packed segments runs: "varlen" (torch's flash kernel over cu_seqlens: CUDA, half
-    precision) or "reference" (reference_segment_attention: sdpa per segment, exact on any device; the tests hold
-    the two equal)."""
-    if varlen_attn is not None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return "varlen"
-    return "reference"
-
-
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                      max_len: int, *, causal: bool, scale: float | None = None, impl: str = "varlen"
-                      ) -> torch.Tensor:
-    """Attention of packed q [T, heads, d], k/v [T, kv_heads, d] within the segments cu_seqlens [n + 1] (int32,
-    from 0 to T; trailing repeats are empty segments). impl "varlen": torch's flash kernel; `max_len` bounds the
-    longest segment (an upper bound is exact, so a static one, the budget, keeps compiled shapes from changing
-    every step). impl "reference": reference_segment_attention (max_len unused)."""
-    if impl == "reference":
-        return reference_segment_attention(q, k, v, cu_seqlens, causal, scale)
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale,
-                       window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1])
-
-
-def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gather: torch.Tensor, mask: torch.Tensor,
-                       scatter: torch.Tensor, *, causal: bool, scale: float | None = None) -> torch.Tensor:
-    """Attention within segments of packed q [T, heads, d], k/v [T, kv_heads, d] by one batched sdpa over the
-    segments gathered into padded rows (data/vision.py attention_layout: gather [n, max_len], mask, scatter): the
-    work is n * max_len^2, not the T^2 of one sdpa under a block-diagonal mask. Each segment starts at slot 0 of
-    its row, so causal attention never reaches a pad slot; non-causal masks the pad keys. Pad queries see real
-    keys only and their outputs are dropped (no gradient), so the result equals per-segment attention exactly."""
-    rows, width = gather.shape
-    qs, ks, vs = (z[gather].transpose(1, 2) for z in (q, k, v))               # [n, heads, max_len, d]
-    if ks.shape[1] != qs.shape[1]:
-        groups = qs.shape[1] // ks.shape[1]
-        ks, vs = ks.repeat_interleave(groups, 1), vs.repeat_interleave(groups, 1)
-    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=None if causal else mask[:, None, None, :],
-                                         is_causal=causal, scale=scale)
-    return out.transpose(1, 2).reshape(rows * width, *q.shape[1:])[scatter]
-
-
-def _padded_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                              causal: bool, scale: float | None) -> torch.Tensor:
-    """gathered_attention over the segments of cu_seqlens (16 rows packed into 2k tokens: ~10x less work than a
-    block-diagonal mask), the layout built from its values here."""
-    t = q.shape[0]
-    bounds = cu_seqlens.tolist()  # host-side bounds: free on CPU; a sync on CUDA, whose half precision is varlen
-    if bounds[0] != 0 or bounds[-1] != t:
-        raise ValueError(f"cu_seqlens must run from 0 to the {t} packed positions, got {bounds[0]}..{bounds[-1]}")
-    layout = attention_layout([b - a for a, b in zip(bounds, bounds[1:]) if b > a], "s")
-    gather, mask, scatter = (layout[f"s_{key}"].to(q.device) for key in ("gather", "mask", "scatter"))
-    return gathered_attention(q, k, v, gather, mask, scatter, causal=causal, scale=scale).contiguous()
-
-
-@torch.library.custom_op("vlm_sft::reference_segment_attention", mutates_args=())
-def reference_segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                                causal: bool, scale: float | None) -> torch.Tensor:
-    """segment_attention without the flash kernel, as one op to torch.compile: the segments' layout depends on
-    cu_seqlens' values, which a static-shaped compiled region cannot trace, so the region keeps its shapes and
-    this op reads the bounds when it runs."""
-    return _padded_segment_attention(q, k, v, cu_seqlens, causal, scale)
-
-
-@reference_segment_attention.register_fake
-def _(q, k, v, cu_seqlens, causal, scale):
-    return q.new_empty(q.shape)
-
-
-@torch.library.custom_op("vlm_sft::reference_segment_attention_backward", mutates_args=())
-def _reference_segment_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                          cu_seqlens: torch.Tensor, causal: bool, scale: float | None
-                                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of reference_segment_attention: its forward recomputed under torch.func.vjp (an op's body
-    runs below autograd, where plain backward records nothing; functorch's transform records its own)."""
-    _, vjp = torch.func.vjp(lambda *qkv: _padded_segment_attention(*qkv, cu_seqlens, causal, scale), q, k, v)
-    return tuple(g.contiguous() for g in vjp(grad))
-
-
-@_reference_segment_attention_backward.register_fake
-def _(grad, q, k, v, cu_seqlens, causal, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _save_segment_inputs(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    q, k, v, cu_seqlens, ctx.causal, ctx.scale = inputs
-    ctx.save_for_backward(q, k, v, cu_seqlens)
-
-
-def _segment_attention_grads(ctx: Any, grad: torch.Tensor) -> tuple:
-    q, k, v, cu_seqlens = ctx.saved_tensors
-    return (*_reference_segment_attention_backward(grad, q, k, v, cu_seqlens, ctx.causal, ctx.scale),
-            None, None, None)
-
-
-reference_segment_attention.register_autograd(_segment_attention_grads, setup_context=_save_segment_inputs)
 
 
 def vision_attention(block: torch.nn.Module, p: Params, x: torch.Tensor, gather: torch.Tensor,

@@ -22,9 +22,10 @@ from vlm_sft import compile as compile_lib
 from vlm_sft.data.vision import Qwen3VLVisionSpec
 from vlm_sft.models import linear_attention, qwen3_vl
 from vlm_sft.errors import ModelLoadError
+from vlm_sft.models.attention import segment_attention
 from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, Params, _call,
                                    apply_module, decoder_block, embed_tokens, plain_block_call, scatter_rows,
-                                   segment_attention, text_layout)
+                                   text_layout)
 
 LAYER_KINDS = ("linear_attention", "full_attention")
 
@@ -77,7 +78,7 @@ def packed_gated_attention(attn: torch.nn.Module, p: Params, x: torch.Tensor,
     """transformers' Qwen3_5Attention on a packed row x [1, T, D] attending causally within each sequence only:
     q_proj gives each head's query and output gate, q/k RMSNorm, rope on the first cos.shape[-1] dims of each head
     (partial rotary), attention, sigmoid(gate) * out, o_proj. `layout`, `impl` as common.text_layout gives them:
-    the sequences' cu_seqlens and how common.segment_attention runs over them."""
+    the sequences' cu_seqlens and how attention.segment_attention runs over them."""
     b, t, _ = x.shape
     d = attn.head_dim
     q, gate = F.linear(x, p["q_proj.weight"], p.get("q_proj.bias")).view(b, t, -1, 2 * d).chunk(2, dim=-1)
