@@ -1,7 +1,7 @@
 """Packed attention off the flash path on CPU, forward + backward: the op the trainer runs against the one before.
 
   python bench/attention_cpu.py                      # both shapes, bf16 and fp32, 1 torch thread
-  python bench/attention_cpu.py --dtypes fp32 --rounds 3
+  python bench/attention_cpu.py --dtypes fp32 --rounds 3 --shapes 0   # the tiny-width shape only
 
 Contestants, on the same packed q/k/v and output gradient (rows of random lengths, cu_seqlens as a packed batch
 gives them), each a forward and a backward:
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bf16,fp32")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shapes", default="", help="comma-separated indices into SHAPES (default: all)")
     args = parser.parse_args()
 
     import torch
@@ -83,7 +84,8 @@ def main() -> None:
     print(common.machine())
     print("| shape | dtype | contestant | fwd + bwd (ms) | vs before | output error | dq error |")
     print("|---|---|---|---|---|---|---|")
-    for name, rows, longest, heads, kv_heads, dim in SHAPES:
+    shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
+    for name, rows, longest, heads, kv_heads, dim in shapes:
         g = torch.Generator().manual_seed(0)
         lengths = torch.randint(longest // 4, longest + 1, (rows,), generator=g)
         lengths[0] = longest

@@ -217,6 +217,23 @@ def test_bench_compile_runs_at_a_small_depth(tmp_path):
     assert "(2 text layers, 4 vision blocks)" in out.stdout
 
 
+def test_bench_attention_cpu_runs():
+    """bench/attention_cpu.py at its tiny-width shape: a row per contestant, and the op the trainer runs is as
+    accurate as the one it replaced (bf16: both errors are bf16's rounding of the same fp32-or-better result)."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "attention_cpu.py"), "--shapes", "0",
+                          "--dtypes", "bf16,fp32", "--rounds", "1"], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {(m[0], m[1]): (float(m[2]), float(m[3]), float(m[4])) for m in re.findall(
+        r"^\| host.py 16 rows, tiny widths \(T=\d+\) \| (\w+) \| ([\w ]+) \| [\d.]+ \| ([\d.]+)x \| (\S+) \| (\S+) \|$",
+        out.stdout, re.MULTILINE)}
+    assert set(rows) == {(d, c) for d in ("bf16", "fp32") for c in ("before", "recomputed op", "cpu op")}, out.stdout
+    for dtype, tolerance in (("bf16", 3e-2), ("fp32", 1e-5)):
+        assert rows[dtype, "before"][0] == 1.0
+        assert rows[dtype, "cpu op"][1] <= max(rows[dtype, "before"][1], tolerance), out.stdout
+        assert rows[dtype, "cpu op"][2] <= max(rows[dtype, "before"][2], tolerance), out.stdout
+
+
 def test_bench_update_runs(tmp_path):
     """bench/update.py at a small depth: both contestants timed, the ratio printed."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "update.py"), "--workdir", str(tmp_path),
