@@ -46,3 +46,34 @@ def test_mismatched_image_tokens_are_an_error():
         mrope_position_ids(torch.tensor([1] + [151655] * 20 + [2]), GRIDS[:1], SPEC)
     with pytest.raises(ValueError, match="2 images but 1"):
         mrope_position_ids(torch.tensor([1] + [151655] * 24 + [2]), GRIDS[:2], SPEC)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_patch_embed_equals_transformers_conv3d(family):
+    """models/common.patch_embed (one matmul) against transformers' patch-embedding module (a Conv3d whose kernel is
+    its stride), float64: outputs and the weight's (and bias') gradients; a Conv3d that overlaps is refused."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionPatchEmbed
+
+    from vlm_sft.models.common import patch_embed
+
+    torch.manual_seed(0)
+    if family == "qwen2_5_vl":
+        module = Qwen2_5_VisionPatchEmbed(patch_size=14, temporal_patch_size=2, in_channels=3, embed_dim=24)
+    else:
+        module = Qwen3VLVisionPatchEmbed(Qwen3VLVisionConfig(patch_size=16, temporal_patch_size=2, in_channels=3,
+                                                             hidden_size=24))
+    module = module.double()
+    pixels = torch.randn(10, 3 * 2 * module.patch_size ** 2, dtype=torch.float64)
+    grad = torch.randn(10, 24, dtype=torch.float64)
+    params = {k: v.detach().requires_grad_() for k, v in module.named_parameters()}
+    want = torch.func.functional_call(module, params, (pixels,))
+    want_grads = torch.autograd.grad(want, list(params.values()), grad)
+    got = patch_embed(module, params, pixels)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(torch.autograd.grad(got, list(params.values()), grad), want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    module.proj.stride = (1, module.patch_size, module.patch_size)
+    with pytest.raises(NotImplementedError, match="stride == kernel_size"):
+        patch_embed(module, params, pixels)

@@ -258,6 +258,19 @@ def apply_module(module: torch.nn.Module, p: Params, *args: Any) -> torch.Tensor
     return _call(module, p, *args)
 
 
+def patch_embed(module: torch.nn.Module, p: Params, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The vision tower's patch embedding, every family's: transformers' Conv3d whose kernel is its stride, over each
+    row of pixel_values viewed as [channels, temporal, height, width], is one matmul of the flattened patch with
+    the flattened kernel. Run as that matmul: the same sums, where the convolution is ~7x slower on CPU in fp32 and
+    ~100x in bf16 (bench/patch_embed.py), and cuDNN's kernels for this degenerate Conv3d are known to be slow on
+    some GPUs and dtypes and are not deterministic in backward."""
+    proj = module.proj
+    if tuple(proj.kernel_size) != tuple(proj.stride) or any(proj.padding) or proj.groups != 1:
+        raise NotImplementedError(f"patch embedding {proj}: only a Conv3d with stride == kernel_size is a matmul")
+    w = p["proj.weight"]
+    return F.linear(pixel_values.to(w.dtype), w.flatten(1), p.get("proj.bias"))
+
+
 @compile_lib.eager_region
 def embed(module: None, p: Params, input_ids: torch.Tensor) -> torch.Tensor:
     """Token embeddings. Eager even in a compiled step: inductor lowers the embedding's backward to a scatter of

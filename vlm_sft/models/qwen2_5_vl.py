@@ -9,8 +9,8 @@ import torch
 from vlm_sft.data.vision import VisionSpec
 from vlm_sft.errors import ModelLoadError
 from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, Params, apply_module,
-                                   decoder_stack, embed_tokens, plain_block_call, scatter_rows, text_layout,
-                                   vision_block, vision_rotary)
+                                   decoder_stack, embed_tokens, patch_embed, plain_block_call, scatter_rows,
+                                   text_layout, vision_block, vision_rotary)
 
 
 def _window_order(t: torch.Tensor, window: torch.Tensor, unit: int) -> torch.Tensor:
@@ -27,7 +27,7 @@ def image_features(model: Model, params: Params, batch: Batch, block_call: Block
     visual = model.module.model.visual
     unit = visual.spatial_merge_size ** 2
     prefix = VISUAL + "patch_embed."
-    x = block_call(apply_module, visual.patch_embed, model.block_params(params, prefix), batch["pixel_values"],
+    x = block_call(patch_embed, visual.patch_embed, model.block_params(params, prefix), batch["pixel_values"],
                    dynamic=True)
     window = batch["window_index"]
     x = _window_order(x, window, unit)

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from vlm_sft import compile as compile_lib
 from vlm_sft.data.vision import Qwen3VLVisionSpec
 from vlm_sft.models.common import (TEXT, VISUAL, Batch, BlockCall, Family, FlopShape, Model, Params, apply_module,
-                                   decoder_stack, embed_tokens, plain_block_call, scatter_rows, text_layout,
-                                   vision_block, vision_rotary)
+                                   decoder_stack, embed_tokens, patch_embed, plain_block_call, scatter_rows,
+                                   text_layout, vision_block, vision_rotary)
 
 DEEPSTACK = VISUAL + "deepstack_merger_list."
 
@@ -34,7 +34,7 @@ def image_features(model: Model, params: Params, batch: Batch, block_call: Block
     """Vision tower: patches -> (merged features [P / merge^2, text hidden], the DeepStack features, same shape
     each), both in <|image_pad|> order (the processor emits patches in merge-unit order)."""
     visual = model.module.model.visual
-    x = block_call(apply_module, visual.patch_embed, model.block_params(params, VISUAL + "patch_embed."),
+    x = block_call(patch_embed, visual.patch_embed, model.block_params(params, VISUAL + "patch_embed."),
                    batch["pixel_values"], dynamic=True)
     pos = block_call(_pos_embed, None, model.block_params(params, VISUAL + "pos_embed."),
                      batch["pos_embed_index"], batch["pos_embed_weight"], dynamic=True)
