@@ -58,3 +58,21 @@ def test_bf16_compute_matches_fp32_losses(tmp_path, tiny_model_dir, robo2vlm_dir
     assert fp32 != bf16  # bf16 really computed
     for step in fp32:  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding, far less after averaging
         assert bf16[step] == pytest.approx(fp32[step], rel=1e-2), (step, fp32, bf16)
+
+
+def test_cpu_vocabulary_head_of_a_bf16_step_computes_in_fp32():
+    """On CPU the logits of a bf16 step are the fp32 matmul of its bf16 hidden states and weight (torch's CPU bf16
+    matmul over a 152k vocabulary is ~10-30x slower: bench/lm_head_cpu.py); the gradients come back in bf16. An fp32
+    step is unchanged."""
+    from vlm_sft.models import common
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 16, generator=g).bfloat16().requires_grad_()
+    weight = torch.randn(300, 16, generator=g).bfloat16().requires_grad_()
+    logits = common._lm_head(None, {"weight": weight}, hidden)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, torch.nn.functional.linear(hidden.float(), weight.float()))
+    grads = torch.autograd.grad(logits.sum(), [hidden, weight])
+    assert [z.dtype for z in grads] == [torch.bfloat16, torch.bfloat16]
+    full = common._lm_head(None, {"weight": weight.detach().float()}, hidden.detach().float())
+    assert full.dtype == torch.float32 and torch.equal(full, logits)

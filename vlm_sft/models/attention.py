@@ -35,8 +35,9 @@ def attention_impl(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype attention off the flash path computes in: fp32 for half precision on CPU (its flash backward is
-    ~9x slower in bf16), the input's own dtype elsewhere. The output is rounded back to the input's dtype."""
+    """The dtype attention off the flash path (and the vocabulary head, common._lm_head) computes in: fp32 for half
+    precision on CPU (torch's CPU flash backward is 5-9x slower in bf16), the input's own dtype elsewhere.
+    Attention rounds its output back to the input's dtype."""
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return x.dtype

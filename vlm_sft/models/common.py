@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from vlm_sft import compile as compile_lib
-from vlm_sft.models.attention import attention_impl, gathered_attention, segment_attention
+from vlm_sft.models.attention import attention_impl, compute_dtype, gathered_attention, segment_attention
 
 Params = dict[str, torch.Tensor]
 Batch = dict[str, torch.Tensor]
@@ -282,7 +282,11 @@ def embed(module: None, p: Params, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _lm_head(module: None, p: Params, hidden: torch.Tensor) -> torch.Tensor:
-    return F.linear(hidden, p["weight"])
+    """Logits at the labelled positions. A bf16/fp16 step on CPU computes them in fp32 (attention.compute_dtype):
+    torch's CPU half-precision matmul over the 152k vocabulary is ~20x the fp32 one without bf16 instructions
+    (bench/lm_head_cpu.py), and the loss takes fp32 logits anyway. Elsewhere in the step's dtype."""
+    work = compute_dtype(hidden)
+    return F.linear(hidden.to(work), p["weight"].to(work))
 
 
 def scatter_rows(h: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, *, add: bool = False) -> torch.Tensor:
