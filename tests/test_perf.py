@@ -234,6 +234,28 @@ def test_bench_attention_cpu_runs():
         assert rows[dtype, "cpu op"][2] <= max(rows[dtype, "before"][2], tolerance), out.stdout
 
 
+def test_bench_patch_embed_and_lm_head_cpu_run():
+    """bench/patch_embed.py and bench/lm_head_cpu.py at small sizes: a row per shape, and the trainer's choice (the
+    matmul; fp32 logits) no less accurate against float64 than what it replaced."""
+    number = r"([\d.e+-]+)"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "patch_embed.py"), "--patches", "8",
+                          "--dtypes", "fp32", "--rounds", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = re.findall(rf"^\| (Qwen\S+) \| fp32 \| 8 \| [\d.]+ \| [\d.]+ \| [\d.]+x \| {number}, {number} \| "
+                      rf"{number}, {number} \|$", out.stdout, re.MULTILINE)
+    assert [r[0] for r in rows] == ["Qwen2.5-VL-3B", "Qwen3-VL-4B"], out.stdout
+    for _, *errors in rows:
+        conv_out, conv_grad, mm_out, mm_grad = map(float, errors)
+        assert mm_out <= max(conv_out, 1e-5) and mm_grad <= max(conv_grad, 1e-4), out.stdout
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "lm_head_cpu.py"), "--hidden", "16",
+                          "--vocab", "2000", "--rounds", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    row = re.search(rf"^\| 64 x 16 x 2000 \| \d+ \| \d+ \| [\d.]+x \| {number} \| {number} \|$", out.stdout,
+                    re.MULTILINE)
+    assert row and float(row.group(2)) <= float(row.group(1)), out.stdout
+
+
 def test_bench_update_runs(tmp_path):
     """bench/update.py at a small depth: both contestants timed, the ratio printed."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "update.py"), "--workdir", str(tmp_path),
