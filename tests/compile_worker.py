@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_compile import make_batch  # noqa: E402
 
 REGIONS = {"decoder_block": model_common.decoder_block, "vision_block": model_common.vision_block,
-           "apply_module": model_common.apply_module, "lm_head": model_common._lm_head}
+           "apply_module": model_common.apply_module, "patch_embed": model_common.patch_embed,
+           "lm_head": model_common._lm_head}
 
 
 def steps(spec: VisionSpec) -> list[list[dict[str, torch.Tensor]]]:
